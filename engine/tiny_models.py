@@ -97,3 +97,394 @@ def build_llm(
     if not gen_cfg.exists():
         gen_cfg.write_text(json.dumps({"do_sample": False, "max_new_tokens": 8}))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny multimodal LLMs (Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT) and their base LLMs
+# ---------------------------------------------------------------------------------------------------------------
+
+MLLM_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
+# the base LLM each MLLM's language model was initialised from (PlaM mixes the two)
+BASE_LLM_FAMILY = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "llava": "llama", "llava_next": "llama"}
+NAMINGS = ("current", "legacy")
+
+# Byte-level tokenizer: ids 0..255 are bytes, the family's special tokens follow in this order, so any text
+# (benchmark questions included) encodes without <unk>. The config's token ids are derived from these lists.
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+_LLAVA_SPECIALS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
+TINY_MM_VOCAB = 272  # 256 bytes + specials, rounded up to a multiple of 16
+
+TINY_MM_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    vocab_size=TINY_MM_VOCAB,
+    rms_norm_eps=1e-6,
+)
+
+# Simplified versions of the real chat templates; they expand an image item exactly like the originals
+# (Qwen: <|vision_start|><|image_pad|><|vision_end|>; LLaVA: "<image>\n" before the text), the processor step
+# (or the caller) then repeats the image token once per visual feature.
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] + ' ' }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _specials(family: str) -> tuple[str, ...]:
+    return _QWEN_SPECIALS if family.startswith("qwen") else _LLAVA_SPECIALS
+
+
+def special_token_ids(family: str) -> dict[str, int]:
+    """Token -> id of the tiny byte-level tokenizer for an MLLM family or base-LLM family."""
+    return {tok: 256 + i for i, tok in enumerate(_specials(family))}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_mm_tokenizer(out: Path, family: str) -> None:
+    """A byte-level tokenizer with the family's special tokens at fixed ids and its chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = _specials(family)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    qwen = family.startswith("qwen")
+    roles = (
+        dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        if qwen
+        else dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+    fast.chat_template = _QWEN_TEMPLATE if qwen else _LLAVA_TEMPLATE
+    for s, want in special_token_ids(family).items():
+        got = fast.convert_tokens_to_ids(s)
+        if got != want:
+            raise RuntimeError(f"tiny tokenizer for {family}: special token {s!r} got id {got}, expected {want}")
+    fast.save_pretrained(str(out))
+
+
+def _text_kwargs(family: str, num_layers: int, overrides: dict) -> dict:
+    """LM hyper-parameters shared by an MLLM's language model and its base LLM (so PlaM can mix them)."""
+    ids = special_token_ids(family)
+    kw = {**TINY_MM_TEXT, "num_hidden_layers": num_layers, **overrides}
+    if family.startswith("qwen"):
+        kw.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    else:
+        kw.update(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    return kw
+
+
+def _mllm_config(family: str, text: dict):
+    """A transformers config for a tiny MLLM of `family` with language-model kwargs `text`."""
+    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+
+    ids = special_token_ids(family)
+    hidden = text["hidden_size"]
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim/2
+        vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
+        tok = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        if family == "qwen2_5_vl":
+            vis.update(patch_size=14, fullatt_block_indexes=[1], window_size=56)
+            text = {k: v for k, v in text.items() if k != "head_dim"}  # Qwen2.5 derives it from hidden/heads
+            return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis, **tok)
+        vis.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[1])
+        rope["mrope_interleaved"] = True
+        return Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis, **tok)
+    if family in ("llava", "llava_next"):
+        text = {k: v for k, v in text.items() if k != "head_dim"}
+        vis = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+        common = dict(text_config={"model_type": "llama", **text}, vision_config=vis,
+                      image_token_id=ids["<image>"], image_seq_length=4)
+        if family == "llava":
+            return LlavaConfig(**common)
+        return LlavaNextConfig(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]], **common)
+    raise ValueError(f"unknown MLLM family {family!r}; expected one of {', '.join(MLLM_FAMILIES)}")
+
+
+def _image_processor(family: str):
+    """PIL-backed image processors (no torchvision) sized so that one image is a handful of tokens."""
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                                        temporal_patch_size=2)
+    if family == "qwen3_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2,
+                                        temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if family == "llava":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                      image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]])
+
+
+def _write_processor_files(out: Path, family: str) -> None:
+    """Tokenizer, chat template and image-processor config; for LLaVA also processor_config.json (its processor
+    works without torchvision). Qwen's processor class needs torchvision (video processor), see `mm_inputs`."""
+    write_mm_tokenizer(out, family)
+    image_processor = _image_processor(family)
+    image_processor.save_pretrained(str(out))  # preprocessor_config.json, as hub dirs have
+    if family.startswith("qwen"):
+        return
+    from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
+
+    cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
+    tok = AutoTokenizer.from_pretrained(str(out))
+    # llava-hf values: the CLS token is one extra vision token that the "default" strategy drops again
+    proc = cls(image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+               num_additional_image_tokens=1, chat_template=tok.chat_template)
+    proc.save_pretrained(str(out))
+
+
+def mm_inputs(model_dir: Path | str, messages: list[dict], images: list) -> dict[str, torch.Tensor]:
+    """Model inputs (input_ids, attention_mask, pixel values, grid/size tensors) for one chat with images,
+    without torchvision: Qwen's processor classes require it for their video processor, so for Qwen the image
+    tokens are expanded here exactly as Qwen2_5_VLProcessor does (grid_t*grid_h*grid_w / merge_size**2 pads
+    per image) and mm_token_type_ids (1 = image token) is added; LLaVA uses its own processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    family = config.get("model_type")
+    if family not in ("qwen2_5_vl", "qwen3_vl"):
+        proc = AutoProcessor.from_pretrained(str(model_dir))
+        text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return dict(proc(text=[text], images=images or None, return_tensors="pt"))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pad = "<|image_pad|>"
+    if text.count(pad) != len(images):
+        raise ValueError(f"{model_dir}: the chat has {text.count(pad)} image slots but {len(images)} images")
+    out: dict[str, torch.Tensor] = {}
+    if images:
+        ip = AutoImageProcessor.from_pretrained(str(model_dir))
+        out.update(ip(images=images, return_tensors="pt"))
+        counts = [int(g.prod()) // ip.merge_size**2 for g in out["image_grid_thw"]]
+        parts = text.split(pad)
+        text = parts[0] + "".join("<|placeholder|>" * n + rest for n, rest in zip(counts, parts[1:]))
+        text = text.replace("<|placeholder|>", pad)
+    enc = tok(text, return_tensors="pt")
+    out.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    image_id = config.get("image_token_id")
+    out["mm_token_type_ids"] = (enc["input_ids"] == image_id).long()
+    return out
+
+
+def legacy_name(family: str, name: str) -> str:
+    """The hub's historical on-disk name of a tensor whose in-memory (current) transformers name is `name`.
+
+    Qwen3-VL was published with the current names, so its legacy naming is the identity."""
+    if family == "qwen2_5_vl":
+        rules = (("model.language_model.", "model."), ("model.visual.", "visual."))
+    elif family in ("llava", "llava_next"):
+        rules = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                 ("model.vision_tower.", "vision_tower.vision_model."),
+                 ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"))
+    else:
+        rules = ()
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    for unit, mult in units.items():
+        if size.upper().endswith(unit):
+            return int(float(size[: -len(unit)]) * mult)
+    return int(size)
+
+
+def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_size: str | int = "50KB") -> None:
+    """Write `tensors` as HF-style shards (model-0000i-of-0000N.safetensors) + model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _legacy_config(family: str, config: dict) -> dict:
+    """Qwen2.5-VL hub configs keep the language-model fields at the top level (no text_config)."""
+    if family != "qwen2_5_vl":
+        return config
+    text = {k: v for k, v in config.pop("text_config").items() if k not in ("model_type", "dtype")}
+    return {**text, **config}
+
+
+def _save_mllm(model, out: Path, family: str, naming: str, max_shard_size: str | int) -> None:
+    """Config + weights under the chosen on-disk naming (save_pretrained would pick one for us)."""
+    state = model.state_dict()
+    rename = (lambda n: legacy_name(family, n)) if naming == "legacy" else (lambda n: n)
+    tensors = {rename(n): t for n, t in state.items()}
+    if len(tensors) != len(state):
+        raise RuntimeError(f"{family} {naming} renaming collapsed {len(state) - len(tensors)} tensor names")
+    write_safetensors(out, tensors, max_shard_size)
+    config = model.config.to_dict()
+    if naming == "legacy":
+        config = _legacy_config(family, config)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _informative_(model: torch.nn.Module, seed: int) -> None:
+    """Default init leaves norms at exactly 1 and biases at 0; make every tensor carry seeded information."""
+    gen = _seeded(seed + 7919)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _check_choice(what: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def build_mllm(
+    out: Path | str,
+    family: str,
+    *,
+    seed: int = 0,
+    naming: str = "current",
+    dtype: torch.dtype = torch.float32,
+    base: Optional[Path | str] = None,
+    perturb_seed: Optional[int] = None,
+    num_layers: int = 2,
+    max_shard_size: str | int = "50KB",
+    **text_overrides,
+) -> Path:
+    """Write a tiny random MLLM of `family` (see MLLM_FAMILIES): model weights under `naming` ("current" =
+    transformers' in-memory names, "legacy" = the hub's historical names), config, byte-level tokenizer with the
+    model's special tokens, chat template and a PIL image processor. With `base` (a dir written by this function),
+    start from its weights and perturb them (seeded), so several MLLMs share a starting point like fine-tunes."""
+    from transformers import AutoModelForImageTextToText
+
+    _check_choice("MLLM family", family, MLLM_FAMILIES)
+    _check_choice("naming", naming, NAMINGS)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if base is not None:
+        base_type = json.loads((Path(base) / "config.json").read_text()).get("model_type")
+        if base_type != family:
+            raise ValueError(f"build_mllm: base {base} is a {base_type!r} model, expected family {family!r}")
+        model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+        perturb_(model, perturb_seed if perturb_seed is not None else seed)
+    else:
+        config = _mllm_config(family, _text_kwargs(family, num_layers, text_overrides))
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        _informative_(model, seed)
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    _save_mllm(model, out, family, naming, max_shard_size)
+    _write_processor_files(out, family)
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 8}))
+    return out
+
+
+def _mllm_text_config(mllm: Path) -> tuple[str, dict]:
+    """(family, language-model config dict) of an MLLM dir, for either config style (nested or flat)."""
+    config = json.loads((Path(mllm) / "config.json").read_text())
+    family = config.get("model_type")
+    _check_choice("MLLM family (model_type in config.json)", family, MLLM_FAMILIES)
+    return family, config.get("text_config") or config
+
+
+def build_base_llm(
+    out: Path | str,
+    family: str,
+    *,
+    seed: int = 0,
+    from_mllm: Optional[Path | str] = None,
+    dtype: torch.dtype = torch.float32,
+    base: Optional[Path | str] = None,
+    perturb_seed: Optional[int] = None,
+    num_layers: int = 2,
+    max_shard_size: str | int = "50KB",
+    **overrides,
+) -> Path:
+    """Write the tiny base LLM of an MLLM family (qwen2 for qwen2_5_vl, qwen3 for qwen3_vl, llama for LLaVA);
+    `family` may name the MLLM family or the base family directly. With `from_mllm`, the language-model shapes
+    (layers, hidden, heads, vocab ...) are copied from that MLLM dir so PlaM can mix the two; `overrides` still win
+    (e.g. a different vocab_size). The tokenizer is the MLLM family's byte-level one."""
+    mm_family = {v: k for k, v in reversed(list(BASE_LLM_FAMILY.items()))}.get(family, family)
+    _check_choice("base LLM family", mm_family, MLLM_FAMILIES)
+    llm_family = BASE_LLM_FAMILY[mm_family]
+    shape: dict = {}
+    if from_mllm is not None:
+        src_family, text = _mllm_text_config(Path(from_mllm))
+        if BASE_LLM_FAMILY[src_family] != llm_family:
+            raise ValueError(f"build_base_llm: {from_mllm} is a {src_family} MLLM whose base family is "
+                             f"{BASE_LLM_FAMILY[src_family]!r}, not {llm_family!r}")
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings")
+        shape = {k: text[k] for k in keys if k in text}
+        if llm_family == "qwen3":
+            shape["head_dim"] = text.get("head_dim", TINY_MM_TEXT["head_dim"])
+    kw = {**_text_kwargs(mm_family, num_layers, {}), **shape, **overrides}
+    if llm_family != "qwen3":
+        kw.pop("head_dim", None)
+    build_llm(out, seed=seed, family=llm_family, dtype=dtype, base=base, perturb_seed=perturb_seed,
+              max_shard_size=max_shard_size, tokenizer=False, **kw)
+    write_mm_tokenizer(Path(out), mm_family)
+    return Path(out)
