@@ -1,0 +1,314 @@
+"""A model checkpoint on disk: its files, per-tensor metadata from safetensors headers, and row-chunked reads.
+
+Nothing here reads tensor data except `read_rows`, which reads exactly the bytes of the requested rows, so no read
+ever needs a whole tensor in memory. Headers are validated strictly (length, JSON, dtypes, offsets inside the file,
+no overlaps) because a corrupt header would otherwise surface as garbage weights far downstream.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_CODE = {v[0]: k for k, v in DTYPES.items()}
+NAME_TO_CODE = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "fp32": "F32", "fp16": "F16", "bf16": "BF16", "half": "F16", "float": "F32",
+}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives: file, absolute byte range [begin, end), dtype code and shape."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def rows(self) -> int:
+        """Rows along dim 0 (a 0-d tensor is one row)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _confine(root: Path, rel: str, what: str) -> Path:
+    """Resolve `rel` inside `root` (symlinks followed); anything escaping the model dir is refused."""
+    if os.path.isabs(rel):
+        raise ValueError(f"{what}: file name {rel!r} is an absolute path; only files inside {root} are allowed")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{what}: file {rel!r} resolves to {path}, outside the model directory {root}")
+    return path
+
+
+def parse_safetensors_header(path: Path | str) -> dict[str, TensorMeta]:
+    """Validated per-tensor metadata of one safetensors file, read from its header only."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: not a safetensors file (only {size} bytes; the 8-byte header length is missing)")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > MAX_HEADER_BYTES or hlen + 8 > size:
+            raise ValueError(
+                f"{path}: safetensors header length {hlen} is impossible for a file of {size} bytes "
+                f"(limit {MAX_HEADER_BYTES}); the file is truncated or not safetensors"
+            )
+        header_bytes = f.read(hlen)
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
+    data_start, data_size = 8 + hlen, size - 8 - hlen
+    metas = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        metas[name] = _tensor_meta(path, name, entry, data_start, data_size)
+    _check_overlaps(path, metas.values())
+    return metas
+
+
+def _tensor_meta(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorMeta:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ValueError(f"{path}: tensor {name!r}: header entry {entry!r} lacks dtype/shape/data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"{path}: tensor {name!r}: dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}"
+        )
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
+    b, e = offsets
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if not 0 <= b <= e or e - b != expected:
+        raise ValueError(
+            f"{path}: tensor {name!r}: data_offsets {offsets} span {e - b} bytes, expected {expected} "
+            f"for shape {shape} {dtype}"
+        )
+    if e > data_size:
+        raise ValueError(
+            f"{path}: tensor {name!r}: data_offsets end {e} is past the end of the data ({data_size} bytes); "
+            "the file is truncated"
+        )
+    return TensorMeta(name, str(path), dtype, tuple(shape), data_start + b, data_start + e)
+
+
+def _check_overlaps(path: Path, metas: Iterable[TensorMeta]) -> None:
+    prev: Optional[TensorMeta] = None
+    for m in sorted(metas, key=lambda m: (m.begin, m.end)):
+        if prev is not None and m.begin < prev.end and m.nbytes and prev.nbytes:
+            raise ValueError(f"{path}: tensors {prev.name!r} and {m.name!r} overlap in the file")
+        prev = m
+
+
+class Checkpoint:
+    """An opened model: its directory, config and every tensor's metadata (no tensor data is read)."""
+
+    def __init__(self, ref: str, root: Path, tensors: dict[str, TensorMeta]):
+        self.ref = ref
+        self.root = root
+        self.tensors = tensors
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.ref!r}, {len(self.tensors)} tensors)"
+
+    @functools.cached_property
+    def config(self) -> dict:
+        path = self.root / "config.json"
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ValueError(f"model {self.ref}: tensor {name!r} does not exist") from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(m.nbytes for m in self.tensors.values())
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """A local directory, or a hub id resolved through the local Hugging Face cache (HF_HUB_OFFLINE honoured)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ValueError(f"model {ref!r}: {path} is a file; expected a model directory or a hub id")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise ValueError(f"model {ref!r}: directory {path} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(
+            snapshot_download(
+                ref,
+                local_files_only=offline,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"model {ref!r}: not a local directory and not in the local Hugging Face cache"
+            + (" (HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else "")
+        ) from None
+    except Exception as exc:  # network errors, unknown repo, gated repo
+        raise ValueError(f"model {ref!r}: could not resolve hub id ({type(exc).__name__}: {exc})") from None
+
+
+def open_checkpoint(ref: str) -> Checkpoint:
+    """Open a model dir or hub id: sharded or single-file safetensors, or (legacy) pytorch_model*.bin."""
+    root = resolve_model_dir(str(ref))
+    index = root / INDEX_NAME
+    if index.exists():
+        return Checkpoint(str(ref), root, _from_index(root, index))
+    if (root / SINGLE_NAME).exists():
+        return Checkpoint(str(ref), root, parse_safetensors_header(_confine(root, SINGLE_NAME, str(root))))
+    singles = sorted(root.glob("*.safetensors"))
+    if len(singles) == 1:
+        return Checkpoint(str(ref), root, parse_safetensors_header(singles[0]))
+    from engine.legacy_bin import open_bin_tensors
+
+    bins = open_bin_tensors(root)
+    if bins:
+        return Checkpoint(str(ref), root, bins)
+    raise ValueError(
+        f"model {ref!r}: {root} has no {INDEX_NAME}, {SINGLE_NAME} or pytorch_model*.bin; "
+        "is this a Hugging Face model directory?"
+    )
+
+
+def _from_index(root: Path, index: Path) -> dict[str, TensorMeta]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: 'weight_map' is empty or not an object")
+    headers: dict[str, dict[str, TensorMeta]] = {}
+    for fname in sorted(set(weight_map.values())):
+        if not isinstance(fname, str):
+            raise ValueError(f"{index}: weight_map value {fname!r} is not a file name")
+        path = _confine(root, fname, str(index))
+        if not path.exists():
+            raise ValueError(f"{index}: names shard {fname!r}, which does not exist in {root}")
+        headers[fname] = parse_safetensors_header(path)
+    tensors = {}
+    for name, fname in weight_map.items():
+        if name not in headers[fname]:
+            raise ValueError(f"{index}: tensor {name!r} is mapped to {fname}, but that shard does not contain it")
+        tensors[name] = headers[fname][name]
+    for fname, metas in headers.items():
+        extra = sorted(set(metas) - set(weight_map))
+        if extra:
+            raise ValueError(
+                f"{root / fname}: holds tensor(s) {extra[:5]} that {index.name} does not list; "
+                "the index and the shards disagree"
+            )
+    return tensors
+
+
+def read_rows(meta: TensorMeta, row_start: int, row_stop: int) -> torch.Tensor:
+    """Rows [row_start, row_stop) of a tensor, read from disk with one positioned read (no mmap, no whole tensor)."""
+    if not 0 <= row_start <= row_stop <= meta.rows:
+        raise ValueError(f"{meta.file}: tensor {meta.name!r}: rows [{row_start}, {row_stop}) out of 0..{meta.rows}")
+    if meta.file.endswith(".bin"):
+        from engine.legacy_bin import read_bin_rows
+
+        return read_bin_rows(meta, row_start, row_stop)
+    torch_dtype, itemsize = DTYPES[meta.dtype]
+    row_bytes = meta.row_numel * itemsize
+    nbytes = (row_stop - row_start) * row_bytes
+    buf = bytearray(nbytes)
+    if nbytes:
+        fd = _open_fd(meta.file)
+        got = os.preadv(fd, [buf], meta.begin + row_start * row_bytes)
+        if got != nbytes:
+            raise RuntimeError(
+                f"{meta.file}: tensor {meta.name!r}: short read ({got} of {nbytes} bytes); the file changed or is "
+                "truncated"
+            )
+    shape = ((row_stop - row_start),) + meta.shape[1:] if meta.shape else ()
+    if not nbytes:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
+
+
+_FDS: dict[tuple, int] = {}
+
+
+def _open_fd(path: str) -> int:
+    """Descriptors are cached per process (a merge reads the same shards thousands of times), keyed by the file's
+    identity so a file replaced on disk is reopened rather than read stale."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+    fd = _FDS.get(key)
+    if fd is None:
+        fd = _FDS[key] = os.open(path, os.O_RDONLY)
+    return fd
+
+
+def close_cached_files() -> None:
+    """Close every cached input descriptor (workers call this on shutdown)."""
+    for fd in _FDS.values():
+        os.close(fd)
+    _FDS.clear()

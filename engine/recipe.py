@@ -1,0 +1,151 @@
+"""YAML recipe → frozen, validated Recipe (a mergekit-compatible subset plus our methods).
+
+Every configuration error is raised here, as ValueError quoting the recipe file and the YAML path
+(e.g. `recipe.yaml: models[1].parameters.weight: expected a number, got 'heavy'`), before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.checkpoint import NAME_TO_CODE
+
+Scalar = Union[bool, int, float, str]
+
+
+class Condition(BaseModel):
+    """A filtered parameter value: applies to tensors whose name contains `filter` (mergekit semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    value: Union[Scalar, list[Scalar]]
+    filter: Optional[str] = None
+
+
+Setting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class ModuleRecipe(BaseModel):
+    """Per-module override for MLLMs: `modules: {vision_tower: {merge_method: passthrough}, ...}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    merge_method: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    source: Optional[str] = None  # for passthrough: which model to copy from (default: base or first model)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    merge_method: str
+    base_model: Optional[str] = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    modules: dict[str, ModuleRecipe] = Field(default_factory=dict)
+    # PlaM form: `mllm` + `base_llm` instead of `models`
+    mllm: Optional[str] = None
+    base_llm: Optional[str] = None
+    # PivotMerge form
+    init_model: Optional[str] = None
+    calibration: Optional[str] = None
+    allow_different_backbones: bool = False
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in NAME_TO_CODE:
+            raise ValueError(f"unknown dtype {v!r}; expected one of {', '.join(sorted(NAME_TO_CODE))}")
+        return v
+
+    @property
+    def model_refs(self) -> list[str]:
+        """Input models in order (PlaM: mllm then base_llm)."""
+        if self.merge_method == "plam":
+            return [r for r in (self.mllm, self.base_llm) if r]
+        return [m.model for m in self.models]
+
+    @property
+    def output_dtype_code(self) -> Optional[str]:
+        name = self.out_dtype or self.dtype
+        return NAME_TO_CODE[name] if name else None
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("bool", "int", "float", "str", "list[...]") or "[" in str(part) or part.startswith(("list", "Condition")):
+            continue  # pydantic's union-branch labels are noise for users
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<top level>"
+
+
+def parse_recipe(data: Any, *, source: str = "<recipe>", base_dir: Optional[Path] = None) -> Recipe:
+    """Validate a recipe mapping; relative model paths resolve against the recipe's directory when they exist there."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        got = first.get("input")
+        extra = "unknown key" if first["type"] == "extra_forbidden" else f"{msg}, got {got!r}"
+        raise ValueError(f"{source}: {_yaml_path(first['loc'])}: {extra}") from None
+    if base_dir is not None:
+        recipe = _resolve_paths(recipe, base_dir)
+    from engine.recipe_checks import check_recipe
+
+    check_recipe(recipe, source)
+    return recipe
+
+
+def _resolve(ref: Optional[str], base_dir: Path) -> Optional[str]:
+    if ref is None or Path(ref).is_absolute():
+        return ref
+    cand = base_dir / ref
+    return str(cand.resolve()) if cand.exists() else ref
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    models = [m.model_copy(update={"model": _resolve(m.model, base_dir)}) for m in recipe.models]
+    upd = {"models": models}
+    for key in ("base_model", "mllm", "base_llm", "init_model", "calibration"):
+        upd[key] = _resolve(getattr(recipe, key), base_dir)
+    if recipe.tokenizer_source not in (None, "base"):
+        upd["tokenizer_source"] = _resolve(recipe.tokenizer_source, base_dir)
+    return recipe.model_copy(update=upd)
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    return parse_recipe(data, source=str(path), base_dir=path.parent)

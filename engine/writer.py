@@ -1,0 +1,201 @@
+"""Streaming safetensors output: shard files written in place, atomically finalised, plus index/config/card/manifest.
+
+The safetensors library cannot write incrementally (it serialises a whole dict of in-memory tensors), so shards are
+written here by hand in its exact format: 8-byte little-endian header length, JSON header padded with spaces to a
+multiple of 8, then the raw tensor bytes at the offsets the header names. The plan fixes every offset, so each work
+unit `pwrite`s its tensors into `<out>/.shardmerge/tmp/<shard>.partial` independently, chunk by chunk. A shard
+becomes visible under its final name only after every unit that writes into it has fsync'ed and the shard's sha256
+is taken (temp file + fsync + atomic rename). A directory without a complete manifest is not a finished merge.
+Everything else (index, config, tokenizer files, model card) uses the standard libraries' formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import engine
+from engine.checkpoint import DTYPES
+
+STATE_DIR = ".shardmerge"
+MANIFEST = "shardmerge_manifest.json"
+INDEX = "model.safetensors.index.json"
+JOURNAL = "journal.jsonl"
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json", "spiece.model",
+)
+_HASH_BLOCK = 8 << 20  # 8 MiB reads: hashing throughput is flat above ~1 MiB blocks
+
+
+def state_dir(out: Path) -> Path:
+    return Path(out) / STATE_DIR
+
+
+def partial_path(out: Path, filename: str) -> Path:
+    return state_dir(out) / "tmp" / (filename + ".partial")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a small file via temp + fsync + rename so readers never see a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def create_partial(out: Path, shard) -> None:
+    """Create a shard's temp file with its header, sized to its final length (data filled in by the units)."""
+    path = partial_path(out, shard.filename)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(shard.header)
+        f.truncate(shard.size)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int, where: str) -> None:
+    while len(data):
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as exc:
+            raise RuntimeError(f"{where}: write failed at offset {offset} ({exc.strerror}); is the disk full?") from exc
+        data = data[n:]
+        offset += n
+
+
+def sha256_file(path: Path, begin: int = 0, end: Optional[int] = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(begin)
+        left = (end if end is not None else os.fstat(f.fileno()).st_size) - begin
+        while left > 0:
+            block = f.read(min(_HASH_BLOCK, left))
+            if not block:
+                raise RuntimeError(f"{path}: file ended {left} bytes early while hashing")
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def finalize_shard(out: Path, shard) -> tuple[str, int]:
+    """fsync, hash and atomically publish one completed shard; returns (sha256, size)."""
+    src = partial_path(out, shard.filename)
+    size = src.stat().st_size
+    if size != shard.size:
+        raise RuntimeError(f"{src}: size {size} differs from the planned {shard.size} bytes")
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    digest = sha256_file(src)
+    dst = Path(out) / shard.filename
+    os.replace(src, dst)
+    _fsync_dir(Path(out))
+    return digest, size
+
+
+class Journal:
+    """Append-only record of finished units and shards, the driver's only state; fsync'ed per line."""
+
+    def __init__(self, out: Path):
+        self.path = state_dir(out) / JOURNAL
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash: everything before it is valid
+        return out
+
+    def start(self, plan_hash: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(json.dumps({"plan_hash": plan_hash, "engine": engine.__version__}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _config_with_dtype(src: Path, out_dtype: Optional[str]) -> bytes:
+    """config.json with the output dtype recorded (transformers 5 reads `dtype`; older keys are replaced)."""
+    cfg = json.loads(src.read_text())
+    if out_dtype:
+        name = str(DTYPES[out_dtype][0]).removeprefix("torch.")
+        subs = [v for v in cfg.values() if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v)]
+        for c in [cfg] + subs:
+            c.pop("torch_dtype", None)
+            c["dtype"] = name
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def model_card(plan) -> str:
+    recipe_yaml = json.dumps(plan.recipe.model_dump(mode="json", exclude_defaults=True), indent=2)
+    return (
+        "---\ntags:\n- merge\n- shardmerge\n---\n"
+        f"# Merged model\n\nProduced by shardmerge {engine.__version__} with `{plan.recipe.merge_method}`.\n\n"
+        f"Inputs:\n" + "".join(f"- `{r}`\n" for r in plan.recipe.model_refs)
+        + f"\n## Recipe\n\n```json\n{recipe_yaml}\n```\n\nPlan hash: `{plan.plan_hash}`\n"
+    )
+
+
+def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) -> None:
+    """Index, config, tokenizer/processor files, model card, then the manifest (last: it marks completion)."""
+    out = Path(out)
+    weight_map = {t.name: plan.shards[t.shard].filename for t in plan.tensors()}
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    cfg = Path(plan.config_source) / "config.json"
+    if cfg.exists():
+        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype))
+    tok = Path(plan.tokenizer_source)
+    for name in COPIED_FILES:
+        if (tok / name).exists():
+            shutil.copyfile(tok / name, out / name)
+    if plan.recipe.chat_template:
+        text = plan.recipe.chat_template
+        if os.path.isfile(text):
+            text = Path(text).read_text()
+        atomic_write(out / "chat_template.jinja", text.encode())
+    atomic_write(out / "README.md", model_card(plan).encode())
+    manifest = {
+        "format": "shardmerge-manifest/1",
+        "engine_version": engine.__version__,
+        "plan_hash": plan.plan_hash,
+        "merge_method": plan.recipe.merge_method,
+        "total_size": plan.total_bytes,
+        "shards": [
+            {"file": s.filename, "sha256": shard_hashes[s.filename][0], "size": shard_hashes[s.filename][1],
+             "tensors": len(s.tensors)}
+            for s in plan.shards
+        ],
+    }
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    shutil.rmtree(state_dir(out), ignore_errors=True)

@@ -1,0 +1,96 @@
+"""`shardmerge merge` / `python -m jobs.merge RECIPE.yaml --out DIR` (the entry point for `ray job submit`).
+
+Without --address (and without RAY_ADDRESS) an embedded local Ray instance is started in-process; with
+`--address auto` or a cluster address the same code runs on the cluster. Inputs and --out must be on storage every
+node sees (a shared filesystem) when running on more than one node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="YAML recipe (mergekit-compatible subset; see README)")
+    p.add_argument("--out", required=True, help="output directory (Hugging Face layout)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="merge workers (Ray actors); default: one per GPU with --device cuda, else one per 2 CPUs; "
+                        "0 runs in this process without Ray")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' for the local cluster)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted merge in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing merge in --out")
+    p.add_argument("--shard-size", default="5GB", help="max output shard size (default 5GB)")
+    p.add_argument("--chunk-mb", type=float, default=64, help="row-chunk size per input tensor (MiB, default 64)")
+    p.add_argument("--max-memory-per-worker", default=None, help="per-worker memory budget for Ray (e.g. 8GB)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN/Inf")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
+
+
+def default_workers(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int] = None, device: str = "cpu",
+              address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
+              shard_size: str | int = "5GB", chunk_mb: float = 64, max_memory_per_worker: Optional[str] = None,
+              allow_nonfinite: bool = False, progress: bool = True, verify: bool = True,
+              fault: Optional[str] = None) -> dict:
+    """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause."""
+    from engine.executor import execute
+    from engine.plan import build_plan, parse_size
+    from engine.recipe import load_recipe
+    from engine.verify import verify_dir
+
+    if chunk_mb <= 0:
+        raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
+    recipe = load_recipe(recipe_path)
+    plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path))
+    if workers is None:
+        workers = default_workers(device)
+    summary = execute(plan, out, workers=workers, device=device, resume=resume, overwrite=overwrite,
+                      chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
+                      progress=progress, fault=fault, address=address,
+                      memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None)
+    if verify:
+        problems = verify_dir(out)
+        if problems:
+            raise RuntimeError(f"verification of {out} failed: {problems[0]}")
+        summary["verified"] = True
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="shardmerge merge", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        summary = run_merge(
+            args.recipe, args.out, workers=args.workers, device=args.device, address=args.address,
+            resume=args.resume, overwrite=args.overwrite, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
+            max_memory_per_worker=args.max_memory_per_worker, allow_nonfinite=args.allow_nonfinite,
+            progress=not args.no_progress, verify=not args.no_verify, fault=os.environ.get("SHARDMERGE_FAULT"),
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"shardmerge merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "units_by_worker"}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
