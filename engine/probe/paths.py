@@ -1,0 +1,180 @@
+"""The two implementations of the masked forward, which must agree.
+
+exact path: one forward per (sample, cut) with the probe attention blocking image keys in layers >= cut.
+fast path:  one unmasked forward keeps the hidden states entering every decoder layer; for each cut c the image
+            positions are dropped from the states entering layer c and layers c..L-1 run on the remaining tokens
+            with their original position embeddings (incl. Qwen's 3-D M-RoPE). This is exact: in those layers no
+            token attends to image keys and the image tokens' own outputs are never read. Suffixes for all cuts are
+            batched layer by layer, so a whole sweep costs one pass + sum_c (text-only suffix from c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from engine.probe import attention
+from engine.probe.core import LMParts, ProbeInputs, check_fast_path_supported
+
+# Layer kwargs the fast path knows how to restrict to the kept (text) positions.
+_PASS_THROUGH = {"past_key_values": None, "use_cache": False, "attention_mask": None}
+
+
+def _model_logits(model, inputs: ProbeInputs) -> torch.Tensor:
+    out = model(**inputs.model_kwargs, use_cache=False)
+    return out.logits[0].float()
+
+
+@torch.no_grad()
+def exact_logits(
+    model, inputs: ProbeInputs, cut: int, *, noise_seed: Optional[int] = None, block: bool = True
+) -> torch.Tensor:
+    """(S, V) float32 logits of one forward with image keys blocked in decoder layers >= cut (cut = L: unmasked)."""
+    with attention.masking(cut, inputs.image_mask, noise_seed=noise_seed, block=block):
+        return _model_logits(model, inputs)
+
+
+@dataclass
+class Trace:
+    """What the unmasked forward leaves behind for the suffix runs."""
+
+    hidden_in: list  # hidden states entering layer l, (1, S, H), l = 0..L-1
+    layer_kwargs: list  # the kwargs each layer was called with
+    last_out: Optional[torch.Tensor]  # output of layer L-1
+    logits: torch.Tensor  # (S, V) the model's own logits
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def trace(model, parts: LMParts, inputs: ProbeInputs) -> Trace:
+    """Run the model once unmasked, capturing every decoder layer's input and kwargs."""
+    n = parts.num_layers
+    hidden_in: list = [None] * n
+    kwargs_in: list = [None] * n
+    last: dict = {}
+    handles = []
+
+    def pre_hook(i):
+        def hook(module, args, kwargs):
+            hidden_in[i] = args[0] if args else kwargs["hidden_states"]
+            kwargs_in[i] = dict(kwargs)
+
+        return hook
+
+    def post_hook(module, args, kwargs, out):
+        last["out"] = _layer_output(out)
+
+    try:
+        for i, layer in enumerate(parts.layers):
+            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(parts.layers[-1].register_forward_hook(post_hook, with_kwargs=True))
+        logits = _model_logits(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i, h in enumerate(hidden_in) if h is None]
+    if missing:
+        raise RuntimeError(f"{type(model).__name__}: decoder layers {missing} never ran in the unmasked forward")
+    return Trace(hidden_in, kwargs_in, last.get("out"), logits)
+
+
+def _restrict(name: str, value, keep: torch.Tensor, seq_len: int, batch: int):
+    """A layer kwarg restricted to the kept positions and expanded to `batch` suffixes."""
+    if name in _PASS_THROUGH:
+        return _PASS_THROUGH[name]
+    if name == "position_embeddings":  # (cos, sin), each (1|3, 1, S, D) or (1, S, D): sequence on dim -2
+        return tuple(_restrict_seq(t, keep, -2, batch, name) for t in value)
+    if name == "position_ids":  # (1, S) text positions or (k, 1, S)
+        return None if value is None else _restrict_seq(value, keep, -1, batch, name)
+    if isinstance(value, torch.Tensor) and seq_len in value.shape:
+        raise RuntimeError(
+            f"fast path: decoder layer kwarg {name!r} of shape {tuple(value.shape)} looks per-position and is not "
+            "known to the probe; extend engine/probe/paths.py:_restrict or use the exact path"
+        )
+    return value
+
+
+def _restrict_seq(t: torch.Tensor, keep: torch.Tensor, dim: int, batch: int, name: str) -> torch.Tensor:
+    t = t.index_select(dim % t.ndim, keep.to(t.device))
+    bdim = t.ndim + dim - 1  # batch dim sits just before the sequence dim in every layout the models use
+    if t.shape[bdim] != 1:
+        raise RuntimeError(f"fast path: {name} has batch {t.shape[bdim]} on dim {bdim}; expected 1")
+    shape = list(t.shape)
+    shape[bdim] = batch
+    return t.expand(*shape)
+
+
+def _check_head(parts: LMParts, tr: Trace, pos: int) -> None:
+    """norm + head on the last layer's output must reproduce the model's logits, else the fast path would lie."""
+    if tr.last_out is None:
+        raise RuntimeError("fast path: the last decoder layer's output was not captured")
+    mine = parts.head(parts.norm(tr.last_out[:, pos : pos + 1]))[0, 0].float()
+    ref = tr.logits[pos]
+    tol = 1e-3 * (1 + ref.abs().max())
+    if not torch.allclose(mine, ref, atol=float(tol), rtol=1e-3):
+        raise RuntimeError(
+            "fast path: lm_head(norm(last layer output)) differs from the model's logits by "
+            f"{(mine - ref).abs().max().item():.3g} (tolerance {float(tol):.3g}); the architecture post-processes "
+            "logits (softcapping / scaling?) — use the exact path"
+        )
+
+
+@torch.no_grad()
+def fast_logits(
+    model, parts: LMParts, inputs: ProbeInputs, cuts: Iterable[int], *, positions: str = "last"
+) -> dict[int, torch.Tensor]:
+    """Logits for every cut from one unmasked pass plus batched text-only suffixes.
+
+    positions="last": (V,) at the answer position; "text": (T, V) at every non-image position, in order."""
+    if positions not in ("last", "text"):
+        raise ValueError(f"positions must be 'last' or 'text', got {positions!r}")
+    check_fast_path_supported(model)
+    n = parts.num_layers
+    cuts = sorted(set(_validate_cuts(cuts, n)))
+    tr = trace(model, parts, inputs)
+    _check_head(parts, tr, inputs.answer_pos)
+    keep = torch.nonzero(~inputs.image_mask).flatten()
+    rows = slice(None) if positions == "text" else slice(-1, None)
+    result = {}
+    if n in cuts:
+        result[n] = tr.logits[keep][rows]
+    suffix_cuts = [c for c in cuts if c < n]
+    for c, hidden in zip(suffix_cuts, _run_suffixes(parts, tr, keep, suffix_cuts, inputs.seq_len)):
+        result[c] = parts.head(parts.norm(hidden[None, rows]))[0].float()
+    return {c: (v if positions == "text" else v[0]) for c, v in sorted(result.items())}
+
+
+def _run_suffixes(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len: int) -> list:
+    """Hidden states (T, H) after the last layer for each cut, running layers c..L-1 batched over cuts."""
+    if not cuts:
+        return []
+    batch = None
+    for layer_idx in range(cuts[0], parts.num_layers):
+        new = [tr.hidden_in[c][:, keep] for c in cuts if c == layer_idx]
+        if new:
+            batch = torch.cat([batch, *new], dim=0) if batch is not None else torch.cat(new, dim=0)
+        kwargs = {
+            k: _restrict(k, v, keep, seq_len, batch.shape[0]) for k, v in tr.layer_kwargs[layer_idx].items()
+        }
+        kwargs.pop("hidden_states", None)
+        batch = _layer_output(parts.layers[layer_idx](batch, **kwargs))
+    return [batch[i] for i in range(batch.shape[0])]
+
+
+def _validate_cuts(cuts: Iterable[int], num_layers: int) -> list[int]:
+    cuts = list(cuts)
+    bad = [c for c in cuts if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= num_layers]
+    if bad or not cuts:
+        raise ValueError(f"cut layers must be ints in 0..{num_layers} (L = {num_layers}), got {cuts}")
+    return cuts
+
+
+@torch.no_grad()
+def all_exact_logits(model, parts: LMParts, inputs: ProbeInputs, cuts: Iterable[int]) -> dict[int, torch.Tensor]:
+    """The reference sweep: one masked forward per cut; logits (S, V) each."""
+    return {c: exact_logits(model, inputs, c) for c in _validate_cuts(cuts, parts.num_layers)}
