@@ -125,9 +125,17 @@ def philox_reference(key: int, offsets: torch.LongTensor) -> torch.Tensor:
     return out.reshape(offsets.shape)
 
 
+# Bound by _kernels() on first launch.
+tl = _philox_kernel = None
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Define the Triton kernel on first use (see kernels._util for why this is deferred)."""
+    """Define the Triton kernel on first use (see kernels._util for why this is deferred).
+
+    Bound as a module global: Triton resolves the names a kernel uses through the module's globals, not closures.
+    """
+    global tl, _philox_kernel
     triton, tl = import_triton()
 
     @triton.jit
