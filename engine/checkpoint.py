@@ -82,7 +82,10 @@ def _confine(root: Path, rel: str, what: str) -> Path:
     if os.path.isabs(rel):
         raise ValueError(f"{what}: file name {rel!r} is an absolute path; only files inside {root} are allowed")
     path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
+    allowed = [root.resolve()]
+    if root.parent.name == "snapshots":  # HF cache: snapshot files are symlinks into the repo's blobs/
+        allowed.append((root.parent.parent / "blobs").resolve())
+    if not any(path.is_relative_to(a) for a in allowed):
         raise ValueError(f"{what}: file {rel!r} resolves to {path}, outside the model directory {root}")
     return path
 
@@ -198,10 +201,14 @@ def resolve_model_dir(ref: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )  # read at call time: huggingface_hub only reads these at import
     try:
         return Path(
             snapshot_download(
                 ref,
+                cache_dir=cache,
                 local_files_only=offline,
                 allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
             )

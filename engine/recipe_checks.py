@@ -13,8 +13,9 @@ from engine import methods
 from engine.methods.base import MethodSpec
 from engine.recipe import Condition, Recipe
 
-# Parameters that are fractions: 0 < value <= 1 (gamma: 0 <= value < 1).
-_FRACTIONS = {"density", "energy", "t", "alpha", "rank_fraction"}
+# Parameters that are fractions: 0 < value <= 1; interpolation factors: 0 <= value <= 1; gamma: 0 <= value < 1.
+_FRACTIONS = {"density", "energy", "rank_fraction"}
+_UNIT_INTERVAL = {"t", "alpha"}
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -56,6 +57,8 @@ def _check_value(name: str, value: Any, default: Any, where: str) -> None:
         raise ValueError(f"{where}: expected a finite number, got {value!r}")
     if name in _FRACTIONS and not 0 < value <= 1:
         raise ValueError(f"{where}: {name} must be in (0, 1], got {value!r}")
+    if name in _UNIT_INTERVAL and not 0 <= value <= 1:
+        raise ValueError(f"{where}: {name} must be in [0, 1], got {value!r}")
     if name == "gamma" and not 0 <= value < 1:
         raise ValueError(f"{where}: gamma must be in [0, 1), got {value!r}")
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny Llama-like checkpoints built locally (a base and fine-tuned experts), session-scoped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def llm_family(tmp_path_factory) -> dict[str, Path]:
+    """base + three experts (float32, perturbed from base), sharded on disk."""
+    from engine.tiny_models import build_llm
+
+    root = tmp_path_factory.mktemp("llm")
+    out = {"base": build_llm(root / "base", seed=0)}
+    for k in (1, 2, 3):
+        out[f"e{k}"] = build_llm(root / f"e{k}", base=out["base"], perturb_seed=k)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llm_family_bf16(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    from engine.tiny_models import build_llm
+
+    root = tmp_path_factory.mktemp("llm_bf16")
+    out = {"base": build_llm(root / "base", seed=5, dtype=torch.bfloat16)}
+    for k in (1, 2):
+        out[f"e{k}"] = build_llm(root / f"e{k}", base=out["base"], perturb_seed=10 + k, dtype=torch.bfloat16)
+    return out
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
