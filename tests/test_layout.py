@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from engine.layout import (
@@ -18,6 +19,7 @@ from engine.layout import (
     map_lm_tensors,
     targets_for,
 )
+from engine.methods.base import Chunk, TensorInfo
 from engine.tiny_models import BASE_LLM_FAMILY, MLLM_FAMILIES, build_base_llm, build_mllm, legacy_name
 
 TINY_LAYERS = 3
@@ -327,3 +329,80 @@ def test_plan_only_qwen25_vl_72b(naming):
     elems = sum(mllm_shapes[m][0] * (mllm_shapes[m][1] if len(mllm_shapes[m]) > 1 else 1) for m, _ in pairing.pairs)
     assert elems == (L - s) * (2 * H * H + 2 * KV * H + H + 2 * KV)
     assert time.perf_counter() - t0 < 5.0
+
+
+# ---------------------------------------------------------------------------------------------- PlaM method
+TOL = {torch.float32: (1e-6, 1e-6)}  # dtype -> (atol, rtol); the method computes in float32
+
+
+def _plam():
+    from engine.methods import get
+
+    return get("plam")
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3])
+def test_plam_closed_form(rows):
+    from engine.methods.common import run_in_memory
+
+    spec = _plam()
+    assert (spec.min_models, spec.max_models, spec.needs_base, spec.chunkwise) == (2, 2, False, True)
+    gen = torch.Generator().manual_seed(0)
+    wm, wb = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    atol, rtol = TOL[torch.float32]
+    cases = [({}, 0.9, 0.1), ({"alpha": 0.25}, 0.75, 0.25), ({"weights_mllm": 0.9, "weights_base": 0.3}, 0.9, 0.3),
+             ({"weights_mllm": 1.0, "weights_base": -0.5}, 1.0, -0.5)]
+    for params, a, b in cases:
+        got = run_in_memory(spec, [wm, wb], None, rows_per_chunk=rows, layer=1, num_layers=2, **params)
+        want = wm.double() * a + wb.double() * b
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+        assert got.dtype == torch.float32
+    assert torch.equal(run_in_memory(spec, [wm, wb], None, rows_per_chunk=rows, alpha=0.0), wm)
+    assert torch.equal(run_in_memory(spec, [wm, wb], None, rows_per_chunk=rows, alpha=1), wb)
+    bias = torch.randn(11, generator=gen), torch.randn(11, generator=gen)
+    torch.testing.assert_close(run_in_memory(spec, list(bias), None, alpha=0.5), (bias[0] + bias[1]) / 2,
+                               atol=atol, rtol=rtol)
+
+
+def test_plam_parameter_errors():
+    from engine.methods.common import run_in_memory
+
+    spec = _plam()
+    w = [torch.ones(2, 2), torch.zeros(2, 2)]
+    bad = [({"weights_mllm": 0.9}, "weights_base is missing"),
+           ({"alpha": 0.2, "weights_mllm": 0.9, "weights_base": 0.3}, "use one form"),
+           ({"alpha": 1.5}, r"\[0, 1\]"), ({"alpha": float("nan")}, "finite"), ({"alpha": True}, "finite")]
+    for params, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            run_in_memory(spec, w, None, name="model.layers.0.self_attn.q_proj.weight", **params)
+    with pytest.raises(ValueError, match="exactly 2 inputs"):
+        run_in_memory(spec, w + [torch.ones(2, 2)], None)
+    with pytest.raises(ValueError, match="not as base_model"):
+        run_in_memory(spec, w, torch.ones(2, 2))
+    info = TensorInfo(name="x", shape=(2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        spec.merge([torch.ones(2, 2), torch.ones(3, 2)], None, stats=None, chunk=Chunk(0, 2, 0), info=info)
+    with pytest.raises(ValueError, match="float32"):
+        spec.merge([torch.ones(2, 2), torch.ones(2, 2, dtype=torch.float16)], None, stats=None,
+                   chunk=Chunk(0, 2, 0), info=info)
+
+
+def test_plam_on_tiny_pairs(tiny, tmp_path):
+    """Layout pairing + method on real tiny checkpoints: targeted tensors become the closed-form mix."""
+    from safetensors.torch import load_file
+
+    from engine.methods.common import run_in_memory
+
+    root = tmp_path
+    m_dir = build_mllm(root / "m", "qwen3_vl", seed=0, naming="legacy", num_layers=TINY_LAYERS)
+    b_dir = build_base_llm(root / "b", "qwen3_vl", seed=1, from_mllm=m_dir)
+    (mc, ms), (bc, bs) = _read(m_dir), _read(b_dir)
+    mllm, base = Layout.from_config(mc, ms, source="m"), Layout.from_config(bc, bs, source="b")
+    pairing = check_lm_pairs(mllm, base, ms, bs, targets="attn", layers=[2])
+    assert len(pairing.pairs) == 6  # q/k/v/o + q_norm/k_norm
+    mt = {k: v for f in sorted(m_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    bt = {k: v for f in sorted(b_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    for m_name, b_name in pairing.pairs:
+        got = run_in_memory(_plam(), [mt[m_name], bt[b_name]], None, name=m_name, rows_per_chunk=5, alpha=0.1)
+        torch.testing.assert_close(got, 0.9 * mt[m_name] + 0.1 * bt[b_name], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(got, mt[m_name])
