@@ -25,19 +25,20 @@ PASSTHROUGH = {"probe", "plam", "bench"}  # these modules parse their own argv v
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="shardmerge", description="Distributed, sharded merge engine for (multimodal) "
-                                "LLMs on Ray.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text, add_help=name not in PASSTHROUGH)
-        if name not in PASSTHROUGH:
-            importlib.import_module(f"jobs.{name}").add_arguments(sp)
-    if argv and argv[0] in PASSTHROUGH:
-        return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
-    args = p.parse_args(argv)
-    if not args.command:
-        p.print_help()
-        return 2
-    return importlib.import_module(f"jobs.{args.command}").run_from_args(args)
+                                "LLMs on Ray.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items())
+                                + "\n\n`shardmerge COMMAND --help` for a command's options.")
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    if not argv or argv[0] not in COMMANDS:
+        p.print_help() if not argv or argv[0] in ("-h", "--help") else p.parse_args(argv[:1])
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(f"jobs.{name}")  # only the chosen command's imports are paid for
+    if name in PASSTHROUGH:
+        return module.main(rest)
+    sp = argparse.ArgumentParser(prog=f"shardmerge {name}", description=COMMANDS[name])
+    module.add_arguments(sp)
+    return module.run_from_args(sp.parse_args(rest))
 
 
 if __name__ == "__main__":
