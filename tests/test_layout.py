@@ -28,9 +28,11 @@ TINY_LAYERS = 3
 def _read(model_dir: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """config dict and name -> shape from the safetensors headers (no tensor data)."""
     config = json.loads((model_dir / "config.json").read_text())
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index_file = model_dir / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index_file.read_text())["weight_map"].values())) if index_file.exists()
+             else ["model.safetensors"])
     shapes = {}
-    for fname in sorted(set(index["weight_map"].values())):
+    for fname in files:
         with safe_open(str(model_dir / fname), framework="pt") as f:
             for k in f.keys():
                 shapes[k] = tuple(f.get_slice(k).get_shape())
@@ -93,6 +95,30 @@ def test_every_tiny_tensor_has_its_role_in_both_namings(tiny, family):
     assert kinds["lm_head"] == "lm_head.weight"
 
 
+@pytest.mark.parametrize("family", MLLM_FAMILIES)
+def test_names_written_by_save_pretrained(tmp_path, family):
+    """transformers 5.23 save_pretrained writes its own mix of names (hub names for Qwen2.5-VL / LLaVA, but the
+    CLIP tower without `vision_model.`): every tensor still gets the same role counts as the in-memory names."""
+    from transformers import AutoModelForImageTextToText
+
+    src = build_mllm(tmp_path / "src", family, seed=0, num_layers=TINY_LAYERS)
+    AutoModelForImageTextToText.from_pretrained(str(src)).save_pretrained(str(tmp_path / "saved"))
+    config, shapes = _read(tmp_path / "saved")
+    _, cur_shapes = _read(src)
+    saved = Layout.from_config(config, shapes)
+    cur = Layout.from_config(config, cur_shapes)
+
+    def census(lay, names):
+        out = {}
+        for n in names:
+            r = lay.role(n)
+            key = (r.module, r.kind, r.layer, r.sub if r.kind in ("layer", "projector_layer") else None)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    assert census(saved, shapes) == census(cur, cur_shapes)
+
+
 def test_specific_roles():
     cases = {
         "visual.merger.mlp.2.bias": ("projector", "projector_layer", 1, "merger.mlp.2.bias"),
@@ -106,6 +132,9 @@ def test_specific_roles():
         "vision_tower.vision_model.encoder.layers.23.mlp.fc1.weight": ("vision_tower", "vision_block", 23, "mlp.fc1.weight"),
         "model.vision_tower.vision_tower.vision_model.encoder.layers.5.layer_norm1.bias":
             ("vision_tower", "vision_block", 5, "layer_norm1.bias"),
+        # transformers 5.23 save_pretrained writes LLaVA's CLIP tower without the vision_model. level
+        "vision_tower.encoder.layers.1.mlp.fc2.bias": ("vision_tower", "vision_block", 1, "mlp.fc2.bias"),
+        "vision_tower.embeddings.class_embedding": ("vision_tower", "vision_other", None, "embeddings.class_embedding"),
         "visual.patch_embed.proj.weight": ("vision_tower", "vision_other", None, "patch_embed.proj.weight"),
         "language_model.model.layers.31.self_attn.o_proj.weight": ("language_model", "layer", 31, "self_attn.o_proj.weight"),
         "language_model.lm_head.weight": ("language_model", "lm_head", None, "lm_head.weight"),
