@@ -86,7 +86,7 @@ def tiny_inputs(family: str, seed: int = 0, *, before: int = 4, after: int = 6, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def png_bytes(seed: int, size: tuple = (40, 32)) -> bytes:
+def png_bytes(seed: int, size: tuple = (56, 56)) -> bytes:
     """A small random RGB PNG (Pillow), different per seed."""
     import numpy as np
     from PIL import Image
