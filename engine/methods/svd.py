@@ -1,0 +1,275 @@
+"""SVD merge family: tsv, iso_c, iso_cts and cart as pure whole-tensor methods (METHODS.md "SVD methods").
+
+Each method works on one 2-D weight at a time through its singular vectors, so it is registered with
+`chunkwise=False` and receives whole float32 matrices. 0-D and 1-D tensors (biases, norms) have no SVD; they are
+averaged as each paper's reference code does:
+- task-vector methods (tsv, iso_c, iso_cts): theta = theta_0 + alpha * mean_k(tau_k)  -- the authors apply the
+  same alpha to the averaged 1-D task vectors as to the 2-D update;
+- cart: theta = mean_k(theta_k), which is exactly CART's formula at full rank (sum_k (theta_k - mean) = 0).
+Tensors with more than 2 dimensions are refused (ValueError): restrict the method to 2-D weights with a filter.
+
+The `*_update` cores take leading batch dimensions (..., K, m, n) so the engine can stack same-shape weights of
+several layers and decompose them in one batched call (the GPU path); the registered `merge` functions call them
+with one tensor. All decompositions go through `engine.methods.rsvd` (exact / randomized / Gram paths; triplets
+of numerically zero singular values are dropped, so results do not depend on LAPACK's arbitrary null vectors).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from engine.methods import register
+from engine.methods.base import Chunk, MethodSpec, TensorInfo
+from engine.methods.rsvd import DEFAULT_SEED, PATHS, drop_small_triplets, polar_factor, truncated_svd_batched
+
+
+# ---------------------------------------------------------------- shared input handling
+
+
+def _where(info: Optional[TensorInfo]) -> str:
+    return f"tensor {info.name!r}" if info is not None else "tensor <unnamed>"
+
+
+def stack_inputs(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor],
+    info: Optional[TensorInfo],
+    *,
+    needs_base: bool,
+) -> torch.Tensor:
+    """Validate the inputs of one whole tensor and stack the experts to (K, *shape) (shared by svd and pivot)."""
+    if len(tensors) == 0:
+        raise ValueError(f"{method}: {_where(info)}: no expert tensors given; expected at least one")
+    if needs_base and base is None:
+        raise ValueError(f"{method}: {_where(info)}: a base model is required (set base_model in the recipe)")
+    ref = tuple(tensors[0].shape)
+    named = list(enumerate(tensors)) + ([("base", base)] if base is not None else [])
+    for idx, t in named:
+        label = "base" if idx == "base" else f"expert {idx}"
+        if tuple(t.shape) != ref:
+            raise ValueError(
+                f"{method}: {_where(info)}: {label} has shape {tuple(t.shape)} but expert 0 has {ref}; "
+                "all inputs of one tensor must have the same shape"
+            )
+        if t.dtype != torch.float32:
+            raise ValueError(f"{method}: {_where(info)}: {label} has dtype {t.dtype}; expected float32")
+    if len(ref) > 2:
+        raise ValueError(
+            f"{method}: {_where(info)}: shape {ref} has {len(ref)} dimensions; SVD methods merge 2-D weights and "
+            "average 0-D/1-D tensors. Restrict the method to 2-D weights with a name filter."
+        )
+    return torch.stack(list(tensors))
+
+
+def svd_options(method: str, info: Optional[TensorInfo], svd_path: str, seed: int) -> dict:
+    """Keyword arguments for `truncated_svd_batched` from the recipe's `svd_path` and `seed` parameters."""
+    if svd_path not in PATHS:
+        raise ValueError(f"{method}: {_where(info)}: svd_path must be one of {PATHS}, got {svd_path!r}")
+    return {"path": svd_path, "generator": torch.Generator().manual_seed(int(seed))}
+
+
+def _check_positive(method: str, info: Optional[TensorInfo], name: str, value: float, upper=None) -> None:
+    if not (value > 0 and (upper is None or value <= upper)) or not math.isfinite(value):
+        bound = f"(0, {upper}]" if upper is not None else "> 0"
+        raise ValueError(f"{method}: {_where(info)}: {name} must be {bound}, got {value!r}")
+
+
+def _flatten_batch(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(..., K, m, n) -> (B, K, m, n) and the leading shape to restore."""
+    lead = tuple(x.shape[:-3])
+    return x.reshape((-1,) + tuple(x.shape[-3:])), lead
+
+
+def _concat_triplets(U, S, Vh):
+    """Per-task triplets (B, K, m, k), (B, K, k), (B, K, k, n) -> one stack (B, m, K k), (B, K k), (B, K k, n)."""
+    B, K, m, k = U.shape
+    n = Vh.shape[-1]
+    return (
+        U.permute(0, 2, 1, 3).reshape(B, m, K * k),
+        S.reshape(B, K * k),
+        Vh.reshape(B, K * k, n),
+    )
+
+
+def _decompose_tasks(x: torch.Tensor, rank: int, svd: dict):
+    """Top-`rank` triplets of each of the B*K matrices of x (B, K, m, n), batched in one call."""
+    B, K, m, n = x.shape
+    U, S, Vh = truncated_svd_batched(x.reshape(B * K, m, n), rank, **svd)
+    return U.reshape(B, K, m, rank), S.reshape(B, K, rank), Vh.reshape(B, K, rank, n)
+
+
+# ---------------------------------------------------------------- batched cores
+
+
+def tsv_update(taus: torch.Tensor, *, rank_fraction: float = 1.0, **svd) -> torch.Tensor:
+    """TSV-Merge update M (..., m, n) of task vectors (..., K, m, n) (Gargiulo et al., arXiv 2412.00081).
+
+    Each task keeps k = floor(rank_fraction * r / K) triplets (r = min(m, n); at least 1, at most r), the
+    concatenated U's and V's are replaced by their orthogonal polar factors (removing inter-task interference),
+    and M = U_perp diag(sigma) V_perp^T with the tasks' own singular values.
+    """
+    x, lead = _flatten_batch(taus)
+    B, K, m, n = x.shape
+    r = min(m, n)
+    k = min(r, max(1, math.floor(rank_fraction * r / K)))
+    U, S, Vh = _concat_triplets(*_decompose_tasks(x, k, svd))
+    Wu, _ = polar_factor(U)
+    Wv, _ = polar_factor(Vh)
+    return ((Wu * S[:, None, :]) @ Wv).reshape(lead + (m, n))
+
+
+def iso_c_update(taus: torch.Tensor) -> torch.Tensor:
+    """Iso-C update (Marczak et al., arXiv 2502.04959): sum of task vectors with a flat (isotropic) spectrum.
+
+    Delta = sum_k tau_k = U S V^T -> mean(S) * U V^T; U V^T is Delta's polar factor, so no truncated SVD is
+    involved and every singular value (including zeros) enters the mean, as in the authors' code.
+    """
+    delta = taus.sum(dim=-3)
+    W, s = polar_factor(delta)
+    return W * s.mean(dim=-1)[..., None, None]
+
+
+def iso_cts_split(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common directions, directions per task) for Iso-CTS, as in the authors' code.
+
+    common = floor(common_fraction * r); the task-specific remainder is rounded (Python round, half to even) to a
+    multiple of K and common absorbs the difference, so common + K * per_task == r always.
+    """
+    common = int(common_fraction * r)
+    per_task = round((r - common) / num_tasks)
+    if num_tasks * per_task > r:  # only for tiny r (< K / 2 directions rounded up): give them all to the tasks
+        per_task = r // num_tasks
+    return r - num_tasks * per_task, per_task
+
+
+def _projection_noise_floor(x: torch.Tensor) -> torch.Tensor:
+    """Per-task singular-value floor (B, K, 1) below which a residual direction of Iso-CTS is rounding noise.
+
+    When a task lies (almost) inside the common subspace its residual is float32 noise of ~5 eps sigma_max(tau_k)
+    (measured). The isotropic spectrum would give such noise directions the full mean singular value, so they
+    are dropped: floor = 10 max(m, n) eps32 ||tau_k||_F / sqrt(min(m, n)) (||tau||_F / sqrt(r) is the task's RMS
+    singular value), >= 25x the measured noise on 60 x 90 to 1000 x 1200 matrices.
+    """
+    m, n = x.shape[-2:]
+    rms_sigma = x.flatten(2).norm(dim=-1) / math.sqrt(min(m, n))
+    return (10 * max(m, n) * torch.finfo(torch.float32).eps * rms_sigma)[..., None]
+
+
+def iso_cts_update(taus: torch.Tensor, *, common_fraction: float = 0.8, **svd) -> torch.Tensor:
+    """Iso-CTS update (arXiv 2502.04959): common subspace of sum tau + per-task residual directions, isotropic.
+
+    The top `common` directions of Delta = sum_k tau_k form the common subspace; each task adds the top
+    `per_task` directions of its component outside it ((I - U_c U_c^T) tau_k); the joined U's and V's are
+    orthogonalised by polar factors and every singular value is replaced by the mean of the joined ones.
+    """
+    x, lead = _flatten_batch(taus)
+    B, K, m, n = x.shape
+    common, per_task = iso_cts_split(min(m, n), K, common_fraction)
+    parts = []  # (U, S, Vh) blocks: task-specific directions first, then the common ones (authors' order)
+    Uc = x.new_zeros(B, m, 0)
+    if common > 0:
+        Uc, Sc, Vhc = _decompose_tasks(x.sum(dim=1, keepdim=True), common, svd)
+        Uc = Uc[:, 0]
+        parts.append((Uc, Sc[:, 0], Vhc[:, 0]))
+    if per_task > 0:
+        resid = x - Uc[:, None] @ (Uc.mT[:, None] @ x)
+        Ut, St, Vht = _decompose_tasks(resid, per_task, svd)
+        parts.insert(0, _concat_triplets(*drop_small_triplets(Ut, St, Vht, _projection_noise_floor(x))))
+    Us, Ss, Vhs = zip(*parts)
+    U, S, Vh = torch.cat(Us, dim=-1), torch.cat(Ss, dim=-1), torch.cat(Vhs, dim=-2)
+    Wu, _ = polar_factor(U)
+    Wv, _ = polar_factor(Vh)
+    return ((Wu @ Wv) * S.mean(dim=-1)[:, None, None]).reshape(lead + (m, n))
+
+
+def cart_update(experts: torch.Tensor, *, rank_fraction: float = 0.08, **svd) -> tuple[torch.Tensor, torch.Tensor]:
+    """CART pieces (Choi et al., arXiv 2412.12153) of experts (..., K, m, n): (mean, sum_k lowrank_k(theta_k - mean)).
+
+    Rank k = max(1, floor(rank_fraction * min(m, n))) as in the authors' code; theta = mean + lambda * second.
+    """
+    x, lead = _flatten_batch(experts)
+    B, K, m, n = x.shape
+    mean = x.mean(dim=1)
+    k = min(min(m, n), max(1, int(rank_fraction * min(m, n))))
+    U, S, Vh = _decompose_tasks(x - mean[:, None], k, svd)
+    low = ((U * S[..., None, :]) @ Vh).sum(dim=1)
+    return mean.reshape(lead + (m, n)), low.reshape(lead + (m, n))
+
+
+# ---------------------------------------------------------------- registered methods
+
+
+def merge_tsv(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
+              alpha: float = 1.0, rank_fraction: float = 1.0, svd_path: str = "auto", seed: int = DEFAULT_SEED):
+    """tsv: theta_0 + alpha * TSV(tau_1..tau_K); 1-D: theta_0 + alpha * mean(tau)."""
+    stack = stack_inputs("tsv", tensors, base, info, needs_base=True)
+    _check_positive("tsv", info, "rank_fraction", rank_fraction, upper=len(tensors))
+    taus = stack - base
+    if stack.dim() < 3:
+        return base + alpha * taus.mean(dim=0)
+    return base + alpha * tsv_update(taus, rank_fraction=rank_fraction, **svd_options("tsv", info, svd_path, seed))
+
+
+def merge_iso_c(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
+                alpha: float = 1.0):
+    """iso_c: theta_0 + alpha * mean(sigma(Delta)) U V^T with Delta = sum tau; 1-D: theta_0 + alpha * mean(tau)."""
+    stack = stack_inputs("iso_c", tensors, base, info, needs_base=True)
+    taus = stack - base
+    if stack.dim() < 3:
+        return base + alpha * taus.mean(dim=0)
+    return base + alpha * iso_c_update(taus)
+
+
+def merge_iso_cts(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
+                  alpha: float = 1.0, common_fraction: float = 0.8, svd_path: str = "auto",
+                  seed: int = DEFAULT_SEED):
+    """iso_cts: theta_0 + alpha * IsoCTS(tau_1..tau_K); 1-D: theta_0 + alpha * mean(tau)."""
+    stack = stack_inputs("iso_cts", tensors, base, info, needs_base=True)
+    _check_positive("iso_cts", info, "common_fraction", common_fraction, upper=1.0)
+    taus = stack - base
+    if stack.dim() < 3:
+        return base + alpha * taus.mean(dim=0)
+    svd = svd_options("iso_cts", info, svd_path, seed)
+    return base + alpha * iso_cts_update(taus, common_fraction=common_fraction, **svd)
+
+
+def merge_cart(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
+               rank_fraction: float = 0.08, svd_path: str = "auto", seed: int = DEFAULT_SEED, **params):
+    """cart: mean + lambda * sum_k lowrank(theta_k - mean); 1-D: mean. A given base is not used by CART."""
+    lam = float(params.pop("lambda", 1.0))
+    if params:
+        raise ValueError(f"cart: {_where(info)}: unknown parameters {sorted(params)}")
+    stack = stack_inputs("cart", tensors, None, info, needs_base=False)
+    _check_positive("cart", info, "rank_fraction", rank_fraction, upper=1.0)
+    if stack.dim() < 3:
+        return stack.mean(dim=0)
+    mean, low = cart_update(stack, rank_fraction=rank_fraction, **svd_options("cart", info, svd_path, seed))
+    return mean + lam * low
+
+
+_SVD_PARAMS = {"svd_path": "auto", "seed": DEFAULT_SEED}
+
+register(MethodSpec(
+    name="tsv", merge=merge_tsv, needs_base=True, chunkwise=False,
+    global_params={"alpha": 1.0, "rank_fraction": 1.0, **_SVD_PARAMS},
+    doc="Task Singular Vectors (arXiv 2412.00081): per-task top r/K triplets, orthogonalised U and V.",
+))
+register(MethodSpec(
+    name="iso_c", merge=merge_iso_c, needs_base=True, chunkwise=False,
+    global_params={"alpha": 1.0},
+    doc="Iso-C (arXiv 2502.04959): sum of task vectors with its spectrum flattened to the mean.",
+))
+register(MethodSpec(
+    name="iso_cts", merge=merge_iso_cts, needs_base=True, chunkwise=False,
+    global_params={"alpha": 1.0, "common_fraction": 0.8, **_SVD_PARAMS},
+    doc="Iso-CTS (arXiv 2502.04959): common subspace + task-specific residual directions, isotropic spectrum.",
+))
+register(MethodSpec(
+    name="cart", merge=merge_cart, needs_base=False, chunkwise=False,
+    global_params={"lambda": 1.0, "rank_fraction": 0.08, **_SVD_PARAMS},
+    doc="CART (arXiv 2412.12153): experts' mean + lambda * sum of rank-k centred task vectors.",
+))
