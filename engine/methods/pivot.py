@@ -1,0 +1,269 @@
+"""PivotMerge -- OUR RECONSTRUCTION from the abstract of arXiv 2604.22823 (no code was released).
+
+Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "PivotMerge", docs/pivotmerge.md):
+1. pivot: experts' `mean` [default], a shared initialisation (`init`, passed as `base`) or one expert
+   (`model:<name>`, the engine passes that expert as `base`); Delta_k = W_k - W_pivot.
+2. shared space: U_s = top left singular vectors of [Delta_1 ... Delta_K] holding a fraction `energy` [0.9] of
+   the energy, V_s likewise from the vertical stack; C_k = U_s^T Delta_k V_s.
+3. filtering: a sign per entry of C elected across experts, each expert's sign vote weighted by its energy in
+   the shared space ||C_k||^2 (`sign_weight`); minority-sign entries (and exact ties) are zeroed; residuals
+   R_k = Delta_k - U_s C_k V_s^T keep their top `density` [0.2] fraction by magnitude, merged by disjoint mean.
+4. weights lambda_k = softmax_k(a_k / T) [T = 1], a_k = ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`) or
+   precomputed alignment gains (`contribution: data`, per-model parameter `gain`).
+5. W = W_pivot + beta * (U_s (sum_k lambda_k C~_k) V_s^T + merged residual) [beta = 1].
+0-D/1-D tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
+
+`pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
+tensor only. `_project_filter` and `_trim_disjoint_mean` are the swap points for kernels/svd_filter.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from engine.methods import register
+from engine.methods.base import Chunk, MethodSpec, TensorInfo
+from engine.methods.rsvd import DEFAULT_SEED, energy_rank, truncated_svd
+from engine.methods.svd import _where, stack_inputs, svd_options
+
+SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")
+CONTRIBUTIONS = ("shared", "data")
+NOISE_RTOL = 10.0  # |C| <= this * max(m, n) * eps32 * max|C| is rounding noise: it neither votes nor conflicts
+TIE_RTOL = 1e-5  # |vote sum| at most this fraction of sum |votes| is a tie (float32 rounding of exact ties)
+NO_GAIN = float("nan")  # per-model `gain` default: "not given" (only contribution: data needs gains)
+
+
+@dataclass(frozen=True)
+class PivotParams:
+    """Every choice of the reconstruction, with METHODS.md's defaults (see docs/pivotmerge.md)."""
+
+    pivot: str = "mean"  # mean | init | model:<name>
+    energy: float = 0.9  # rho: energy fraction kept by the shared bases
+    rank: int = 0  # > 0: fixed shared rank on both sides instead of the energy rule
+    density: float = 0.2  # fraction of each residual's entries kept (by magnitude)
+    sign_weight: str = "expert_energy"  # an expert's vote: ||C_k||^2 | its entry's C^2 | C (TIES) | 1
+    temperature: float = 1.0  # T of the softmax over experts
+    beta: float = 1.0  # scale of the merged update
+    contribution: str = "shared"  # shared (data-free a_k) | data (precomputed alignment gains)
+    svd_path: str = "auto"
+    seed: int = DEFAULT_SEED
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming the tensor and the bad value (never assert)."""
+        checks = [
+            (self.pivot in ("mean", "init") or (self.pivot.startswith("model:") and len(self.pivot) > 6),
+             "pivot", "'mean', 'init' or 'model:<name>'"),
+            (0.0 < self.energy <= 1.0, "energy", "in (0, 1]"),
+            (isinstance(self.rank, int) and self.rank >= 0, "rank", "an integer >= 0 (0 = energy rule)"),
+            (0.0 <= self.density <= 1.0, "density", "in [0, 1]"),
+            (self.sign_weight in SIGN_WEIGHTS, "sign_weight", f"one of {SIGN_WEIGHTS}"),
+            (self.temperature > 0 and math.isfinite(self.temperature), "temperature", "> 0"),
+            (math.isfinite(self.beta), "beta", "finite"),
+            (self.contribution in CONTRIBUTIONS, "contribution", f"one of {CONTRIBUTIONS}"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"pivot: {where}: {name} must be {expected}, got {getattr(self, name)!r}")
+
+
+def resolve_pivot(stack: torch.Tensor, base: Optional[torch.Tensor], mode: str, where: str) -> torch.Tensor:
+    """The reference point W_pivot: experts' mean, or the `base` the engine passed for init / model:<name>."""
+    if mode == "mean":
+        return stack.mean(dim=0)
+    if base is None:
+        raise ValueError(
+            f"pivot: {where}: pivot {mode!r} needs the pivot weights passed as base; for 'init' set the shared "
+            "initialisation checkpoint, for 'model:<name>' name one of the experts"
+        )
+    return base
+
+
+def shared_bases(deltas: torch.Tensor, p: PivotParams, svd: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """U_s (m, r_u) and V_s (n, r_v) from the horizontal / vertical stacks of deltas (K, m, n), with their stats."""
+    K, m, n = deltas.shape
+    hstack = deltas.permute(1, 0, 2).reshape(m, K * n)  # [Delta_1 ... Delta_K]
+    vstack = deltas.reshape(K * m, n)  # [Delta_1; ...; Delta_K]
+    U, Su, _ = truncated_svd(hstack, min(hstack.shape), **svd)
+    _, Sv, Vh = truncated_svd(vstack, min(vstack.shape), **svd)
+    r_u = min(p.rank, Su.numel()) if p.rank else energy_rank(Su, p.energy)
+    r_v = min(p.rank, Sv.numel()) if p.rank else energy_rank(Sv, p.energy)
+
+    def captured(S: torch.Tensor, r: int) -> float:
+        total = float(S.double().square().sum())
+        return float(S[:r].double().square().sum()) / total if total > 0 else 1.0
+
+    stats = {"rank_u": r_u, "rank_v": r_v, "energy_u": captured(Su, r_u), "energy_v": captured(Sv, r_v)}
+    return U[:, :r_u], Vh[:r_v].mT, stats
+
+
+def _project_filter(deltas: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, sign_weight: str):
+    """C_k = U_s^T Delta_k V_s and C~_k (minority-sign entries zeroed). Swap point for kernels/svd_filter.py.
+
+    Returns (C, C_filtered, conflict) with conflict[k, i, j] = C[k, i, j] above the rounding-noise floor (an
+    orthogonal expert's coordinates are ~50 eps32 max|C| noise, measured) and its sign not the strict
+    weighted majority. A tie (|score| <= TIE_RTOL * sum |votes|) elects no sign: every nonzero entry there is a
+    conflict -- with K = 2 and pivot = mean (Delta_2 = -Delta_1) the shared part cancels to 0 instead of keeping
+    one side chosen by rounding.
+    """
+    C = U_s.mT @ deltas @ V_s  # (K, r_u, r_v)
+    m, n = deltas.shape[-2:]
+    floor = NOISE_RTOL * max(m, n) * torch.finfo(torch.float32).eps * C.abs().amax() if C.numel() else 0.0
+    real = C.abs() > floor
+    sign = torch.where(real, C.sign(), torch.zeros_like(C))
+    if sign_weight == "expert_energy":
+        vote = sign * C.square().sum(dim=(1, 2))[:, None, None]
+    else:
+        vote = {"entry_energy": sign * C.square(), "magnitude": sign * C.abs(), "count": sign}[sign_weight]
+    score = vote.sum(dim=0)
+    tie = score.abs() <= TIE_RTOL * vote.abs().sum(dim=0)
+    elected = torch.where(tie, torch.zeros_like(score), score.sign())
+    conflict = real & (sign * elected <= 0)
+    return C, torch.where(conflict, torch.zeros_like(C), C), conflict
+
+
+def _trim_disjoint_mean(residuals: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep each residual's top `density` fraction of entries by |value| (exact count, floor), then average each
+    entry over the experts that kept it (disjoint mean; 0 where none did). Swap point for kernels/svd_filter.py."""
+    K = residuals.shape[0]
+    flat = residuals.reshape(K, -1)
+    keep_n = int(density * flat.shape[1])
+    if keep_n >= flat.shape[1]:
+        kept = flat
+    else:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        if keep_n > 0:
+            mask.scatter_(1, flat.abs().topk(keep_n, dim=1).indices, True)
+        kept = torch.where(mask, flat, torch.zeros_like(flat))
+    count = (kept != 0).sum(dim=0).clamp_min(1)
+    return (kept.sum(dim=0) / count).reshape(residuals.shape[1:])
+
+
+def layer_weights(contribution: torch.Tensor, temperature: float = 1.0, dim: int = 0) -> torch.Tensor:
+    """lambda_{k, l} = softmax over experts (`dim`) of a_{k, l} / T; sums to 1 per layer."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not bool(torch.isfinite(contribution).all()):
+        raise ValueError(f"contributions must be finite, got {contribution.tolist()}")
+    return torch.softmax(contribution.double() / temperature, dim=dim).to(contribution.dtype)
+
+
+def shared_contribution(C: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Data-free a_k = ||U_s C_k V_s^T||^2 / ||Delta_k||^2 = ||C_k||^2 / ||Delta_k||^2 (0 for a zero update)."""
+    num = C.double().square().flatten(1).sum(dim=1)
+    den = deltas.double().square().flatten(1).sum(dim=1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+
+
+def alignment_score(image_features: torch.Tensor, caption_embeddings: torch.Tensor,
+                    image_mask: Optional[torch.Tensor] = None, caption_mask: Optional[torch.Tensor] = None):
+    """Per-pair cosine between mean-pooled projected image features (N, P, d) and the caption's LLM token
+    embeddings (N, T, d); masks (N, P) / (N, T) select the real tokens. The engine computes the inputs."""
+    def pool(x, mask):
+        if mask is None:
+            return x.mean(dim=1)
+        w = mask.to(x.dtype)[..., None]
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
+
+    return torch.nn.functional.cosine_similarity(pool(image_features, image_mask),
+                                                 pool(caption_embeddings, caption_mask), dim=-1)
+
+
+def alignment_gains(swapped_scores: torch.Tensor, pivot_scores: torch.Tensor) -> torch.Tensor:
+    """a_{k, l} = mean over pairs of score(pivot projector with expert k's layer l) - score(pivot projector).
+
+    swapped_scores (K, L, N), pivot_scores (L, N) -> (K, L); feed one column to `gain` or all to layer_weights."""
+    if swapped_scores.dim() != 3 or tuple(swapped_scores.shape[1:]) != tuple(pivot_scores.shape):
+        raise ValueError(
+            f"alignment_gains expects swapped (K, L, N) and pivot (L, N) scores, got "
+            f"{tuple(swapped_scores.shape)} and {tuple(pivot_scores.shape)}"
+        )
+    return (swapped_scores - pivot_scores[None]).mean(dim=-1)
+
+
+def _contributions(C, deltas, p: PivotParams, gains: Optional[Sequence[float]], where: str) -> torch.Tensor:
+    """a_k per expert: data-free shared share, or the engine's alignment gains (never silently ignored)."""
+    K = deltas.shape[0]
+    given = gains is not None and any(not math.isnan(float(g)) for g in gains)
+    if p.contribution == "shared":
+        if given:
+            raise ValueError(
+                f"pivot: {where}: per-model gain {list(gains)} given but contribution is 'shared'; "
+                "set contribution: data to use the gains"
+            )
+        return shared_contribution(C, deltas)
+    if gains is None or len(gains) != K or not all(math.isfinite(float(g)) for g in gains):
+        raise ValueError(
+            f"pivot: {where}: contribution 'data' needs a finite alignment gain per expert ({K}), got {gains!r}; "
+            "compute them with alignment_gains on calibration image-caption pairs"
+        )
+    return torch.tensor([float(g) for g in gains], dtype=torch.float64)
+
+
+def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None, *,
+                gains: Optional[Sequence[float]] = None, info: Optional[TensorInfo] = None,
+                **params) -> tuple[torch.Tensor, dict]:
+    """Merge one projector tensor and report what happened (pure: returns (merged float32, report dict)).
+
+    report: pivot, rank_u/rank_v (shared rank kept), energy_u/energy_v (one-sided energy captured), energy_shared
+    (sum ||C_k||^2 / sum ||Delta_k||^2), conflict_fraction (entries of C zeroed / all K r_u r_v entries),
+    contribution (a_k), lambda (per expert, sums to 1), residual_kept (fraction of residual entries kept).
+    """
+    where = _where(info)
+    p = PivotParams(**params)
+    p.validate(where)
+    stack = stack_inputs("pivot", tensors, base, info, needs_base=False)
+    pivot = resolve_pivot(stack, base, p.pivot, where)
+    deltas = stack - pivot
+    report: dict = {"tensor": info.name if info is not None else None, "params": asdict(p)}
+    if stack.dim() < 3:
+        return pivot + p.beta * deltas.mean(dim=0), {**report, "kind": "averaged"}
+    U_s, V_s, stats = shared_bases(deltas, p, svd_options("pivot", info, p.svd_path, p.seed))
+    C, C_f, conflict = _project_filter(deltas, U_s, V_s, p.sign_weight)
+    residual = _trim_disjoint_mean(deltas - U_s @ C @ V_s.mT, p.density)
+    a = _contributions(C, deltas, p, gains, where)
+    lam = layer_weights(a, p.temperature).to(C.dtype)
+    shared = U_s @ (lam[:, None, None] * C_f).sum(dim=0) @ V_s.mT
+    merged = pivot + p.beta * (shared + residual)
+    total_sq = float(deltas.double().square().sum())
+    numel = deltas[0].numel()
+    report.update(stats)
+    report.update({
+        "kind": "svd",
+        "energy_shared": float(C.double().square().sum()) / total_sq if total_sq > 0 else 1.0,
+        "conflict_fraction": float(conflict.double().mean()) if C.numel() else 0.0,
+        "contribution": [float(x) for x in a],
+        "lambda": [float(x) for x in lam],
+        "residual_kept": min(numel, int(p.density * numel)) / numel,
+    })
+    return merged, report
+
+
+def merge_pivot(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
+                gain: Optional[Sequence[float]] = None, **params) -> torch.Tensor:
+    """Registered entry: `pivot_merge` without the report (see the module doc for the report hook)."""
+    return pivot_merge(tensors, base, gains=gain, info=info, **params)[0]
+
+
+def require_identical(tensors: Sequence[torch.Tensor], info: Optional[TensorInfo] = None) -> torch.Tensor:
+    """For the non-projector tensors of a PivotMerge: return the shared tensor or raise ValueError naming the
+    first expert that differs (PivotMerge assumes a shared vision encoder and LLM)."""
+    for k, t in enumerate(tensors[1:], start=1):
+        if t.shape != tensors[0].shape or not torch.equal(t, tensors[0]):
+            diff = (t - tensors[0]).abs().max().item() if t.shape == tensors[0].shape else "shape"
+            raise ValueError(
+                f"pivot: {_where(info)}: expert {k} differs from expert 0 (max |diff| {diff}); PivotMerge merges "
+                "only projector tensors and expects every other tensor identical across experts"
+            )
+    return tensors[0]
+
+
+register(MethodSpec(
+    name="pivotmerge", merge=merge_pivot, needs_base=False, chunkwise=False,
+    per_model_params={"gain": NO_GAIN},
+    global_params={k: v for k, v in asdict(PivotParams()).items()},
+    doc="PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around a pivot.",
+))
