@@ -1,0 +1,220 @@
+"""The probe job: benchmark shards -> probe workers (in-process or Ray actors) -> probe.parquet, probe.json,
+probe.png (+ focus.parquet / focus.json / focus_<id>.png with attention analysis).
+
+probe.parquet has one row per (sample, cut), sorted by benchmark, row, cut, so that the file does not depend on the
+number of workers or on which worker probed which shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from engine.probe import actors, plateau, plots, readers
+from engine.probe.worker import ShardResult, WorkerSettings
+
+log = logging.getLogger(__name__)
+METRICS = {"accuracy": "correct", "logprob": "gold_logprob", "kl": "kl"}
+COLUMNS = ("benchmark", "row", "id", "category", "kind", "cut", "num_layers", "seq_len", "n_image_tokens",
+           "pred", "gold", "correct", "gold_logprob", "kl", "kl_vocab")
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """A whole probe run (what `shardmerge probe` parses its arguments into)."""
+
+    benches: tuple
+    out: str
+    worker: WorkerSettings
+    workers: int = 1
+    metric: str = "accuracy"
+    fmt: str = "auto"
+    rows_per_shard: int = 16
+    limit: Optional[int] = None  # at most this many rows per benchmark file
+    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or a local Ray (workers > 0)
+    use_ray: bool = True  # False: everything in this process
+    cpus_per_actor: float = 1.0
+    n_boot: int = 1000
+    delta: float = 0.1
+    epsilon: float = 0.05
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+
+
+def _start_ray(job: ProbeJob) -> bool:
+    """Connect to a cluster or start a local Ray; True when this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = job.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(1, int(job.workers * job.cpus_per_actor)), include_dashboard=False)
+    return True
+
+
+def run_shards(job: ProbeJob, shards: list) -> tuple[list[ShardResult], str]:
+    """Probe every shard; returns the results in shard order and the device used."""
+    def progress(r: ShardResult) -> None:
+        log.info("probe shard %d: %d rows, %d bad, %.1fs", r.index, len(r.rows), len(r.bad), r.seconds)
+
+    if not job.use_ray:
+        device = actors.resolve_device(job.worker.device, 1 if _local_gpu() else 0)
+        settings = _with_device(job.worker, device)
+        return actors.run_local(settings, shards, progress), device
+    import ray
+
+    started = _start_ray(job)
+    try:
+        device = actors.resolve_device(job.worker.device, ray.cluster_resources().get("GPU", 0))
+        settings = _with_device(job.worker, device)
+        return actors.run_ray(settings, shards, job.workers, cpus_per_actor=job.cpus_per_actor,
+                              progress=progress), device
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _local_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _with_device(settings: WorkerSettings, device: str) -> WorkerSettings:
+    return dataclasses.replace(settings, device=device)
+
+
+def rows_table(results: list[ShardResult]):
+    """All per-(sample, cut) rows as one Arrow table in canonical order."""
+    import pyarrow as pa
+
+    rows = sorted((r for res in results for r in res.rows), key=lambda r: (r["benchmark"], r["row"], r["cut"]))
+    schema = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()),
+                        ("category", pa.string()), ("kind", pa.string()), ("cut", pa.int64()),
+                        ("num_layers", pa.int64()), ("seq_len", pa.int64()), ("n_image_tokens", pa.int64()),
+                        ("pred", pa.string()), ("gold", pa.string()), ("correct", pa.bool_()),
+                        ("gold_logprob", pa.float64()), ("kl", pa.float64()), ("kl_vocab", pa.float64())])
+    return pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema)
+
+
+def metric_matrix(table, metric: str, benchmark: Optional[str] = None) -> tuple[np.ndarray, list]:
+    """(n_samples, n_cuts) metric values and the cut list, for one benchmark or all pooled."""
+    col = METRICS[metric]
+    data = table.to_pydict()
+    cells: dict = {}
+    for b, r, c, v in zip(data["benchmark"], data["row"], data["cut"], data[col]):
+        if benchmark is None or b == benchmark:
+            cells.setdefault((b, r), {})[c] = float(v)
+    if not cells:
+        raise ValueError(f"no probe rows{' for benchmark ' + repr(benchmark) if benchmark else ''}; nothing to fit")
+    cuts = sorted({c for per in cells.values() for c in per})
+    incomplete = [k for k, per in cells.items() if len(per) != len(cuts)]
+    if incomplete:
+        raise RuntimeError(f"samples {incomplete[:5]} lack some of the cuts {cuts}; every sample needs every cut")
+    return np.array([[per[c] for c in cuts] for _, per in sorted(cells.items())]), cuts
+
+
+def analyse(table, job: ProbeJob) -> tuple[plateau.Plateau, dict]:
+    """Pooled and per-benchmark stages/plateau of the chosen metric."""
+    kw = dict(delta=job.delta, epsilon=job.epsilon, n_boot=job.n_boot, seed=job.seed)
+    pooled = plateau.find_plateau(*metric_matrix(table, job.metric), **kw)
+    per = {b: plateau.find_plateau(*metric_matrix(table, job.metric, b), **kw)
+           for b in sorted(set(table.column("benchmark").to_pylist()))}
+    return pooled, per
+
+
+def run_probe(job: ProbeJob) -> dict:
+    """Run the probe and write its outputs into job.out; returns the probe.json content."""
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = readers.plan_shards(job.benches, job.fmt, job.rows_per_shard, job.limit)
+    if not shards:
+        raise ValueError(f"benchmarks {list(job.benches)} hold no rows")
+    results, device = run_shards(job, shards)
+    table = rows_table(results)
+    bad = sorted((b for r in results for b in r.bad), key=lambda b: (b["benchmark"], b["row"]))
+    if table.num_rows == 0:
+        raise RuntimeError(f"every sample was a bad row ({len(bad)}); first reasons: {bad[:3]}")
+    pq.write_table(table, out / "probe.parquet")
+    pooled, per = analyse(table, job)
+    plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric)
+    summary = _summary(job, device, table, bad, pooled, per, time.perf_counter() - t0)
+    if job.worker.attention:
+        summary["attention"] = _write_focus(out, results)
+    for warning in [pooled.warning] + [p.warning for p in per.values()]:
+        if warning:
+            log.warning("probe: %s", warning)
+    (out / "probe.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
+    n_samples = len({(b, r) for b, r in zip(table.column("benchmark").to_pylist(), table.column("row").to_pylist())})
+    worker = asdict(job.worker)
+    return {
+        "model": job.worker.model,
+        "metric": job.metric,
+        "num_layers": int(table.column("num_layers")[0].as_py()),
+        "cuts": list(pooled.cuts),
+        "plateau_start": pooled.plateau_start,
+        "plateau_start_ci": pooled.plateau_start_ci,
+        "stages": {"early": pooled.early, "mid": pooled.mid, "late": pooled.late},
+        "pooled": pooled.to_json(),
+        "benchmarks": {b: p.to_json() for b, p in per.items()},
+        "warnings": [w for w in [pooled.warning] + [f"{b}: {p.warning}" for b, p in per.items() if p.warning] if w],
+        "samples": n_samples,
+        "bad_rows": {"count": len(bad), "rows": bad},
+        "settings": {"benches": [str(b) for b in job.benches], "workers": job.workers, "device": device,
+                     "format": job.fmt, "rows_per_shard": job.rows_per_shard, "limit": job.limit,
+                     "bootstrap": job.n_boot, "delta": job.delta, "epsilon": job.epsilon, "seed": job.seed,
+                     "ci_level": plateau.CI_LEVEL, "worker": worker, **job.extra},
+        "seconds": round(seconds, 3),
+    }
+
+
+def _write_focus(out: Path, results: list[ShardResult]) -> dict:
+    """focus.parquet (per sample x layer), per-benchmark mean mass/entropy per layer, and one heat map."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted((r for res in results for r in res.focus_rows), key=lambda r: (r["benchmark"], r["row"], r["layer"]))
+    if not rows:
+        return {"samples": 0}
+    pq.write_table(pa.Table.from_pylist(rows), out / "focus.parquet")
+    means: dict = {}
+    for r in rows:
+        means.setdefault(r["benchmark"], {}).setdefault(r["layer"], []).append((r["mass"], r["entropy"]))
+    summary = {b: {"mass": [float(np.mean([v[0] for v in per[k]])) for k in sorted(per)],
+                   "entropy": [float(np.mean([v[1] for v in per[k]])) for k in sorted(per)]}
+               for b, per in means.items()}
+    heats = [res.heatmap for res in results if res.heatmap is not None]
+    info = {"samples": len({(r["benchmark"], r["row"]) for r in rows}), "per_benchmark": summary}
+    if heats:
+        h = min(heats, key=lambda x: (x["benchmark"], x["row"]))
+        png = out / f"focus_{_safe(h['id'])}.png"
+        plots.plot_focus(png, h["image"], h["per_token"], h["grid"], h["mass"], h["entropy"], sample=h["id"])
+        info["heatmap"] = {"sample": h["id"], "benchmark": h["benchmark"], "file": png.name, "grid": list(h["grid"])}
+    (out / "focus.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:64]

@@ -1,0 +1,133 @@
+"""Per-sample, per-cut metrics of the probe.
+
+Closed questions (multiple choice, yes/no): the next-token log-probabilities of the answer labels' first tokens at
+the answer position, from one forward per cut (or one fast sweep). Open questions: short greedy generation under the
+mask and normalised exact match; the gold answer's log-probability by teacher forcing.
+
+Metrics per (sample, cut):
+  correct       prediction == gold (closed: arg-max over the labels; open: normalised exact match)
+  gold_logprob  log p(gold) over the full vocabulary (closed: gold label's first token; open: sum over the gold
+                answer's tokens, i.e. log P(answer))
+  kl            KL(unmasked || masked) of the answer distribution: over the labels (renormalised) for closed
+                questions, over the vocabulary at the answer position for open ones
+  kl_vocab      KL(unmasked || masked) of the full next-token distribution at the answer position
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from engine.probe import core, generation, paths, prompting
+from engine.probe.readers import Sample
+
+PATHS = ("fast", "exact")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How each sample is probed."""
+
+    cuts: Optional[tuple[int, ...]] = None  # None: every cut 0..L
+    path: str = "fast"  # fast | exact
+    max_new_tokens: int = 8
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"probe path must be one of {PATHS}, got {self.path!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def cut_list(self, num_layers: int) -> list[int]:
+        """The cuts to run; 0 and L are always included (they normalise the curve)."""
+        cuts = set(range(num_layers + 1) if self.cuts is None else self.cuts)
+        bad = sorted(c for c in cuts if not 0 <= c <= num_layers)
+        if bad:
+            raise ValueError(f"cut layers {bad} outside 0..{num_layers} (the model has L = {num_layers} layers)")
+        return sorted(cuts | {0, num_layers})
+
+
+def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(softmax(ref) || softmax(logits)) in float64."""
+    p_log = torch.log_softmax(ref_logits.double(), dim=-1)
+    q_log = torch.log_softmax(logits.double(), dim=-1)
+    return float((p_log.exp() * (p_log - q_log)).sum().clamp_min(0.0))
+
+
+def closed_metrics(logits: torch.Tensor, ref: torch.Tensor, label_ids: Sequence[int], gold: int) -> dict:
+    """Metrics of one closed question at one cut from the (V,) answer-position logits and the unmasked ones."""
+    ids = torch.as_tensor(list(label_ids), device=logits.device)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    pred = int(logp[ids].argmax())
+    return dict(
+        pred_index=pred,
+        correct=pred == gold,
+        gold_logprob=float(logp[ids[gold]]),
+        kl=kl(ref[ids], logits[ids]),
+        kl_vocab=kl(ref, logits),
+    )
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (the usual VQA exact-match normalisation)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def gold_sequence_logprob(text_logits: torch.Tensor, gold_ids: Sequence[int]) -> float:
+    """log P(gold) from the logits at the last len(gold)+1 text positions of prompt+gold (teacher forcing)."""
+    g = len(gold_ids)
+    rows = torch.log_softmax(text_logits[-(g + 1) : -1].double(), dim=-1)
+    return float(rows[torch.arange(g), torch.as_tensor(list(gold_ids))].sum())
+
+
+def _closed_logits(model, parts, inputs, cuts, path) -> dict:
+    if path == "fast":
+        return paths.fast_logits(model, parts, inputs, cuts, positions="last")
+    return {c: paths.exact_logits(model, inputs, c)[-1] for c in cuts}
+
+
+def _forced_logits(model, parts, inputs, cuts, path) -> dict:
+    if path == "fast":
+        return paths.fast_logits(model, parts, inputs, cuts, positions="text")
+    return {c: paths.exact_logits(model, inputs, c)[~inputs.image_mask] for c in cuts}
+
+
+def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sample: Sample,
+                 settings: ScoreSettings) -> list[dict]:
+    """One row per cut for one sample (see the module docstring for the columns)."""
+    L = parts.num_layers
+    cuts = settings.cut_list(L)
+    kind = prompting.question_kind(sample)
+    inputs = prompter.encode(sample)
+    base = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, category=sample.category, kind=kind,
+                num_layers=L, seq_len=inputs.seq_len, n_image_tokens=int(inputs.image_mask.sum()))
+    rows = []
+    if kind != "open":
+        label_ids = prompter.label_ids(sample)
+        labs = prompting.labels(sample)
+        gold = labs.index(prompting.gold_label(sample))
+        logits = _closed_logits(model, parts, inputs, cuts, settings.path)
+        for c in cuts:
+            m = closed_metrics(logits[c], logits[L], label_ids, gold)
+            rows.append(dict(base, cut=c, pred=labs[m.pop("pred_index")], gold=labs[gold], **m))
+        return rows
+    gold_ids = prompter.continuation_ids(sample, sample.answer)
+    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings.path)
+    answer_row = -(len(gold_ids) + 1)
+    eos = prompter.eos_ids()
+    for c in cuts:
+        new = generation.greedy_generate(model, inputs, c, max_new_tokens=settings.max_new_tokens, eos_ids=eos)
+        text = prompter.tokenizer.decode(new, skip_special_tokens=True)
+        vocab_kl = kl(forced[L][answer_row], forced[c][answer_row])
+        rows.append(dict(base, cut=c, pred=text, gold=sample.answer,
+                         correct=normalize_answer(text) == normalize_answer(sample.answer),
+                         gold_logprob=gold_sequence_logprob(forced[c], gold_ids), kl=vocab_kl, kl_vocab=vocab_kl))
+    return rows

@@ -1,0 +1,109 @@
+"""One model replica probing shards: the heavy state (model, prompter) is built once, then shards stream through.
+
+Used directly in-process and wrapped by the Ray actor in engine/probe/actors.py, so both run the same code.
+A sample that cannot be probed for a reason of its own (bad row, prompt/label problem: ValueError) is reported as a
+bad row; anything else is a runtime error of the worker and propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from engine.probe import core, focus, prompting, readers, scoring
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a probe worker needs besides the shards (frozen: ships to Ray actors)."""
+
+    model: str
+    device: str = "cpu"  # cpu | cuda | auto (auto: cuda when this process sees one)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    score: scoring.ScoreSettings = field(default_factory=scoring.ScoreSettings)
+    attention: bool = False  # per-sample attention focus (unmasked model)
+    attention_sample: Optional[str] = None  # sample id for the heat map (None: the first sample)
+    threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"worker device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def local_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("probe worker was asked for device 'cuda' but this process sees no CUDA device")
+        return self.device
+
+    def torch_dtype(self, device: str) -> Optional[torch.dtype]:
+        """float32 on CPU unless asked otherwise (CPU bf16 is slow and imprecise); the checkpoint's dtype on GPU."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return torch.float32 if device == "cpu" else None
+
+
+@dataclass
+class ShardResult:
+    index: int
+    rows: list
+    bad: list
+    focus_rows: list
+    heatmap: Optional[dict]  # sample id, image bytes, per-token attention, grid, mass, entropy
+    seconds: float
+
+
+class ShardProber:
+    """Holds one model replica; `run(shard)` probes every sample of a shard."""
+
+    def __init__(self, settings: WorkerSettings):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.prompter = prompting.Prompter(settings.model)
+        device = settings.local_device()
+        self.model = prompting.load_model(settings.model, device=device, dtype=settings.torch_dtype(device))
+        self.parts = core.install(self.model)
+        self.num_layers = self.parts.num_layers
+
+    def run(self, shard: readers.Shard) -> ShardResult:
+        start = time.perf_counter()
+        read = readers.read_shard(shard)
+        rows, bad, focus_rows, heatmap = [], list(read.bad), [], None
+        for sample in read.samples:
+            try:
+                rows.extend(scoring.score_sample(self.model, self.parts, self.prompter, sample, self.settings.score))
+                if self.settings.attention:
+                    fr, hm = self._focus(sample)
+                    focus_rows.extend(fr)
+                    heatmap = heatmap or hm
+            except ValueError as exc:
+                bad.append(dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, reason=str(exc)))
+        return ShardResult(shard.index, rows, bad, focus_rows, heatmap, time.perf_counter() - start)
+
+    def _focus(self, sample: readers.Sample):
+        inputs = self.prompter.encode(sample)
+        f = focus.attention_focus(self.model, self.parts, inputs)
+        rows = [dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, layer=i, mass=m, entropy=e)
+                for i, (m, e) in enumerate(zip(f.mass, f.entropy))]
+        wanted = self.settings.attention_sample
+        heat = None
+        if wanted is None or wanted == sample.id:
+            heat = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, image=sample.image,
+                        per_token=f.per_token.numpy(), grid=focus.image_grid(inputs, self.model.config),
+                        mass=list(f.mass), entropy=list(f.entropy))
+        return rows, heat
+
+    def shutdown(self) -> None:
+        """Drop the model so its memory (GPU included) is released before the process goes."""
+        self.model = None
+        self.parts = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
