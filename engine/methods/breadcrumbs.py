@@ -1,0 +1,68 @@
+"""breadcrumbs / breadcrumbs_ties: Model Breadcrumbs (mergekit, arXiv 2312.06795).
+
+Per expert, over the whole tensor: drop the int(gamma * numel) largest |tau_k| (outliers) and keep the next
+int(density * numel) (mergekit `magnitude_outliers`: when gamma + density > 1 fewer outliers are dropped so the
+target count is kept; density >= 1 keeps everything, gamma included). The window [lo, hi] of kept magnitudes is
+found exactly in `prepare` (two streaming passes, select.py); entries tied with a bound are kept.
+Then `breadcrumbs` sums like task_arithmetic and `breadcrumbs_ties` adds TIES sign consensus.
+Defaults are mergekit's: weight (required), density [1.0], gamma [0.01] per model; normalize [false],
+rescale [false], lambda [1.0], int8_mask [false] (no numeric effect, as in mergekit).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from engine.methods import register
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.common import (
+    SparsifyStats,
+    check_fraction,
+    check_inputs,
+    combine_deltas,
+    per_model,
+    prepare_magnitude,
+    sparsified_deltas,
+)
+
+BREADCRUMBS_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
+
+
+def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
+    """Per-expert exact [lo, hi] magnitude windows (and L1 rescale factors when `rescale`)."""
+    n = len(params["weight"])
+    density = per_model("density", params["density"], n, info)
+    gamma = per_model("gamma", params["gamma"], n, info)
+    check_fraction("density", density, info)
+    check_fraction("gamma", gamma, info, upper=1.0)
+    return prepare_magnitude(read, info, n, density, gamma, bool(params["rescale"]))
+
+
+def _merge(consensus: bool):
+    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SparsifyStats,
+              chunk: Chunk, info: TensorInfo, **params) -> torch.Tensor:
+        """Apply the prepared windows, then sum (or TIES-combine) the weighted task vectors of this chunk."""
+        check_inputs(tensors, base, info, needs_base=True)
+        weights = per_model("weight", params["weight"], len(tensors), info)
+        deltas = sparsified_deltas(tensors, base, stats)
+        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]),
+                              lam=float(params["lambda"]))
+
+    return merge
+
+
+for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
+    register(
+        MethodSpec(
+            name=_name,
+            merge=_merge(_consensus),
+            prepare=prepare,
+            needs_base=True,
+            per_model_params={"weight": None, "density": 1.0, "gamma": 0.01},
+            global_params=dict(BREADCRUMBS_GLOBALS),
+            doc=f"Model Breadcrumbs{' with TIES sign consensus' if _consensus else ''}: drop the gamma largest "
+            "and keep the next density fraction of |tau| per expert; matches mergekit.",
+        )
+    )

@@ -1,0 +1,328 @@
+"""Shared pieces of the classic (mergekit-compatible) methods.
+
+- input/parameter checks with error messages that name the tensor;
+- `RowSum`: a float64 sum over a tensor seen in row chunks that is bit-identical whatever the chunking or thread
+  count (SLERP norms and dot product, L1 rescale factors);
+- magnitude sparsification (mergekit's `magnitude` and `magnitude_outliers`) as per-expert |tau| windows whose
+  bounds come from the exact streaming selection in `select.py`;
+- `combine_deltas`: mergekit's generalized task arithmetic (weights, TIES "sum" sign consensus, divisor, lambda);
+- `run_in_memory`: a reference driver that runs a chunkwise method over in-memory tensors in row chunks, the way
+  the engine does (for tests and in-memory reference merges; the engine itself never rebuilds a tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.select import kth_largest_abs_streaming
+
+RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor: no rescale when either L1 norm is below this
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def per_model(name: str, values: Any, n: int, info: TensorInfo) -> tuple[float, ...]:
+    """A per-model parameter as a tuple of n finite floats (the engine passes tuples aligned with `tensors`)."""
+    if not isinstance(values, (tuple, list)) or len(values) != n:
+        raise ValueError(
+            f"tensor {info.name!r}: per-model parameter {name!r} must be a tuple of {n} values "
+            f"(one per non-base input), got {values!r}"
+        )
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"tensor {info.name!r}: parameter {name!r} must hold finite numbers, got {values!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def check_fraction(name: str, values: Sequence[float], info: TensorInfo, upper: Optional[float] = None) -> None:
+    """density/gamma must be >= 0 (and <= upper when given); mergekit treats density >= 1 as 'keep all'."""
+    for v in values:
+        if v < 0 or (upper is not None and v > upper):
+            bound = f"[0, {upper}]" if upper is not None else ">= 0"
+            raise ValueError(f"tensor {info.name!r}: {name} must be {bound}, got {v!r}")
+
+
+def check_inputs(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], info: TensorInfo,
+                 needs_base: bool) -> None:
+    """Every input float32 and of one shape; the base present when the method needs one."""
+    if not tensors:
+        raise ValueError(f"tensor {info.name!r}: no input tensors to merge")
+    if needs_base and base is None:
+        raise ValueError(f"tensor {info.name!r}: this method needs a base model; add base_model to the recipe")
+    shape = tensors[0].shape
+    for i, t in enumerate(list(tensors) + ([base] if base is not None else [])):
+        if t.dtype != torch.float32:
+            raise ValueError(f"tensor {info.name!r}: input {i} is {t.dtype}, expected float32 from the engine")
+        if t.shape != shape:
+            raise ValueError(f"tensor {info.name!r}: input {i} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def numel_of(info: TensorInfo) -> int:
+    return math.prod(info.shape)
+
+
+# ----------------------------------------------------------------------------------------------- chunk-proof sums
+def pairwise_rows(x: torch.Tensor) -> torch.Tensor:
+    """Sum each row of a 2-D tensor by a fixed pairwise tree of elementwise additions.
+
+    Why not torch.sum: its association order depends on the tensor's shape and the thread count (a 1-row chunk
+    is split across threads, a many-row one is not: measured on 2 threads, 8 of 13 rows of 70001 floats summed
+    differently alone than in one 13-row call), so per-chunk partials would change with the chunking. Here a
+    row's result depends only on its own values and the row length. Pairwise summation is also accurate."""
+    rows, width = x.shape
+    if width == 0:
+        return torch.zeros(rows, dtype=x.dtype, device=x.device)
+    w = 1 << (width.bit_length() - 1)  # largest power of two <= width: fold the tail onto the head
+    if w != width:
+        head = x[:, :w].clone()
+        head[:, : width - w] += x[:, w:]
+        x = head
+    while w > 1:
+        w //= 2
+        x = x[:, :w] + x[:, w:]
+    return x[:, 0]
+
+
+class RowSum:
+    """Sum of a per-element float64 quantity over a whole tensor that arrives in row chunks, bit-identical
+    whatever the chunking: each row is reduced by `pairwise_rows`, and the per-row partials of all chunks are
+    concatenated in row order and reduced once the same way (the brief's 'per-row partials summed once')."""
+
+    def __init__(self, label: str = "sum") -> None:
+        self._label = label
+        self._rows: list[torch.Tensor] = []
+
+    def add(self, values: torch.Tensor) -> None:
+        """Add one chunk (rows along dim 0; a 0-d/1-d tensor is a single row) of float64 values."""
+        if values.dtype != torch.float64:
+            raise ValueError(f"{self._label}: RowSum expects float64 values, got {values.dtype}")
+        rows = values.reshape(1, -1) if values.dim() <= 1 else values.reshape(values.shape[0], -1)
+        self._rows.append(pairwise_rows(rows))
+
+    def value(self) -> float:
+        """The total; refuses NaN/inf, which would silently turn the merged tensor into NaN."""
+        if not self._rows:
+            return 0.0
+        total = float(pairwise_rows(torch.cat(self._rows).reshape(1, -1))[0])
+        if not math.isfinite(total):
+            raise ValueError(f"{self._label}: the sum is {total}; expected finite weights (inf/NaN in the input?)")
+        return total
+
+
+# ----------------------------------------------------------------------------------------------- sparsification
+@dataclass(frozen=True)
+class Window:
+    """The entries of one expert's tau that survive: lo <= |tau| <= hi (None = unbounded); drop_all keeps none."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    drop_all: bool = False
+
+    @property
+    def keeps_all(self) -> bool:
+        return not self.drop_all and self.lo is None and self.hi is None
+
+
+@dataclass(frozen=True)
+class SparsifyStats:
+    """Per-expert windows and L1 rescale multipliers (1.0 = none); small and picklable, shipped to workers."""
+
+    windows: tuple[Window, ...]
+    scales: tuple[float, ...]
+
+
+def magnitude_ks(n: int, density: float) -> Optional[tuple[int, Optional[int]]]:
+    """mergekit `magnitude`: keep the top k = max(1, int(density * n)) |tau|. Returns (k_lo, k_hi) ranks from the
+    top (k_hi None = no upper bound), None to keep all (density >= 1), (0, None) to drop all."""
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return (0, None)
+    return (max(1, int(density * n)), None)
+
+
+def outlier_ks(n: int, density: float, gamma: float) -> Optional[tuple[int, Optional[int]]]:
+    """mergekit `magnitude_outliers`: drop the int(gamma * n) largest |tau| (fewer when needed to keep the target),
+    then keep the next int(density * n). In descending rank: keep ranks [drop_top, drop_top + target_n)."""
+    if density >= 1:
+        return None
+    target_n = int(density * n)
+    if target_n <= 0:
+        return (0, None)
+    n_bot = max(0, n - target_n - int(gamma * n))
+    drop_top = n - n_bot - target_n
+    return (drop_top + target_n, drop_top + 1 if drop_top > 0 else None)
+
+
+def _taus(read: ChunkReader, experts: Sequence[int]):
+    """A stream reader of tau_e = theta_e - theta_0 for the chosen experts, chunk by chunk."""
+    return lambda: ([tensors[e] - base for e in experts] for _, tensors, base in read())
+
+
+def select_windows(read: ChunkReader, ks: Sequence[Optional[tuple[int, Optional[int]]]],
+                   info: TensorInfo) -> tuple[Window, ...]:
+    """Turn per-expert rank bounds into exact |tau| windows with two streaming passes (none if nothing to select)."""
+    chosen = [e for e, k in enumerate(ks) if k is not None and k[0] > 0]
+    wanted = [[ks[e][0]] + ([ks[e][1]] if ks[e][1] is not None else []) for e in chosen]
+    found = kth_largest_abs_streaming(_taus(read, chosen), wanted, label=f"tensor {info.name!r}")
+    windows = []
+    for e, k in enumerate(ks):
+        if k is None:
+            windows.append(Window())
+        elif k[0] == 0:
+            windows.append(Window(drop_all=True))
+        else:
+            vals = found[chosen.index(e)]
+            windows.append(Window(lo=vals[0], hi=vals[1] if len(vals) > 1 else None))
+    return tuple(windows)
+
+
+def window_mask(tau: torch.Tensor, window: Window) -> Optional[torch.Tensor]:
+    """Boolean keep mask of tau for a window (None when everything is kept)."""
+    if window.keeps_all:
+        return None
+    if window.drop_all:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    mag = tau.abs()
+    keep = mag >= window.lo
+    if window.hi is not None:
+        keep &= mag <= window.hi
+    return keep
+
+
+MaskFn = Callable[[int, Chunk, torch.Tensor], Optional[torch.Tensor]]
+
+
+def l1_scales(read: ChunkReader, mask_fn: MaskFn, n_experts: int, info: TensorInfo) -> tuple[float, ...]:
+    """mergekit's L1 rescale (RescaleNorm.l1): per expert, sum|tau| / sum|tau * mask| over the whole tensor, 1.0
+    when either is below 1e-7 or nothing is masked. One pass; RowSum sums, so independent of the chunking."""
+    before = [RowSum(f"tensor {info.name!r} L1 of expert {e}") for e in range(n_experts)]
+    after = [RowSum(f"tensor {info.name!r} L1 of expert {e}") for e in range(n_experts)]
+    masked_any = [False] * n_experts
+    for chunk, tensors, base in read():
+        for e in range(n_experts):
+            tau = tensors[e] - base
+            keep = mask_fn(e, chunk, tau)
+            if keep is None:
+                continue
+            masked_any[e] = True
+            before[e].add(tau.abs().to(torch.float64))
+            after[e].add((tau * keep).abs().to(torch.float64))
+    scales = []
+    for e in range(n_experts):
+        b, a = before[e].value(), after[e].value()
+        scales.append(b / a if masked_any[e] and b >= RESCALE_EPS and a >= RESCALE_EPS else 1.0)
+    return tuple(scales)
+
+
+def prepare_magnitude(read: ChunkReader, info: TensorInfo, n_experts: int, density: Sequence[float],
+                      gamma: Optional[Sequence[float]], rescale: bool) -> SparsifyStats:
+    """Whole-tensor statistics of TIES / breadcrumbs sparsification: 2 passes, plus 1 when `rescale` is on."""
+    n = numel_of(info)
+    if gamma is None:
+        ks = [magnitude_ks(n, d) for d in density]
+    else:
+        ks = [outlier_ks(n, d, g) for d, g in zip(density, gamma)]
+    windows = select_windows(read, ks, info)
+    scales = (1.0,) * n_experts
+    if rescale and any(not w.keeps_all and not w.drop_all for w in windows):
+        scales = l1_scales(read, lambda e, _c, tau: window_mask(tau, windows[e]), n_experts, info)
+    return SparsifyStats(windows=windows, scales=scales)
+
+
+def sparsified_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, stats: SparsifyStats) -> list:
+    """tau_e * mask_e * scale_e for every expert of one chunk (mergekit's sparsify + rescaled_masked_tensor)."""
+    out = []
+    for e, t in enumerate(tensors):
+        tau = t - base
+        keep = window_mask(tau, stats.windows[e])
+        if keep is not None:
+            tau = tau * keep
+        if stats.scales[e] != 1.0:
+            tau = tau * stats.scales[e]
+        out.append(tau)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- combination
+def combine_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+                   consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+    """mergekit GeneralizedTaskArithmeticMerge after sparsification: weight the deltas; with consensus elect the
+    sign of sum_k w_k d_k per element (ties to +) and keep only agreeing entries; divide by the (agreeing) weight
+    sum when `normalize` (a zero divisor becomes 1); scale by lambda; add to the base. Elementwise, so any
+    chunking gives identical bits."""
+    weighted = [d * w for d, w in zip(deltas, weights)]
+    mixed = weighted[0]
+    for x in weighted[1:]:
+        mixed = mixed + x
+    if consensus:
+        majority = torch.where(mixed >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for x, w in zip(weighted, weights):
+            agree = torch.sign(x) == majority
+            mixed = mixed + x * agree
+            divisor = divisor + torch.tensor(w, dtype=torch.float32, device=base.device) * agree
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        divisor = float(torch.tensor(weights, dtype=torch.float32).sum())  # float32 sum on CPU, any device
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+# ----------------------------------------------------------------------------------------------- reference driver
+def bind_params(spec: MethodSpec, n: int, given: Mapping[str, Any], info: TensorInfo) -> dict[str, Any]:
+    """Fill defaults as the engine does: per-model values broadcast to n-tuples, missing required ones refused."""
+    unknown = set(given) - set(spec.per_model_params) - set(spec.global_params)
+    if unknown:
+        raise ValueError(f"{spec.name}: unknown parameter(s) {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for name, default in {**spec.per_model_params, **spec.global_params}.items():
+        value = given.get(name, default)
+        if value is None:
+            raise ValueError(f"tensor {info.name!r}: {spec.name} needs parameter {name!r}")
+        if name in spec.per_model_params and not isinstance(value, (tuple, list)):
+            value = (value,) * n
+        out[name] = tuple(value) if name in spec.per_model_params else value
+    return out
+
+
+def _chunks(shape: tuple[int, ...], rows: Optional[int]) -> list[Chunk]:
+    if len(shape) <= 1:
+        return [Chunk(0, shape[0] if shape else 1, 0)]
+    step = shape[0] if rows is None else rows
+    row_numel = math.prod(shape[1:])
+    return [Chunk(r, min(r + step, shape[0]), r * row_numel) for r in range(0, shape[0], step)]
+
+
+def run_in_memory(spec: MethodSpec, tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *,
+                  name: str = "t", rows_per_chunk: Optional[int] = None, layer: Optional[int] = None,
+                  num_layers: int = 0, **params: Any) -> torch.Tensor:
+    """Merge in-memory float32 tensors with `spec` in chunks of `rows_per_chunk` rows (None = one chunk), the way
+    the engine calls a chunkwise method: prepare once over a re-iterable reader, then merge chunk by chunk."""
+    shape = tuple(tensors[0].shape)
+    info = TensorInfo(name=name, shape=shape, layer=layer, num_layers=num_layers)
+    bound = bind_params(spec, len(tensors), params, info)
+    chunks = _chunks(shape, rows_per_chunk)
+
+    def part(t: Optional[torch.Tensor], c: Chunk) -> Optional[torch.Tensor]:
+        return None if t is None else (t if t.dim() <= 1 else t[c.row_start : c.row_stop])
+
+    def read():
+        return ((c, [part(t, c) for t in tensors], part(base, c)) for c in chunks)
+
+    stats = spec.prepare(read, info=info, **bound) if spec.prepare is not None else None
+    outs = [spec.merge([part(t, c) for t in tensors], part(base, c), stats=stats, chunk=c, info=info, **bound)
+            for c in chunks]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

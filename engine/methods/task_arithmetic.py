@@ -1,0 +1,42 @@
+"""task_arithmetic: theta = theta_0 + lambda * sum_k w_k tau_k (mergekit `task_arithmetic`, arXiv 2212.04089).
+
+Parameters and defaults are mergekit's GeneralizedTaskArithmeticMerge ones, so recipes work unchanged:
+per model `weight` (required) and `density` [1.0; accepted, no sparsification in this method]; global `normalize`
+[false: divide by sum_k w_k, a |sum| < 1e-8 counts as 1], `lambda` [1.0], `rescale` and `int8_mask` [false;
+accepted, no effect here, as in mergekit].
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from engine.methods import register
+from engine.methods.base import Chunk, MethodSpec, TensorInfo
+from engine.methods.common import check_fraction, check_inputs, combine_deltas, per_model
+
+GTA_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
+
+
+def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
+          info: TensorInfo, **params) -> torch.Tensor:
+    """base + lambda * (normalized) weighted sum of the task vectors of this chunk."""
+    check_inputs(tensors, base, info, needs_base=True)
+    weights = per_model("weight", params["weight"], len(tensors), info)
+    check_fraction("density", per_model("density", params["density"], len(tensors), info), info)
+    deltas = [t - base for t in tensors]
+    return combine_deltas(base, deltas, weights, consensus=False, normalize=bool(params["normalize"]),
+                          lam=float(params["lambda"]))
+
+
+SPEC = register(
+    MethodSpec(
+        name="task_arithmetic",
+        merge=merge,
+        needs_base=True,
+        per_model_params={"weight": None, "density": 1.0},
+        global_params=dict(GTA_GLOBALS),
+        doc="theta_0 + lambda * sum_k w_k (theta_k - theta_0); matches mergekit task_arithmetic.",
+    )
+)
