@@ -291,8 +291,8 @@ def l1_rescale(before: float, after: float, eps: float = 1e-7) -> float:
 # ------------------------------------------------------------------------------------------------------- Triton
 
 
-# Bound by _kernels() on first launch: `tl` and the @triton.jit functions _to_out, _sparsify and _interp_kernel.
-tl = _to_out = _sparsify = _interp_kernel = None
+# Bound by _kernels() on first launch: `tl` and the @triton.jit functions _round_bf16, _sparsify, _interp_kernel.
+tl = _round_bf16 = _sparsify = _interp_kernel = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -302,20 +302,24 @@ def _kernels():
     They are bound as module globals: Triton resolves the names a kernel uses (tl, helper kernels) through the
     module's globals, not through closures.
     """
-    global tl, _to_out, _sparsify, _interp_kernel
+    global tl
     triton, tl = import_triton()
+    _define_helpers(triton)
+    _define_interp_kernel(triton)
+    return triton, tl, _interp_kernel
+
+
+def _define_helpers(triton) -> None:
+    global _round_bf16, _sparsify
 
     @triton.jit
-    def _to_out(x, OUT_BF16: tl.constexpr, OUT_DTYPE: tl.constexpr):
-        # float32 -> bfloat16 rounded to nearest even with integer ops, NaN -> 0x7FC0, exactly as torch does;
-        # the native cast rounds the same way on GPUs, but the CPU interpreter truncates.
-        if OUT_BF16:
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(x != x, 0x7FC0, rounded)
-            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return x.to(OUT_DTYPE)
+    def _round_bf16(x):
+        # float32 -> bfloat16 rounded to nearest even with integer ops, NaN -> 0x7FC0, exactly as torch does; the
+        # native cast rounds the same way on GPUs, but the CPU interpreter truncates, so both use this.
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _sparsify(t, k, offs, pi_ptr, pf_ptr, K: tl.constexpr, TRIM_LO: tl.constexpr, TRIM_HI: tl.constexpr,
@@ -333,6 +337,10 @@ def _kernels():
         if RESCALE:
             t = t * tl.load(pf_ptr + 3 * K + k)
         return t
+
+
+def _define_interp_kernel(triton) -> None:
+    global _interp_kernel
 
     @triton.jit
     def _interp_kernel(pi_ptr, pf_ptr, base_ptr, out_ptr, n, elem_offset, divisor, lam,
@@ -380,9 +388,10 @@ def _kernels():
             acc = acc * lam
         if HAS_BASE:
             acc = b + acc
-        tl.store(out_ptr + idx, _to_out(acc, OUT_BF16, out_ptr.dtype.element_ty), mask=valid)
-
-    return triton, tl, _interp_kernel
+        if OUT_BF16:
+            tl.store(out_ptr + idx, _round_bf16(acc), mask=valid)
+        else:
+            tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch(cfg: _Resolved, tensors, base, block: int, num_warps: int) -> torch.Tensor:

@@ -516,3 +516,28 @@ def test_svd_filter_dispatcher_cuda_matches_cpu():
     got = sf.svd_filter(deltas.cuda(), U.cuda(), V.cuda(), lam, density=0.3)
     assert got.is_cuda
     assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_kernels_runs_and_reports(tmp_path, capsys):
+    import json
+
+    from jobs import bench_kernels
+
+    out = tmp_path / "bench.json"
+    assert bench_kernels.main(["--sizes-mb", "0.0625", "--repeats", "1", "--experts", "2", "--dtype", "fp16",
+                               "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == [f"interpolate:{m}" for m in bench_kernels.INTERP_MODES] + [
+        "svd_filter:filter_coords"]
+    numel = int(0.0625 * 2**20) // 2
+    # bytes each op must move: linear reads K inputs, the task modes also the base; one output write
+    assert [r["bytes_moved"] for r in rows[:3]] == [3 * numel * 2, 4 * numel * 2, 4 * numel * 2]
+    for r in rows:
+        assert r["path"] == "reference" and r["ms"] > 0 and r["speedup"] is None
+        assert r["gbps"] == pytest.approx(r["bytes_moved"] / r["ms"] / 1e6, rel=1e-3)
+    assert "need a CUDA GPU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--kernels", "nope"])

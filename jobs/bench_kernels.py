@@ -1,0 +1,207 @@
+"""`kernels` benchmark: achieved bandwidth of the Triton kernels, against a device copy and the eager torch reference.
+
+For every kernel case and input size it reports
+  GB/s          bytes the op must move (each input read once, the output written once) / median time
+  vs copy       that bandwidth / the bandwidth of `torch.clone` moving the same number of bytes on the same device
+                (1.0 = as fast as a plain copy, the ceiling for a memory-bound kernel)
+  speedup       eager torch reference time / Triton time, same tensors, same device
+On a machine without CUDA it times the torch reference path only (the Triton kernels run there only under the slow
+TRITON_INTERPRET=1 interpreter, which says nothing about speed) and says that the GPU numbers need CUDA.
+
+    python -m jobs.bench kernels [--sizes-mb 64,256] [--experts 3] [--dtype bf16] [--repeats 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from kernels import interpolate as ip
+from kernels import philox as ph
+from kernels import svd_filter as sf
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INTERP_MODES = ("linear", "ties", "dare_ties")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured (kernel case, size) point; times in milliseconds, None where not measured."""
+
+    kernel: str
+    size_mb: float  # per input tensor
+    bytes_moved: int
+    path: str  # "triton" (CUDA) or "reference" (CPU)
+    ms: float
+    gbps: float
+    copy_gbps: float
+    vs_copy: float
+    reference_ms: Optional[float]
+    speedup: Optional[float]
+
+
+def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median wall time of fn() in ms after warm-up (CUDA events on GPU so launch queues are timed correctly)."""
+
+    def run(fn: Callable[[], object]) -> float:
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return run
+
+
+def _copy_gbps(nbytes: int, device: torch.device, timed) -> float:
+    """Bandwidth of torch.clone over a buffer of nbytes / 2 (a read plus a write moves nbytes in total)."""
+    buf = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    ms = timed(lambda: buf.clone())
+    return nbytes / ms / 1e6
+
+
+def _row(kernel, size_mb, nbytes, device, timed, fast, reference, copy_gbps) -> Row:
+    on_gpu = device.type == "cuda"
+    ms = timed(fast if on_gpu else reference)
+    ref_ms = timed(reference) if on_gpu else None
+    gbps = nbytes / ms / 1e6
+    sig = lambda x: float(f"{x:.4g}")  # noqa: E731 - four significant digits, whatever the scale
+    return Row(kernel, size_mb, nbytes, "triton" if on_gpu else "reference", sig(ms), sig(gbps), sig(copy_gbps),
+               sig(gbps / copy_gbps), None if ref_ms is None else sig(ref_ms),
+               None if ref_ms is None else sig(ref_ms / ms))
+
+
+def _interp_case(mode: str, k: int, numel: int, dtype, device):
+    """Inputs and keyword arguments of one interpolate benchmark case; thresholds as a prepare pass would give."""
+    g = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(numel, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(k)]
+    base = None if mode == "linear" else torch.randn(numel, generator=g, device=device).to(dtype)
+    kw = dict(mode=mode, base=base, normalize=mode != "dare_ties")
+    if mode == "ties":
+        kw["thresholds"] = [ip.magnitude_threshold(x.float() - base.float(), 0.3) for x in xs]
+    if mode == "dare_ties":
+        kw.update(dare_keys=[ph.stream_key(0, "bench", i) for i in range(k)], densities=[0.3] * k)
+    return xs, kw
+
+
+def bench_interpolate(sizes_mb, k, dtype, device, timed) -> list[Row]:
+    rows = []
+    for size_mb in sizes_mb:
+        numel = int(size_mb * 2**20) // dtype.itemsize
+        for mode in INTERP_MODES:
+            xs, kw = _interp_case(mode, k, numel, dtype, device)
+            weights = [1.0 / k] * k
+            n_read = k + (kw["base"] is not None)
+            nbytes = (n_read + 1) * numel * dtype.itemsize
+            rows.append(_row(f"interpolate:{mode}", size_mb, nbytes, device, timed,
+                             lambda: ip.interpolate_triton(xs, weights, **kw),
+                             lambda: ip.interpolate_reference(xs, weights, **kw),
+                             _copy_gbps(nbytes, device, timed)))
+            del xs, kw
+    return rows
+
+
+def bench_svd_filter(sizes_mb, k, device, timed) -> list[Row]:
+    """The fused trim/elect/combine step on (B, K, r, s) float32 coordinates (matmuls excluded: they are cuBLAS)."""
+    rows = []
+    for size_mb in sizes_mb:
+        b, s = 4, 512  # four same-shape matrices (e.g. projector layers); coords of one expert total size_mb
+        r = max(1, int(size_mb * 2**20) // (4 * b * s))
+        g = torch.Generator(device=device).manual_seed(0)
+        coords = torch.randn(b, k, r, s, generator=g, device=device)
+        lam = torch.full((b, k), 1.0 / k)
+        thr = sf.shared_thresholds(coords, 0.3)
+        nbytes = (k + 1) * b * r * s * 4
+        rows.append(_row("svd_filter:filter_coords", size_mb, nbytes, device, timed,
+                         lambda: sf.filter_coords_triton(coords, lam, thresholds=thr),
+                         lambda: sf.filter_coords_reference(coords, lam, thresholds=thr),
+                         _copy_gbps(nbytes, device, timed)))
+        del coords
+    return rows
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m jobs.bench kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes-mb", default=None,
+                   help="comma-separated MB per input tensor [CUDA: 16,64,256; CPU: 1,4]")
+    p.add_argument("--experts", type=int, default=3, help="K inputs per merge [3]")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input/output dtype [bf16]")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions, median reported [CUDA 20, CPU 3]")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--kernels", default="interpolate,svd_filter", help="comma-separated subset [both]")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if args.experts < 1:
+        p.error(f"--experts must be >= 1, got {args.experts}")
+    unknown = set(args.kernels.split(",")) - {"interpolate", "svd_filter"}
+    if unknown:
+        p.error(f"unknown --kernels {sorted(unknown)}; expected interpolate, svd_filter")
+    return args
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device; run on a GPU node or use --device cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _print(rows: list[Row], device: torch.device) -> None:
+    head = f"{'kernel':28} {'MB/input':>9} {'path':>9} {'ms':>9} {'GB/s':>8} {'copy GB/s':>10} {'vs copy':>8} " \
+           f"{'ref ms':>9} {'speedup':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ref = "-" if r.reference_ms is None else f"{r.reference_ms:9.3f}"
+        spd = "-" if r.speedup is None else f"{r.speedup:7.2f}x"
+        print(f"{r.kernel:28} {r.size_mb:9g} {r.path:>9} {r.ms:9.3f} {r.gbps:8.3g} {r.copy_gbps:10.3g} "
+              f"{r.vs_copy:8.3g} {ref:>9} {spd:>8}")
+    if device.type != "cuda":
+        print("\nNo CUDA device: these are the torch reference (CPU path) numbers. The Triton kernels' GB/s, ratio "
+              "to a device copy and speedup over eager torch need a CUDA GPU: rerun this command on one.")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the kernel benchmark; print a table and optionally write JSON. Returns the process exit code."""
+    args = _parse(argv)
+    device = _device(args.device)
+    on_gpu = device.type == "cuda"
+    sizes = [float(x) for x in (args.sizes_mb or ("16,64,256" if on_gpu else "1,4")).split(",")]
+    timed = _timer(device, args.repeats or (20 if on_gpu else 3))
+    which = args.kernels.split(",")
+    rows: list[Row] = []
+    if "interpolate" in which:
+        rows += bench_interpolate(sizes, args.experts, _DTYPES[args.dtype], device, timed)
+    if "svd_filter" in which:
+        rows += bench_svd_filter(sizes, args.experts, device, timed)
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(f"kernels benchmark on {name}: K={args.experts}, dtype={args.dtype}, torch {torch.__version__}\n")
+    _print(rows, device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "experts": args.experts, "dtype": args.dtype,
+                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
