@@ -23,7 +23,7 @@ per-tensor threshold (`magnitude_threshold`, `outlier_thresholds`) reproduces th
 magnitudes differ, and keeps all tied entries otherwise (argsort's tie order is unspecified in mergekit too).
 DARE: mergekit draws torch.bernoulli masks, which no chunked engine can reproduce; here the mask is the counter-based
 Philox stream of kernels.philox keyed per (seed, tensor, expert) at the element's flat offset, so it is independent
-of chunking, block size and device. Survivor scale s_k: default 1 / keep-probability (the DARE paper's rule); pass
+of chunking, block size and device. Survivor scale s_k: default 1 / density_k (the DARE paper's rule); pass
 `scales` from `dare_l1_partials` + `l1_rescale` for mergekit's L1-norm-matching rule (its default `rescale: true`).
 """
 
@@ -119,8 +119,8 @@ def _resolve(tensors, weights, mode, base, normalize, lam, thresholds, upper_thr
     thr24 = tuple(_ph.threshold24(d) for d in dens) if dens else (1 << 24,) * k
     for key in keys:
         _ph.key_words(key)
-    if scales is None:
-        scales = tuple(1.0 if t == 0 else (1 << 24) / t for t in thr24)
+    if scales is None:  # DARE paper rule: 1 / density (density 0 drops everything; its scale is moot)
+        scales = tuple(1.0 / float(d) if d else 1.0 for d in dens) if dens else (1.0,) * k
     elif len(tuple(scales)) != k or mode in ("linear", "task_arithmetic"):
         raise ValueError(f"interpolate: scales must be None or {k} values for a sparsifying mode, got {scales!r}")
     for name, vals in (("weights", weights), ("scales", scales), ("lam", (lam,))):
@@ -448,7 +448,7 @@ def interpolate(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, mo
     normalize: divide by the (consensus) weight sum; lam: λ for the task modes.
     thresholds / upper_thresholds: per-expert magnitude bounds lo_k / hi_k (ties, breadcrumbs*).
     dare_keys / densities: per-expert `philox.stream_key` and keep density (dare_*).
-    scales: per-expert survivor scale s_k (default: 1 / keep-probability for DARE, 1 otherwise).
+    scales: per-expert survivor scale s_k (default: 1 / density for DARE, 1 otherwise).
     elem_offset: flat index of the chunk's first element in the whole tensor (DARE offsets).
     out_dtype: result dtype (default: the base's, else the inputs').
     """

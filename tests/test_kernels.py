@@ -247,14 +247,14 @@ def test_linear_and_task_arithmetic_closed_form():
     torch.testing.assert_close(ta, torch.full((3,), 1 + 0.5 * (1 * 1 + 3 * 4)), atol=0, rtol=0)
 
 
-def test_dare_default_rescale_is_inverse_keep_probability():
+def test_dare_default_rescale_is_inverse_density():
     base = torch.zeros(4000)
     x = torch.linspace(1, 2, 4000)
     key = ph.stream_key(3, "w", 0)
-    out = ip.interpolate_reference([x], [1.0], mode="dare_linear", base=base, dare_keys=[key], densities=[0.25])
-    keep = ph.dare_keep_mask(key, torch.arange(4000), 0.25)
-    scale = 2**24 / ph.threshold24(0.25)
-    torch.testing.assert_close(out, torch.where(keep, x * scale, 0.0), atol=0, rtol=0)
+    for fn in (ip.interpolate_reference, ip.interpolate_triton):
+        out = fn([x], [1.0], mode="dare_linear", base=base, dare_keys=[key], densities=[0.3])
+        keep = ph.dare_keep_mask(key, torch.arange(4000), 0.3)
+        torch.testing.assert_close(out, torch.where(keep, x * (1 / 0.3), 0.0), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["dare_linear", "dare_ties"])
