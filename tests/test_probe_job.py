@@ -150,3 +150,17 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     rc = probe_cli.main(["--model", "m", "--bench", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "o"),
                          "--local"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_bench_probe_smoke_and_predicted_ratio(tmp_path, capsys):
+    from jobs import bench_probe
+
+    assert bench_probe.predicted_ratio(4, range(5), 0.5) == pytest.approx(1 + 0.5 * (4 + 3 + 2 + 1) / 4)
+    assert bench_probe.predicted_ratio(4, [4], 0.5) == 1.0
+    out = tmp_path / "b.json"
+    rc = bench_probe.main(["--layers", "2", "--hidden", "32", "--grid", "4x4", "--samples", "1", "--repeats", "1",
+                           "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["cuts"] == 3 and result["fast_ratio"] > 0 and result["exact_ratio"] > 0
+    assert result["samples"][0]["image_tokens"] == 4

@@ -29,12 +29,15 @@ def test_fast_equals_exact_for_every_cut(family, dtype):
     text = ~inputs.image_mask
     fast = paths.fast_logits(model, parts, inputs, range(LAYERS + 1), positions="text")
     last = paths.fast_logits(model, parts, inputs, range(LAYERS + 1), positions="last")
+    tail = paths.fast_logits(model, parts, inputs, range(LAYERS + 1), positions=3)
     assert sorted(fast) == list(range(LAYERS + 1))
     unmasked = stock(**inputs.model_kwargs).logits[0].float()
     for c in range(LAYERS + 1):
         exact = paths.exact_logits(model, inputs, c)
         _close(fast[c], exact[text], dtype)
         _close(last[c], exact[-1], dtype)
+        _close(tail[c], exact[-3:], dtype)
+        _close(paths.exact_logits(model, inputs, c, last=3), exact[-3:], dtype)
         if c < LAYERS:  # the mask must matter, otherwise agreement proves nothing
             assert (exact[text] - unmasked[text]).abs().max() > 4 * TOL[dtype][0]
 
@@ -106,6 +109,8 @@ def test_bad_inputs_are_value_errors():
         paths.fast_logits(model, parts, inputs, [LAYERS + 1])
     with pytest.raises(ValueError, match="cut layer"):
         paths.exact_logits(model, inputs, -1)
+    with pytest.raises(ValueError, match="positions"):
+        paths.fast_logits(model, parts, inputs, [0], positions=10_000)
     text_only = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     with pytest.raises(ValueError, match="no image tokens"):
         core.make_inputs(text_only, parts.image_token_id)

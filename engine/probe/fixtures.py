@@ -17,44 +17,56 @@ IMAGE, VIDEO, V_START, V_END = 150, 151, 152, 153  # special ids of the in-memor
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
 
-def _text(num_layers: int, **extra) -> dict:
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=160, max_position_embeddings=512, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0, **extra)
+def _text(num_layers: int, hidden: int, heads: int, **extra) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=160,
+                max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
 
 
-def tiny_config(family: str, num_layers: int = 3):
-    """A transformers config of a tiny MLLM (hidden 32, head_dim 8, vocab 160)."""
+def _mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE split of head_dim/2 rotary frequencies into (temporal, height, width), like Qwen's [16, 24, 24]."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def tiny_config(family: str, num_layers: int = 3, *, hidden: int = 32, heads: int = 4, llava_side: int = 4):
+    """A transformers config of a tiny MLLM (default hidden 32, head_dim 8, vocab 160).
+
+    LLaVA images are 4*llava_side pixels square -> llava_side**2 image tokens; Qwen's come from the input grid."""
     from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
     ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START,
                vision_end_token_id=V_END)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
-    vis = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden // heads)}
+    vis = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=4,
                spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(text_config=_text(num_layers, rope_parameters=rope),
+        return Qwen2_5_VLConfig(text_config=_text(num_layers, hidden, heads, rope_parameters=rope),
                                 vision_config={**vis, "fullatt_block_indexes": [1], "window_size": 16}, **ids)
     if family == "qwen3_vl":
         return Qwen3VLConfig(
-            text_config=_text(num_layers, head_dim=8, rope_parameters={**rope, "mrope_interleaved": True}),
+            text_config=_text(num_layers, hidden, heads, head_dim=hidden // heads,
+                              rope_parameters={**rope, "mrope_interleaved": True}),
             vision_config={**vis, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]}, **ids)
     if family == "llava":
         return LlavaConfig(
-            text_config={"model_type": "llama", **_text(num_layers)},
+            text_config={"model_type": "llama", **_text(num_layers, hidden, heads)},
             vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=4 * llava_side, patch_size=4,
                                projection_dim=16),
-            image_token_id=IMAGE, image_seq_length=16)
+            image_token_id=IMAGE, image_seq_length=llava_side**2)
     raise ValueError(f"unknown in-memory probe family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
-def tiny_model(family: str, num_layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny random MLLM in memory, every tensor seeded and informative (norms not exactly 1)."""
+def tiny_model(family: str, num_layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32, **shape):
+    """A tiny random MLLM in memory, every tensor seeded and informative (norms not exactly 1).
+    `shape`: hidden / heads / llava_side for tiny_config."""
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(tiny_config(family, num_layers), dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, num_layers, **shape), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -62,16 +74,17 @@ def tiny_model(family: str, num_layers: int = 3, seed: int = 0, dtype: torch.dty
     return model.to(dtype).eval()
 
 
-def tiny_inputs(family: str, seed: int = 0, *, before: int = 4, after: int = 6, grid: tuple = (4, 6)) -> dict:
+def tiny_inputs(family: str, seed: int = 0, *, before: int = 4, after: int = 6, grid: tuple = (4, 6),
+                llava_side: int = 4) -> dict:
     """Model kwargs (batch 1) for an in-memory model: `before` text tokens, the image, `after` text tokens.
 
-    Qwen: a t=1 image of grid (h, w) patches (-> h*w/4 image tokens, M-RoPE positions); LLaVA: 16 image tokens."""
+    Qwen: a t=1 image of grid (h, w) patches (-> h*w/4 image tokens, M-RoPE positions); LLaVA: llava_side**2."""
     gen = torch.Generator().manual_seed(seed)
     pre = torch.randint(3, 140, (before,), generator=gen)
     post = torch.randint(3, 140, (after,), generator=gen)
     if family == "llava":
-        ids = torch.cat([pre, torch.full((16,), IMAGE), post])[None]
-        pix = torch.randn(1, 3, 16, 16, generator=gen)
+        ids = torch.cat([pre, torch.full((llava_side**2,), IMAGE), post])[None]
+        pix = torch.randn(1, 3, 4 * llava_side, 4 * llava_side, generator=gen)
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
     h, w = grid
     n_img = h * w // 4

@@ -11,6 +11,7 @@ fast path:  one unmasked forward keeps the hidden states entering every decoder 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import inspect
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -22,18 +23,30 @@ from engine.probe.core import LMParts, ProbeInputs, check_fast_path_supported
 _PASS_THROUGH = {"past_key_values": None, "use_cache": False, "attention_mask": None}
 
 
-def _model_logits(model, inputs: ProbeInputs) -> torch.Tensor:
-    out = model(**inputs.model_kwargs, use_cache=False)
-    return out.logits[0].float()
+def _model_logits(model, inputs: ProbeInputs, last: int = 0) -> torch.Tensor:
+    """(S, V) float32 logits, or only those of the last `last` positions when the model can skip the rest (a
+    150k-word vocabulary times a 1000-token prompt is gigabytes)."""
+    kwargs = dict(inputs.model_kwargs, use_cache=False)
+    if last and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = last
+    logits = model(**kwargs).logits[0]
+    return logits[-last:].float() if last else logits.float()
 
 
 @torch.no_grad()
 def exact_logits(
-    model, inputs: ProbeInputs, cut: int, *, noise_seed: Optional[int] = None, block: bool = True
+    model,
+    inputs: ProbeInputs,
+    cut: int,
+    *,
+    last: int = 0,
+    noise_seed: Optional[int] = None,
+    block: bool = True,
 ) -> torch.Tensor:
-    """(S, V) float32 logits of one forward with image keys blocked in decoder layers >= cut (cut = L: unmasked)."""
+    """(S, V) float32 logits of one forward with image keys blocked in decoder layers >= cut (cut = L: unmasked);
+    with last=k only the (k, V) logits of the last k positions."""
     with attention.masking(cut, inputs.image_mask, noise_seed=noise_seed, block=block):
-        return _model_logits(model, inputs)
+        return _model_logits(model, inputs, last)
 
 
 @dataclass
@@ -51,12 +64,13 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trace(model, parts: LMParts, inputs: ProbeInputs) -> Trace:
-    """Run the model once unmasked, capturing every decoder layer's input and kwargs."""
+def trace(model, parts: LMParts, inputs: ProbeInputs, last: int = 0) -> Trace:
+    """Run the model once unmasked, capturing every decoder layer's input and kwargs (logits of the last `last`
+    positions only when last > 0)."""
     n = parts.num_layers
     hidden_in: list = [None] * n
     kwargs_in: list = [None] * n
-    last: dict = {}
+    captured: dict = {}
     handles = []
 
     def pre_hook(i):
@@ -67,20 +81,20 @@ def trace(model, parts: LMParts, inputs: ProbeInputs) -> Trace:
         return hook
 
     def post_hook(module, args, kwargs, out):
-        last["out"] = _layer_output(out)
+        captured["out"] = _layer_output(out)
 
     try:
         for i, layer in enumerate(parts.layers):
             handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         handles.append(parts.layers[-1].register_forward_hook(post_hook, with_kwargs=True))
-        logits = _model_logits(model, inputs)
+        logits = _model_logits(model, inputs, last)
     finally:
         for h in handles:
             h.remove()
     missing = [i for i, h in enumerate(hidden_in) if h is None]
     if missing:
         raise RuntimeError(f"{type(model).__name__}: decoder layers {missing} never ran in the unmasked forward")
-    return Trace(hidden_in, kwargs_in, last.get("out"), logits)
+    return Trace(hidden_in, kwargs_in, captured.get("out"), logits)
 
 
 def _restrict(name: str, value, keep: torch.Tensor, seq_len: int, batch: int):
@@ -109,12 +123,13 @@ def _restrict_seq(t: torch.Tensor, keep: torch.Tensor, dim: int, batch: int, nam
     return t.expand(*shape)
 
 
-def _check_head(parts: LMParts, tr: Trace, pos: int) -> None:
-    """norm + head on the last layer's output must reproduce the model's logits, else the fast path would lie."""
+def _check_head(parts: LMParts, tr: Trace, row: int) -> None:
+    """norm + head on the last layer's output must reproduce the model's logits, else the fast path would lie.
+    Checked at the last position (row `row` of the trace's logits)."""
     if tr.last_out is None:
         raise RuntimeError("fast path: the last decoder layer's output was not captured")
-    mine = parts.head(parts.norm(tr.last_out[:, pos : pos + 1]))[0, 0].float()
-    ref = tr.logits[pos]
+    mine = parts.head(parts.norm(tr.last_out[:, -1:]))[0, 0].float()
+    ref = tr.logits[row]
     tol = 1e-3 * (1 + ref.abs().max())
     if not torch.allclose(mine, ref, atol=float(tol), rtol=1e-3):
         raise RuntimeError(
@@ -124,29 +139,39 @@ def _check_head(parts: LMParts, tr: Trace, pos: int) -> None:
         )
 
 
+def _output_rows(positions, keep: torch.Tensor) -> torch.Tensor:
+    """Indices into the kept (text) positions whose logits are returned."""
+    if positions == "text":
+        return torch.arange(len(keep))
+    k = 1 if positions == "last" else positions
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(keep):
+        raise ValueError(f"positions must be 'last', 'text' or an int in 1..{len(keep)} (text tokens), got {positions!r}")
+    return torch.arange(len(keep) - k, len(keep))
+
+
 @torch.no_grad()
 def fast_logits(
-    model, parts: LMParts, inputs: ProbeInputs, cuts: Iterable[int], *, positions: str = "last"
+    model, parts: LMParts, inputs: ProbeInputs, cuts: Iterable[int], *, positions="last"
 ) -> dict[int, torch.Tensor]:
     """Logits for every cut from one unmasked pass plus batched text-only suffixes.
 
-    positions="last": (V,) at the answer position; "text": (T, V) at every non-image position, in order."""
-    if positions not in ("last", "text"):
-        raise ValueError(f"positions must be 'last' or 'text', got {positions!r}")
+    positions="last": (V,) at the answer position; "text": (T, V) at every non-image position, in order;
+    an int k: (k, V) at the last k text positions (teacher-forced answers)."""
     check_fast_path_supported(model)
     n = parts.num_layers
     cuts = sorted(set(_validate_cuts(cuts, n)))
-    tr = trace(model, parts, inputs)
-    _check_head(parts, tr, inputs.answer_pos)
     keep = torch.nonzero(~inputs.image_mask).flatten()
-    rows = slice(None) if positions == "text" else slice(-1, None)
+    rows = _output_rows(positions, keep)
+    span = inputs.seq_len - int(keep[rows[0]])  # logits the unmasked pass must produce: its last `span` positions
+    tr = trace(model, parts, inputs, last=span)
+    _check_head(parts, tr, span - 1)
     result = {}
     if n in cuts:
-        result[n] = tr.logits[keep][rows]
+        result[n] = tr.logits[keep[rows] - (inputs.seq_len - span)]
     suffix_cuts = [c for c in cuts if c < n]
     for c, hidden in zip(suffix_cuts, _run_suffixes(parts, tr, keep, suffix_cuts, inputs.seq_len)):
-        result[c] = parts.head(parts.norm(hidden[None, rows]))[0].float()
-    return {c: (v if positions == "text" else v[0]) for c, v in sorted(result.items())}
+        result[c] = parts.head(parts.norm(hidden[None, rows.to(hidden.device)]))[0].float()
+    return {c: (v[0] if positions == "last" else v) for c, v in sorted(result.items())}
 
 
 def _run_suffixes(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len: int) -> list:

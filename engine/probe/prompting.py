@@ -10,6 +10,7 @@ used as is. Image-token positions always come from the processed ids.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -74,9 +75,10 @@ class Prompter:
         self.processor = self._processor()
         self.image_processor = self.processor.image_processor if self.processor is not None else self._image_proc()
         if not self.tokenizer.chat_template:
-            template = getattr(self.processor, "chat_template", None)
+            template = getattr(self.processor, "chat_template", None) or _template_file(self.model_dir)
             if not template:
-                raise ValueError(f"{self.model_dir}: no chat template in the tokenizer or processor files")
+                raise ValueError(f"{self.model_dir}: no chat template in the tokenizer, processor or "
+                                 "chat_template.jinja / chat_template.json files")
             self.tokenizer.chat_template = template
 
     def _processor(self):
@@ -145,11 +147,19 @@ class Prompter:
             out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).int()
         return out
 
-    def continuation_ids(self, sample: Sample, answer: str) -> list[int]:
-        """Token ids of `answer` as the model would write it right after the prompt (tokenizer merges included)."""
+    def _answer_prefixes(self, rendered: str) -> tuple[str, ...]:
+        """How an answer starts after this prompt: directly after a newline ("assistant\n"), after a space
+        otherwise ("ASSISTANT: A"); the other spelling is the fallback."""
+        return ("", " ") if rendered[-1:].isspace() else (" ", "")
+
+    def continuation_ids(self, sample: Sample, answer: str, prefix: Optional[str] = None) -> list[int]:
+        """Token ids of `answer` as the model would write it right after the prompt (tokenizer merges included;
+        prefix None: the natural separator of this chat template)."""
         rendered = self.render(prompt_text(sample))
+        if prefix is None:
+            prefix = self._answer_prefixes(rendered)[0]
         head = self._tokenize(rendered)["input_ids"][0].tolist()
-        full = self._tokenize(rendered + answer)["input_ids"][0].tolist()
+        full = self._tokenize(rendered + prefix + answer)["input_ids"][0].tolist()
         if full[: len(head)] != head or len(full) == len(head):
             raise ValueError(
                 f"sample {sample.id!r}: answer {answer!r} does not tokenize as a continuation of the prompt "
@@ -158,20 +168,34 @@ class Prompter:
         return full[len(head) :]
 
     def label_ids(self, sample: Sample) -> tuple[int, ...]:
-        """First token of each answer label; they must differ, or the label comparison is meaningless."""
-        ids = tuple(self.continuation_ids(sample, lab)[0] for lab in labels(sample))
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"sample {sample.id!r}: answer labels {labels(sample)} share first tokens {ids}")
-        return ids
+        """First token of each answer label, with the template's natural separator (" A" after "ASSISTANT:")
+        unless that makes the labels share their first token (a byte-level tokenizer spells " A" as " ", "A");
+        labels sharing first tokens either way make the comparison meaningless: ValueError."""
+        rendered = self.render(prompt_text(sample))
+        tried = []
+        for prefix in self._answer_prefixes(rendered):
+            ids = tuple(self.continuation_ids(sample, lab, prefix)[0] for lab in labels(sample))
+            if len(set(ids)) == len(ids):
+                return ids
+            tried.append(ids)
+        raise ValueError(f"sample {sample.id!r}: answer labels {labels(sample)} share first tokens {tried}")
 
     def eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id} | set(_as_list(getattr(self.config, "eos_token_id", None)))
         gen = self.model_dir / "generation_config.json"
         if gen.is_file():
-            import json
-
             ids |= set(_as_list(json.loads(gen.read_text()).get("eos_token_id")))
         return sorted(i for i in ids if isinstance(i, int))
+
+
+def _template_file(model_dir: Path) -> Optional[str]:
+    """A processor-level chat template saved beside the model (hub Qwen-VL dirs keep it in chat_template.json)."""
+    jinja, js = model_dir / "chat_template.jinja", model_dir / "chat_template.json"
+    if jinja.is_file():
+        return jinja.read_text()
+    if js.is_file():
+        return json.loads(js.read_text()).get("chat_template")
+    return None
 
 
 def _as_list(value) -> list:

@@ -158,7 +158,7 @@ def run_probe(job: ProbeJob) -> dict:
     plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric)
     summary = _summary(job, device, table, bad, pooled, per, time.perf_counter() - t0)
     if job.worker.attention:
-        summary["attention"] = _write_focus(out, results)
+        summary["attention"] = _write_focus(out, results, job.worker.attention_sample)
     for warning in [pooled.warning] + [p.warning for p in per.values()]:
         if warning:
             log.warning("probe: %s", warning)
@@ -190,7 +190,7 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
     }
 
 
-def _write_focus(out: Path, results: list[ShardResult]) -> dict:
+def _write_focus(out: Path, results: list[ShardResult], wanted: Optional[str]) -> dict:
     """focus.parquet (per sample x layer), per-benchmark mean mass/entropy per layer, and one heat map."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -206,8 +206,11 @@ def _write_focus(out: Path, results: list[ShardResult]) -> dict:
                    "entropy": [float(np.mean([v[1] for v in per[k]])) for k in sorted(per)]}
                for b, per in means.items()}
     heats = [res.heatmap for res in results if res.heatmap is not None]
-    info = {"samples": len({(r["benchmark"], r["row"]) for r in rows}), "per_benchmark": summary}
-    if heats:
+    info = {"samples": len({(r["benchmark"], r["row"]) for r in rows}), "per_benchmark": summary, "heatmap": None}
+    if not heats:
+        info["warning"] = f"no heat map: sample {wanted!r} was not probed (unknown id, or a bad row)"
+        log.warning("probe attention: %s", info["warning"])
+    else:
         h = min(heats, key=lambda x: (x["benchmark"], x["row"]))
         png = out / f"focus_{_safe(h['id'])}.png"
         plots.plot_focus(png, h["image"], h["per_token"], h["grid"], h["mass"], h["entropy"], sample=h["id"])

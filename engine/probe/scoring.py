@@ -91,13 +91,14 @@ def gold_sequence_logprob(text_logits: torch.Tensor, gold_ids: Sequence[int]) ->
 def _closed_logits(model, parts, inputs, cuts, path) -> dict:
     if path == "fast":
         return paths.fast_logits(model, parts, inputs, cuts, positions="last")
-    return {c: paths.exact_logits(model, inputs, c)[-1] for c in cuts}
+    return {c: paths.exact_logits(model, inputs, c, last=1)[-1] for c in cuts}
 
 
-def _forced_logits(model, parts, inputs, cuts, path) -> dict:
+def _forced_logits(model, parts, inputs, cuts, path, rows: int) -> dict:
+    """Logits at the last `rows` positions (answer position + teacher-forced gold tokens) per cut."""
     if path == "fast":
-        return paths.fast_logits(model, parts, inputs, cuts, positions="text")
-    return {c: paths.exact_logits(model, inputs, c)[~inputs.image_mask] for c in cuts}
+        return paths.fast_logits(model, parts, inputs, cuts, positions=rows)
+    return {c: paths.exact_logits(model, inputs, c, last=rows) for c in cuts}
 
 
 def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sample: Sample,
@@ -120,7 +121,8 @@ def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sampl
             rows.append(dict(base, cut=c, pred=labs[m.pop("pred_index")], gold=labs[gold], **m))
         return rows
     gold_ids = prompter.continuation_ids(sample, sample.answer)
-    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings.path)
+    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings.path,
+                            len(gold_ids) + 1)
     answer_row = -(len(gold_ids) + 1)
     eos = prompter.eos_ids()
     for c in cuts:
