@@ -1,0 +1,42 @@
+"""`shardmerge bench NAME …` / `python -m jobs.bench NAME …`: benchmarks that print ratios measured side by side in
+one run. Each lives in jobs/bench_<name>.py with `main(argv)`; results and commands are recorded in BENCHMARKS.md.
+
+  vs-mergekit  shardmerge vs mergekit-yaml on the same recipes (wall, fixed start-up, sustained, memory)
+  floor        sustained merge time / (read all inputs + write+fsync outputs)
+  memory-72b   peak private memory per worker merging Qwen2.5-VL-72B-shaped layers
+  scaling      1 vs 2 (vs N) workers on a CPU-bound method
+  probe        full cut-layer sweep cost / one unmasked pass
+  kernels      Triton kernels: GB/s, ratio to device copy, speedup over eager torch
+  svd          SVD merge methods vs a per-matrix torch.linalg.svd loop
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+BENCHES = {
+    "vs-mergekit": "jobs.bench_mergekit",
+    "floor": "jobs.bench_floor",
+    "memory-72b": "jobs.bench_memory72b",
+    "scaling": "jobs.bench_scaling",
+    "probe": "jobs.bench_probe",
+    "kernels": "jobs.bench_kernels",
+    "svd": "jobs.bench_svd",
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown benchmark {argv[0]!r}; choose one of: {', '.join(BENCHES)}", file=sys.stderr)
+            return 2
+        return 0
+    return importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
