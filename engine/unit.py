@@ -52,9 +52,19 @@ def chunks(t: OutputTensor, chunk_bytes: int) -> Iterator[Chunk]:
         yield Chunk(start, stop, start * row_numel)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """True when x holds no NaN/Inf. The sum is NaN/Inf whenever an element is, so a finite sum proves the tensor
+    finite with one cheap reduction; only a non-finite sum (a bad element, or an overflowing sum of finite ones)
+    pays for the exact elementwise test. Measured on 16M float32 (2 threads): isfinite().all() 138 ms CPU, sum
+    10 ms; it was half the time of an in-process linear merge."""
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def _load(meta: TensorMeta, c: Chunk, device: str, check_finite: bool) -> torch.Tensor:
     x = read_rows(meta, c.row_start, c.row_stop).to(device=device, dtype=torch.float32)
-    if check_finite and not torch.isfinite(x).all():
+    if check_finite and not all_finite(x):
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(
             f"{meta.file}: tensor {meta.name!r} holds NaN/Inf (first at row {c.row_start + bad[0] if bad else 0}); "
@@ -96,7 +106,7 @@ def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinit
         parts = read()
     for c, xs, base in parts:
         y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
-        if not torch.isfinite(y).all():
+        if not all_finite(y):
             raise RuntimeError(
                 f"merge_method {t.op!r} produced NaN/Inf for tensor {t.name!r} (rows {c.row_start}..{c.row_stop}); "
                 "check the method's parameters (e.g. weights summing to zero)"
