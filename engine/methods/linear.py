@@ -26,17 +26,23 @@ def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stat
     check_inputs(tensors, None, info, needs_base=False)
     w = per_model("weight", weight, len(tensors), info)
     weights = torch.tensor(w, dtype=torch.float32)  # on CPU: the same float32 sum on every device
-    out = torch.zeros_like(tensors[0])
-    for t, c in zip(tensors, weights.tolist()):
-        out = out + t * c
+    total = float(weights.sum())
+    if normalize and total == 0.0:
+        raise ValueError(
+            f"tensor {info.name!r}: linear with normalize: true needs weights with a non-zero sum, got {w}; "
+            "change the weights or set normalize: false"
+        )
+    # In place into two buffers: the same roundings as ((0 + t_1 c_1) + t_2 c_2 + ...) / total, without a fresh
+    # 4-byte-per-element allocation (page faults) per operation (measured: x * c 31 ms vs mul(out=) 15 ms CPU for
+    # 16M floats). `add_(0.0)` turns a -0.0 product into +0.0, as the original 0 + t_1 c_1 did.
+    out = torch.mul(tensors[0], weights[0].item())
+    out.add_(0.0)
+    tmp = torch.empty_like(out) if len(tensors) > 1 else None
+    for t, c in zip(tensors[1:], weights.tolist()[1:]):
+        torch.mul(t, c, out=tmp)
+        out.add_(tmp)
     if normalize:
-        total = float(weights.sum())
-        if total == 0.0:
-            raise ValueError(
-                f"tensor {info.name!r}: linear with normalize: true needs weights with a non-zero sum, got {w}; "
-                "change the weights or set normalize: false"
-            )
-        out = out / total
+        out.div_(total)
     return out
 
 
