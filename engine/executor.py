@@ -78,8 +78,7 @@ def _node_affinity(node_id: str):
 
 
 def default_worker_count(device: str, cluster: dict) -> int:
-    """One worker per GPU of the cluster with --device cuda; otherwise one per 2 CPUs (a 'CPU slot': two torch
-    threads per worker measured faster than one worker per core for memory-bound merges)."""
+    """One worker per GPU of the cluster with --device cuda; otherwise one per 2 CPUs (the CLI's default CPU slot)."""
     if device == "cuda":
         return max(1, int(cluster.get("GPU", 0)))
     return max(1, int(cluster.get("CPU", 1)) // 2)
@@ -410,9 +409,10 @@ def run_in_process(drv: _Driver, *, chunk_bytes: int, device: str, allow_nonfini
 def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: str = "cpu", resume: bool = False,
             overwrite: bool = False, chunk_bytes: int = 64 << 20, allow_nonfinite: bool = False,
             progress: bool = True, fault: Optional[str] = None, memory_per_worker: Optional[int] = None,
-            address: Optional[str] = None) -> dict:
+            address: Optional[str] = None, threads_per_worker: Optional[int] = None) -> dict:
     """Merge `plan` into `out`. workers=0 runs in this process; workers>=1 uses a Ray actor pool of that size;
-    workers=None sizes the pool from the cluster (one per GPU, or one per 2 CPUs)."""
+    workers=None sizes the pool from the cluster (one per GPU, or one per 2 CPUs). A worker's torch threads default
+    to the CPUs it reserves; `threads_per_worker` overrides that (benchmarks)."""
     out = Path(out).resolve()
     t0 = time.perf_counter()
     check_memory_budget(plan, chunk_bytes, memory_per_worker)
@@ -429,7 +429,7 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
 
             summary.update(run_on_ray(drv, workers=workers, device=device, chunk_bytes=chunk_bytes,
                                       allow_nonfinite=allow_nonfinite, fault=fault, address=address,
-                                      memory_per_worker=memory_per_worker))
+                                      memory_per_worker=memory_per_worker, threads=threads_per_worker))
         drv.finish()
     finally:
         if state.lock_fd is not None:

@@ -34,6 +34,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None) ->
         return True
     path = os.environ.get("PYTHONPATH", "")
     ray.init(
+        address="local",  # a fresh instance: never attach to some other `ray start` cluster found on this machine
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         logging_level="WARNING",
@@ -62,6 +63,7 @@ class _Pool:
     def __init__(self, drv, spawn, *, workers: int, opts: dict, max_inflight: int):
         self.drv, self.spawn, self.workers, self.opts = drv, spawn, workers, opts
         self.max_inflight = max_inflight
+        self.spawned: list = []  # every actor this pool started (abort stops them all)
         self.starting: dict = {}  # ready() ref -> actor
         self.live: dict = {}  # actor -> {"load": int, "info": dict}
         self.inflight: dict = {}  # ref -> (kind, payload, actor)
@@ -80,6 +82,7 @@ class _Pool:
             raise RuntimeError(f"{self.stats['replaced_workers']} merge workers died; giving up (see the worker "
                                "logs under the Ray session's logs directory for the cause)")
         actor = self.spawn()
+        self.spawned.append(actor)
         self.starting[actor.ready.remote()] = actor
 
     def submit(self) -> None:
@@ -214,6 +217,13 @@ class _Pool:
         nodes = {s["info"]["node"] for s in self.live.values()}
         self.drv.bar.workers(len(self.live), len(nodes), self.stats["replaced_workers"])
 
+    def abort(self) -> None:
+        """After an error: stop every worker of this pool, so none keeps writing or holding cluster resources."""
+        import ray
+
+        for actor in self.spawned:
+            ray.kill(actor, no_restart=True)
+
     def _shutdown(self) -> dict:
         import ray
         from ray.exceptions import RayError
@@ -250,7 +260,8 @@ def _start_worker(drv, opts: dict, device: str, chunk_bytes: int, allow_nonfinit
 
 
 def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, allow_nonfinite: bool,
-               fault: Optional[str], address: Optional[str], memory_per_worker: Optional[int]) -> dict:
+               fault: Optional[str], address: Optional[str], memory_per_worker: Optional[int],
+               threads: Optional[int] = None) -> dict:
     """Run the driver's pending units on a Ray worker pool; returns pool statistics for the summary."""
     import ray
 
@@ -273,11 +284,15 @@ def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, al
             print(f"shardmerge: warning: {problem}; waiting for resources", file=sys.stderr, flush=True)
 
         def spawn():
-            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, cpus)
+            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or cpus)
 
         pool = _Pool(drv, spawn, workers=workers, opts=opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
-        stats = pool.run()
-        stats.update(workers=workers, cpus_per_worker=cpus, nodes=len(nodes))
+        try:
+            stats = pool.run()
+        except BaseException:
+            pool.abort()
+            raise
+        stats.update(workers=workers, cpus_per_worker=cpus, threads_per_worker=threads or cpus, nodes=len(nodes))
         return stats
     finally:
         if started:

@@ -42,20 +42,28 @@ def family(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
+    """Head + 2 worker raylets. The machine-wide 'current cluster' address file is left alone (Cluster would make
+    ours the default of every `ray.init()` on this shared machine, and delete another session's on shutdown)."""
     import ray
+    import ray._common.utils as common_utils
+    import ray._private.utils as private_utils
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
+    mp.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "memory": NODE_MEMORY})
-    nodes = [c.add_node(num_cpus=2, memory=NODE_MEMORY) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
     try:
+        nodes = [c.add_node(num_cpus=2, memory=NODE_MEMORY) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
         yield c, nodes
     finally:
         ray.shutdown()
         c.shutdown()
+        mp.undo()
 
 
 def _journal_nodes(out: Path) -> tuple[dict[str, set], int]:

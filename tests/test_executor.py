@@ -277,3 +277,22 @@ def test_resume_with_another_plan_is_refused(family, tmp_path):
     assert not man.exists()
     s = execute(_plan(family["recipe"]), tmp_path, workers=0, progress=False, resume=True)
     assert json.loads(man.read_text())["plan_hash"] == s["plan_hash"]
+
+
+def test_scaling_benchmark_report_and_in_process_run(tmp_path, capsys):
+    import torch
+
+    from jobs.bench_scaling import main, report
+
+    threads = torch.get_num_threads()
+    rows = [{"workers": 1, "wall_s": 10.0, "merge_s": 8.0}, {"workers": 2, "wall_s": 4.0, "merge_s": 2.5},
+            {"workers": 0, "wall_s": 3.0, "merge_s": 3.0}]
+    r = report(rows)
+    assert r["speedup_vs_1_worker"] == {2: 2.5} and r["merge_speedup_vs_1_worker"] == {2: 3.2}
+    out = tmp_path / "b.json"
+    assert main(["--workers", "0,0", "--layers", "1", "--hidden", "64", "--threads", "1", "--models",
+                 str(tmp_path / "m"), "--json", str(out)]) == 0  # in-process twice: runs, outputs compared, no Ray needed
+    got = json.loads(out.read_text())
+    assert [row["workers"] for row in got["rows"]] == [0, 0] and got["rows"][0]["units"] == 4
+    assert "workers 0" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # --threads for the in-process run is undone afterwards

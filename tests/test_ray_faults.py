@@ -25,7 +25,8 @@ def ray_local():
 
     if ray.is_initialized():  # another module's instance: start clean with known resources
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # address="local": our own instance even if another session's cluster runs on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -92,12 +93,16 @@ def test_workers_killed_mid_merge_output_identical(ray_local, family, tmp_path):
 
 
 def test_worker_that_cannot_see_the_inputs_fails_clearly(ray_local, family, tmp_path):
+    import ray
+
     from engine.executor import execute
 
     plan = _plan(family["recipe"])
     missing = str(tmp_path / "not-mounted-here")
     with pytest.raises(RuntimeError, match=r"cannot see .*not-mounted-here.*shared filesystem"):
         execute(replace(plan, inputs=plan.inputs + (missing,)), tmp_path / "out", workers=1, progress=False)
+    # the failed pool's worker is stopped and its 4 CPUs are free again
+    _wait_for(lambda: ray.available_resources().get("CPU") == 4, 30, "the failed pool's CPUs to be released")
 
 
 def _wait_for(pred, timeout: float, what: str):
