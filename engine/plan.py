@@ -4,6 +4,10 @@ The plan fixes the output bytes' layout completely (shard files, headers, every 
 can write their tensors into the shard files independently and the output is identical for any worker count,
 chunk size or placement. Architecture, tensor-set, shape and dtype mismatches are planning errors naming the model
 and tensor; nothing is skipped silently.
+
+Tensor roles come from engine.layout: work units are one per LM decoder layer / vision block (plus embeddings,
+head, vision stem, projector), and a recipe's `modules:` entry applies to the tensors of the layout module it names
+(`passthrough` = copy verbatim from its source model). PlaM recipes are planned by engine.plam_plan.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any, Optional
 import engine
 from engine import methods
 from engine.checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint
-from engine.recipe import Recipe
-from engine.recipe_checks import input_models, resolve_params
+from engine.layout import Layout, TensorRole, classify
+from engine.recipe import ModuleRecipe, Recipe
+from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
+                                  resolve_params)
 
 COPY = "copy"  # op for tensors taken verbatim from one input
 _NUMBERED = re.compile(r"^(.*?)\.(layers|blocks|h)\.(\d+)\.")
@@ -85,6 +91,7 @@ class Plan:
     out_dtype: Optional[str]
     plan_hash: str
     inputs: tuple[str, ...] = field(default=())  # model dirs read
+    notes: tuple[str, ...] = field(default=())  # findings that are not errors (e.g. PlaM vocabulary differences)
 
     @property
     def total_bytes(self) -> int:
@@ -112,17 +119,25 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def num_layers_of(ckpt: Checkpoint) -> int:
-    cfg = ckpt.config
-    for c in (cfg.get("text_config") or {}, cfg):
-        if isinstance(c.get("num_hidden_layers"), int):
-            return c["num_hidden_layers"]
-    idx = [int(m.group(3)) for n in ckpt.tensors if (m := _NUMBERED.match(n)) and m.group(2) == "layers"]
+def _regex_layers(names) -> int:
+    idx = [int(m.group(3)) for n in names if (m := _NUMBERED.match(n)) and m.group(2) == "layers"]
     return max(idx) + 1 if idx else 0
 
 
-def group_key(name: str) -> tuple:
-    """Work-unit grouping: one unit per numbered block (decoder layer, vision block); embeddings and head alone."""
+def layout_of(ckpt: Checkpoint) -> Layout:
+    """Roles of a checkpoint's tensors (engine.layout); names the layout does not know get module "other" and
+    are grouped by the generic numbered-block rule, so LLMs of any family still plan."""
+    return Layout.from_config(ckpt.config, ckpt.tensors, source=ckpt.ref, unknown="other")
+
+
+def num_layers_of(ckpt: Checkpoint) -> int:
+    """Language-model decoder layers: config (text_config first), cross-checked with the names by the layout."""
+    return layout_of(ckpt).num_layers or _regex_layers(ckpt.tensors)
+
+
+def _numbered_group(name: str) -> tuple:
+    """Grouping of names without a known role: numbered blocks (`.layers.i.`, `.blocks.i.`, `.h.i.`), embeddings
+    and head alone, the rest together."""
     m = _NUMBERED.match(name)
     if m:
         return (1, m.group(1) + "." + m.group(2), int(m.group(3)))
@@ -133,20 +148,52 @@ def group_key(name: str) -> tuple:
     return (2, "other", 0)
 
 
+def _block_root(name: str, role: TensorRole) -> str:
+    """`model.language_model.layers` for `model.language_model.layers.3.mlp.up_proj.weight`."""
+    return name[: len(name) - len(role.sub) - 1].rsplit(".", 1)[0]
+
+
+_ROLE_GROUPS = {"embed": (0, "embed", 0), "final_norm": (2, "other", 0), "lm_head": (3, "lm_head", 0),
+                "vision_other": (4, "vision_tower", 0), "projector_layer": (6, "projector", 0),
+                "projector_other": (6, "projector", 0)}
+
+
+def group_key(name: str) -> tuple:
+    """Work-unit grouping (and output order) by layout role: embeddings, one unit per LM decoder layer, final norm
+    and unknown tensors ("other"), lm_head, the vision tower's non-block tensors, one unit per vision block, the
+    projector. For plain LLMs this is the order and grouping the engine has always written."""
+    role = classify(name)
+    if role is None or role.module == "other":
+        return _numbered_group(name)
+    if role.kind in ("layer", "vision_block"):
+        return (1 if role.kind == "layer" else 5, _block_root(name, role), role.layer)
+    return _ROLE_GROUPS[role.kind]
+
+
 def lm_layer(name: str) -> Optional[int]:
-    m = _NUMBERED.match(name)
-    return int(m.group(3)) if m and m.group(2) == "layers" and "visual" not in m.group(1) else None
+    """The language-model decoder layer of a tensor, None for everything else (vision blocks included)."""
+    role = classify(name)
+    if role is None or role.module == "other":
+        m = _NUMBERED.match(name)
+        return int(m.group(3)) if m and m.group(2) == "layers" and "visual" not in m.group(1) else None
+    return role.layer if role.kind == "layer" else None
 
 
 class _Planner:
+    """Plans a merge of models that share one architecture: every tensor of the reference model, through the
+    recipe's method or, for MLLMs, the method of the `modules:` entry its layout module names."""
+
     def __init__(self, recipe: Recipe, source: str):
         self.recipe = recipe
         self.source = source
         self.spec = methods.get(recipe.merge_method)
         refs = list(dict.fromkeys(recipe.model_refs + ([recipe.base_model] if recipe.base_model else [])))
         self.ckpts: dict[str, Checkpoint] = {r: open_checkpoint(r) for r in refs}
-        self.inputs = input_models(recipe, self.spec)
         self.reference = recipe.mllm or recipe.base_model or recipe.model_refs[0]
+        self.layout = layout_of(self.ckpts[self.reference])
+        self.num_layers = self.layout.num_layers or _regex_layers(self.layout.names)
+        self.modules: dict[str, ModuleRecipe] = {module_key(k): m for k, m in recipe.modules.items()}
+        self._block_counts = _block_counts(self.layout)
 
     def check_architectures(self) -> None:
         ref_cfg = self.ckpts[self.reference].config
@@ -159,28 +206,33 @@ class _Planner:
                     "models of different architectures cannot be merged tensor by tensor"
                 )
 
-    def inputs_for(self, name: str) -> tuple[tuple[TensorMeta, ...], Optional[TensorMeta]]:
+    def inputs_for(self, name: str, spec=None) -> tuple[tuple[TensorMeta, ...], Optional[TensorMeta]]:
+        spec = spec or self.spec
         ref_meta = self.ckpts[self.reference].tensors[name]
         metas = []
-        for r in self.inputs + ([self.recipe.base_model] if self.recipe.base_model else []):
-            m = self.ckpts[r].tensors.get(name)
-            if m is None:
-                raise ValueError(f"{self.source}: model {r} has no tensor {name!r} (present in {self.reference})")
-            if m.shape != ref_meta.shape:
-                raise ValueError(
-                    f"{self.source}: tensor {name!r}: shape {list(m.shape)} in model {r} differs from "
-                    f"{list(ref_meta.shape)} in {self.reference}"
-                )
-            if m.dtype != ref_meta.dtype:
-                raise ValueError(
-                    f"{self.source}: tensor {name!r}: dtype {m.dtype} in model {r} differs from "
-                    f"{ref_meta.dtype} in {self.reference}"
-                )
-            metas.append(m)
+        for r in input_models(self.recipe, spec) + ([self.recipe.base_model] if self.recipe.base_model else []):
+            metas.append(self._same_meta(r, name, ref_meta))
         base = metas.pop() if self.recipe.base_model else None
-        if self.spec.base_is_input:  # linear-style: a listed base is one more input, an unlisted one is unused
+        if spec.base_is_input:  # linear-style: a listed base is one more input, an unlisted one is unused
             base = None
         return tuple(metas), base
+
+    def _same_meta(self, ref: str, name: str, ref_meta: TensorMeta) -> TensorMeta:
+        """`name` in model `ref`, which must match the reference model's shape and dtype."""
+        m = self.ckpts[ref].tensors.get(name)
+        if m is None:
+            raise ValueError(f"{self.source}: model {ref} has no tensor {name!r} (present in {self.reference})")
+        if m.shape != ref_meta.shape:
+            raise ValueError(
+                f"{self.source}: tensor {name!r}: shape {list(m.shape)} in model {ref} differs from "
+                f"{list(ref_meta.shape)} in {self.reference}"
+            )
+        if m.dtype != ref_meta.dtype:
+            raise ValueError(
+                f"{self.source}: tensor {name!r}: dtype {m.dtype} in model {ref} differs from "
+                f"{ref_meta.dtype} in {self.reference}"
+            )
+        return m
 
     def check_tensor_sets(self) -> None:
         ref_names = set(self.ckpts[self.reference].tensors)
@@ -192,18 +244,49 @@ class _Planner:
                     "the models do not share one architecture"
                 )
 
+    def check_modules_used(self) -> None:
+        """A `modules:` entry whose module has no tensor in the reference model would be silently ignored."""
+        present = {self.layout.role(n).module for n in self.layout.names}
+        for key, name in ((module_key(k), k) for k in self.recipe.modules):
+            if key not in present:
+                raise ValueError(f"{self.source}: modules.{name}: model {self.reference} ({self.layout.family}) "
+                                 f"has no {key} tensors; its modules are {', '.join(sorted(present))}")
+
+    def _t(self, role: TensorRole, layer: Optional[int]) -> float:
+        """Gradient position: LM layer / (L-1); vision blocks and projector layers across their own module."""
+        if layer is not None:
+            return layer / (self.num_layers - 1) if self.num_layers > 1 else 0.0
+        n = self._block_counts.get(role.kind, 0)
+        return role.layer / (n - 1) if role.layer is not None and n > 1 else 0.0
+
     def tensor(self, name: str, num_layers: int) -> dict:
         ref_meta = self.ckpts[self.reference].tensors[name]
+        role = self.layout.role(name)
         layer = lm_layer(name)
         out_dtype = self.recipe.output_dtype_code or ref_meta.dtype
         common = dict(name=name, shape=ref_meta.shape, layer=layer, num_layers=num_layers)
         if ref_meta.dtype not in FLOAT_CODES:
             return dict(common, dtype=ref_meta.dtype, op=COPY, inputs=(ref_meta,), base=None, params=())
-        inputs, base = self.inputs_for(name)
-        t = layer / (num_layers - 1) if layer is not None and num_layers > 1 else 0.0
-        params = resolve_params(self.recipe, self.spec, name, t)
-        return dict(common, dtype=out_dtype, op=self.spec.name, inputs=inputs, base=base,
+        module = self.modules.get(role.module)
+        if module is not None and module.merge_method == PASSTHROUGH:
+            src = self._same_meta(passthrough_source(self.recipe, module), name, ref_meta)
+            return dict(common, dtype=out_dtype, op=COPY, inputs=(src,), base=None, params=())
+        spec = methods.get(module.merge_method) if module is not None else self.spec
+        settings = module_settings(self.recipe, module) if module is not None else None
+        inputs, base = self.inputs_for(name, spec)
+        params = resolve_params(self.recipe, spec, name, self._t(role, layer), settings)
+        return dict(common, dtype=out_dtype, op=spec.name, inputs=inputs, base=base,
                     params=tuple(sorted(params.items())))
+
+
+def _block_counts(layout: Layout) -> dict[str, int]:
+    """Number of vision blocks and projector layers (the span of a per-layer gradient inside those modules)."""
+    seen: dict[str, set] = {}
+    for n in layout.names:
+        r = layout.role(n)
+        if r.kind in ("vision_block", "projector_layer") and r.layer is not None:
+            seen.setdefault(r.kind, set()).add(r.layer)
+    return {k: max(v) + 1 for k, v in seen.items()}
 
 
 def _nbytes(it: dict) -> int:
@@ -263,7 +346,8 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         planner = _Planner(recipe, source)
         planner.check_architectures()
         planner.check_tensor_sets()
-        num_layers = num_layers_of(planner.ckpts[planner.reference])
+        planner.check_modules_used()
+        num_layers = planner.num_layers
         names = sorted(planner.ckpts[planner.reference].tensors, key=lambda n: (group_key(n), n))
         items = [planner.tensor(n, num_layers) for n in names]
     if not items:
@@ -295,12 +379,13 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int) -> Pl
     tok_dir = str(planner.ckpts[planner.reference].root) if tok in (None, "base") else str(open_checkpoint(tok).root)
     phash = _plan_hash(recipe, work, shards, planner.ckpts)
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
-                recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()))
+                recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
+                tuple(getattr(planner, "notes", ())))
 
 
 def _unit_label(name: str) -> str:
     k = group_key(name)
-    return f"{k[1]}.{k[2]}" if k[0] == 1 else k[1]
+    return f"{k[1]}.{k[2]}" if k[0] in (1, 5) else k[1]
 
 
 def _plan_hash(recipe: Recipe, units, shards, ckpts: dict[str, Checkpoint]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from engine.checkpoint import NAME_TO_CODE
 
@@ -27,7 +27,19 @@ class Condition(BaseModel):
     filter: Optional[str] = None
 
 
-Setting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+Number = Union[StrictInt, StrictFloat]
+
+
+class PairWeights(BaseModel):
+    """PlaM's unnormalised form `weights: {mllm: 0.9, base: 0.3}` (each a number or a per-layer gradient list):
+    W = mllm * W_mllm + base * W_base. A mapping of its own so that a typo'd key is an error, not a silent 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mllm: Union[Number, list[Number]]
+    base: Union[Number, list[Number]]
+
+
+Setting = Union[Scalar, list[Scalar], Condition, list[Condition], PairWeights]
 
 
 class ModelEntry(BaseModel):
@@ -96,7 +108,8 @@ def _yaml_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("bool", "int", "float", "str", "list[...]") or "[" in str(part) or part.startswith(("list", "Condition")):
+        elif (part in ("bool", "int", "float", "str", "list[...]") or "[" in str(part)
+              or part.startswith(("list", "Condition", "PairWeights"))):
             continue  # pydantic's union-branch labels are noise for users
         else:
             out += f".{part}" if out else str(part)
@@ -137,6 +150,11 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         upd[key] = _resolve(getattr(recipe, key), base_dir)
     if recipe.tokenizer_source not in (None, "base"):
         upd["tokenizer_source"] = _resolve(recipe.tokenizer_source, base_dir)
+    if isinstance(recipe.parameters.get("plateau"), str):  # PlaM's probe.json, written next to the recipe
+        upd["parameters"] = {**recipe.parameters, "plateau": _resolve(recipe.parameters["plateau"], base_dir)}
+    if any(m.source for m in recipe.modules.values()):  # passthrough sources name models like `models:` does
+        upd["modules"] = {k: m.model_copy(update={"source": _resolve(m.source, base_dir)})
+                          for k, m in recipe.modules.items()}
     return recipe.model_copy(update=upd)
 
 
