@@ -163,6 +163,7 @@ def model_card(plan) -> str:
         f"# Merged model\n\nProduced by shardmerge {engine.__version__} with `{plan.recipe.merge_method}`.\n\n"
         f"Inputs:\n" + "".join(f"- `{r}`\n" for r in plan.recipe.model_refs)
         + f"\n## Recipe\n\n```json\n{recipe_yaml}\n```\n\nPlan hash: `{plan.plan_hash}`\n"
+        + ("\n## Notes\n\n" + "".join(f"- {n}\n" for n in plan.notes) if plan.notes else "")
     )
 
 

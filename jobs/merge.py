@@ -62,6 +62,8 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
                       chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
                       progress=progress, fault=fault, address=address,
                       memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None)
+    if plan.notes:
+        summary["notes"] = list(plan.notes)
     if verify:
         problems = verify_dir(out)
         if problems:
