@@ -144,7 +144,8 @@ def test_second_driver_on_same_output_is_refused(family, tmp_path):
             open_output(plan, tmp_path, resume=False, overwrite=True)
     finally:
         os.close(state.lock_fd)
-    open_output(plan, tmp_path, resume=True, overwrite=False)  # the lock died with its holder: resume works
+    again = open_output(plan, tmp_path, resume=True, overwrite=False)  # the lock died with its holder: resume works
+    os.close(again.lock_fd)
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal():
@@ -174,6 +175,24 @@ def test_fault_spec_parsing():
     for bad in ("boom:/t:1", "crash:/t:x", "crash:3", "sleep:", "sleep:soon"):
         with pytest.raises(ValueError, match="fault spec"):
             FaultInjector(bad)
+
+
+def test_lost_units_go_to_the_front_and_a_unit_that_kills_workers_fails_the_merge():
+    from collections import deque
+    from types import SimpleNamespace
+
+    from engine.ray_pool import MAX_UNIT_ATTEMPTS, _Pool
+
+    units = [SimpleNamespace(id=i, key=f"model.layers.{i}") for i in range(5)]
+    drv = SimpleNamespace(pending=deque([3, 4]), plan=SimpleNamespace(units=units), ready_shards=lambda: [])
+    pool = _Pool(drv, spawn=None, workers=2, opts={}, max_inflight=2)
+    pool._requeue("unit", 1)
+    pool._requeue("shard", "shard-a")
+    assert list(drv.pending) == [1, 3, 4] and pool.finalize_q == ["shard-a"]
+    for _ in range(MAX_UNIT_ATTEMPTS - 2):
+        pool._requeue("unit", 1)
+    with pytest.raises(RuntimeError, match=rf"work unit 1 \(model.layers.1\) was running on {MAX_UNIT_ATTEMPTS} workers"):
+        pool._requeue("unit", 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
