@@ -3,8 +3,9 @@
 For the same samples it times (1) one unmasked forward, (2) the fast path over every cut (one traced pass plus
 batched text-only suffixes), (3) the exact path (one masked forward per cut, the reference cost). The target is a
 fast sweep <= 3 unmasked passes. The models are random in-memory MLLMs whose shape is chosen on the command line
-(nothing is downloaded); the image-token share of the prompt decides the ratio, so it is reported too, with the
-ratio that counting token-layers alone predicts: 1 + (text share) * sum_c (L - c) / L.
+(nothing is downloaded). What decides the ratio is the share of the prompt that the suffixes recompute (the text
+after the image: text before it is shared), so it is reported with the ratio that counting token-layers alone
+predicts: 1 + (suffix share) * sum_c (L - c) / L.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def _time(fn, repeats: int, sync) -> float:
     return min(times)
 
 
-def predicted_ratio(num_layers: int, cuts: Sequence[int], text_share: float) -> float:
+def predicted_ratio(num_layers: int, cuts: Sequence[int], suffix_share: float) -> float:
     """Token-layer count of a fast sweep over that of one unmasked pass (vision tower and overheads ignored)."""
-    return 1.0 + text_share * sum(num_layers - c for c in cuts if c < num_layers) / num_layers
+    return 1.0 + suffix_share * sum(num_layers - c for c in cuts if c < num_layers) / num_layers
 
 
 def bench(family: str, layers: int, hidden: int, heads: int, grid: tuple, before: int, after: int,
@@ -60,9 +61,12 @@ def bench(family: str, layers: int, hidden: int, heads: int, grid: tuple, before
             t_exact = None
             if exact:
                 t_exact = _time(lambda: [paths.exact_logits(model, inputs, c) for c in cuts], repeats, sync)
-        share = float((~inputs.image_mask).sum()) / inputs.seq_len
+        first_image = int(torch.nonzero(inputs.image_mask)[0])
+        suffix = int((~inputs.image_mask[first_image:]).sum())
+        share = suffix / inputs.seq_len
         rows.append(dict(sample=s, seq_len=inputs.seq_len, image_tokens=int(inputs.image_mask.sum()),
-                         text_share=share, unmasked_s=t_full, fast_sweep_s=t_fast, exact_sweep_s=t_exact,
+                         text_before_image=first_image, suffix_tokens=suffix, suffix_share=share,
+                         unmasked_s=t_full, fast_sweep_s=t_fast, exact_sweep_s=t_exact,
                          fast_ratio=t_fast / t_full, exact_ratio=(t_exact / t_full) if exact else None,
                          predicted_fast_ratio=predicted_ratio(layers, cuts, share)))
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731

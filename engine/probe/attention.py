@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -48,6 +48,45 @@ class AttentionRecorder:
 
 
 _STATE: contextvars.ContextVar[Optional[MaskState]] = contextvars.ContextVar("shardmerge_probe_state", default=None)
+
+
+@dataclass
+class SharedPrefix:
+    """Keys/values of the text before the image, per decoder layer (post-RoPE, as attention sees them).
+
+    Masking never changes them (those tokens cannot attend to the image, which comes later), so the fast path
+    captures them once in the unmasked pass (`length` positions) and lets the suffix queries attend to them
+    instead of recomputing the prefix for every cut."""
+
+    length: int
+    kv: dict = field(default_factory=dict)  # layer -> (key (1, H_kv, length, D), value)
+    capture: bool = True  # True: record during the unmasked pass; False: prepend during suffix runs
+
+
+_PREFIX: contextvars.ContextVar[Optional[SharedPrefix]] = contextvars.ContextVar("shardmerge_probe_prefix",
+                                                                                default=None)
+
+
+@contextlib.contextmanager
+def shared_prefix(prefix: SharedPrefix) -> Iterator[SharedPrefix]:
+    """Within the block, decoder-layer attention records (capture=True) or prepends (False) the prefix K/V."""
+    token = _PREFIX.set(prefix)
+    try:
+        yield prefix
+    finally:
+        _PREFIX.reset(token)
+
+
+def _with_prefix(prefix: SharedPrefix, layer: int, query, key, value):
+    """Prepend the layer's prefix K/V; the suffix queries see all of it and causal attention among themselves."""
+    if layer not in prefix.kv:
+        raise RuntimeError(f"fast path: no shared-prefix keys/values captured for decoder layer {layer}")
+    k_p, v_p = prefix.kv[layer]
+    batch = key.shape[0]
+    key = torch.cat([k_p.expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([v_p.expand(batch, -1, -1, -1), value], dim=2)
+    mask = _visible(None, query.shape[2], key.shape[2], query.device)  # bottom-right: queries follow the prefix
+    return key, value, mask.expand(batch, 1, query.shape[2], key.shape[2])
 
 
 @contextlib.contextmanager
@@ -134,6 +173,13 @@ def probe_attention(module, query, key, value, attention_mask, **kwargs):
 
     state = _STATE.get()
     layer = getattr(module, LAYER_ATTR, None)
+    prefix = _PREFIX.get() if layer is not None else None
+    if prefix is not None and prefix.capture:
+        prefix.kv[layer] = (key[:, :, : prefix.length], value[:, :, : prefix.length])
+    elif prefix is not None:
+        if state is not None:
+            raise RuntimeError("probe attention: a masked forward inside a shared-prefix suffix run")
+        key, value, attention_mask = _with_prefix(prefix, layer, query, key, value)
     if state is None or layer is None or (layer < state.cut and state.recorder is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]

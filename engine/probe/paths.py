@@ -56,7 +56,8 @@ class Trace:
     hidden_in: list  # hidden states entering layer l, (1, S, H), l = 0..L-1
     layer_kwargs: list  # the kwargs each layer was called with
     last_out: Optional[torch.Tensor]  # output of layer L-1
-    logits: torch.Tensor  # (S, V) the model's own logits
+    logits: torch.Tensor  # (S, V) the model's own logits, or those of the last `span` positions
+    prefix: Optional[attention.SharedPrefix] = None  # K/V of the text before the image, per layer
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -64,14 +65,15 @@ def _layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trace(model, parts: LMParts, inputs: ProbeInputs, last: int = 0) -> Trace:
+def trace(model, parts: LMParts, inputs: ProbeInputs, last: int = 0, prefix_len: int = 0) -> Trace:
     """Run the model once unmasked, capturing every decoder layer's input and kwargs (logits of the last `last`
-    positions only when last > 0)."""
+    positions only when last > 0) and, with prefix_len > 0, the K/V of the first prefix_len positions."""
     n = parts.num_layers
     hidden_in: list = [None] * n
     kwargs_in: list = [None] * n
     captured: dict = {}
     handles = []
+    prefix = attention.SharedPrefix(prefix_len) if prefix_len > 0 else None
 
     def pre_hook(i):
         def hook(module, args, kwargs):
@@ -87,14 +89,21 @@ def trace(model, parts: LMParts, inputs: ProbeInputs, last: int = 0) -> Trace:
         for i, layer in enumerate(parts.layers):
             handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         handles.append(parts.layers[-1].register_forward_hook(post_hook, with_kwargs=True))
-        logits = _model_logits(model, inputs, last)
+        if prefix is None:
+            logits = _model_logits(model, inputs, last)
+        else:
+            with attention.shared_prefix(prefix):
+                logits = _model_logits(model, inputs, last)
     finally:
         for h in handles:
             h.remove()
     missing = [i for i, h in enumerate(hidden_in) if h is None]
     if missing:
         raise RuntimeError(f"{type(model).__name__}: decoder layers {missing} never ran in the unmasked forward")
-    return Trace(hidden_in, kwargs_in, captured.get("out"), logits)
+    if prefix is not None and len(prefix.kv) != n:
+        raise RuntimeError(f"{type(model).__name__}: shared-prefix K/V captured for {len(prefix.kv)} of {n} decoder "
+                           "layers; does every decoder layer dispatch through transformers' AttentionInterface?")
+    return Trace(hidden_in, kwargs_in, captured.get("out"), logits, prefix)
 
 
 def _restrict(name: str, value, keep: torch.Tensor, seq_len: int, batch: int):
@@ -156,28 +165,42 @@ def fast_logits(
     """Logits for every cut from one unmasked pass plus batched text-only suffixes.
 
     positions="last": (V,) at the answer position; "text": (T, V) at every non-image position, in order;
-    an int k: (k, V) at the last k text positions (teacher-forced answers)."""
+    an int k: (k, V) at the last k text positions (teacher-forced answers).
+    Text before the image is never affected by the mask (it cannot attend to later tokens): its logits come from
+    the unmasked pass and its K/V are shared with the suffixes instead of being recomputed for every cut."""
     check_fast_path_supported(model)
     n = parts.num_layers
     cuts = sorted(set(_validate_cuts(cuts, n)))
     keep = torch.nonzero(~inputs.image_mask).flatten()
-    rows = _output_rows(positions, keep)
-    span = inputs.seq_len - int(keep[rows[0]])  # logits the unmasked pass must produce: its last `span` positions
-    tr = trace(model, parts, inputs, last=span)
+    rows = keep[_output_rows(positions, keep)]  # absolute positions whose logits are returned
+    first_image = int(torch.nonzero(inputs.image_mask)[0])
+    span = inputs.seq_len - int(rows[0])  # logits the unmasked pass must produce: its last `span` positions
+    tr = trace(model, parts, inputs, last=span, prefix_len=first_image)
     _check_head(parts, tr, span - 1)
-    result = {}
-    if n in cuts:
-        result[n] = tr.logits[keep[rows] - (inputs.seq_len - span)]
+    from_trace = tr.logits[rows - (inputs.seq_len - span)]
+    result = {n: from_trace} if n in cuts else {}
+    suffix = keep[keep > first_image]  # the text that may see the image: recomputed per cut
+    pre = rows < first_image
+    pick = torch.searchsorted(suffix, rows[~pre])
     suffix_cuts = [c for c in cuts if c < n]
-    for c, hidden in zip(suffix_cuts, _run_suffixes(parts, tr, keep, suffix_cuts, inputs.seq_len)):
-        result[c] = parts.head(parts.norm(hidden[None, rows.to(hidden.device)]))[0].float()
+    for c, hidden in zip(suffix_cuts, _run_suffixes(parts, tr, suffix, suffix_cuts, inputs.seq_len)):
+        after = parts.head(parts.norm(hidden[None, pick.to(hidden.device)]))[0].float()
+        result[c] = torch.cat([from_trace[pre.to(from_trace.device)], after.to(from_trace.device)])
     return {c: (v[0] if positions == "last" else v) for c, v in sorted(result.items())}
 
 
 def _run_suffixes(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len: int) -> list:
-    """Hidden states (T, H) after the last layer for each cut, running layers c..L-1 batched over cuts."""
+    """Hidden states (T, H) after the last layer at positions `keep` for each cut, running layers c..L-1 batched
+    over cuts, attending to the shared prefix K/V when the trace captured one."""
     if not cuts:
         return []
+    if tr.prefix is None:
+        return _suffix_layers(parts, tr, keep, cuts, seq_len)
+    with attention.shared_prefix(attention.SharedPrefix(tr.prefix.length, tr.prefix.kv, capture=False)):
+        return _suffix_layers(parts, tr, keep, cuts, seq_len)
+
+
+def _suffix_layers(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len: int) -> list:
     batch = None
     for layer_idx in range(cuts[0], parts.num_layers):
         new = [tr.hidden_in[c][:, keep] for c in cuts if c == layer_idx]
