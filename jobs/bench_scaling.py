@@ -98,7 +98,8 @@ def report(rows: list[dict]) -> dict:
     one = by_w.get(1)
     speedups = {w: one["wall_s"] / r["wall_s"] for w, r in by_w.items() if one and w > 1}
     merge_speedups = {w: one["merge_s"] / r["merge_s"] for w, r in by_w.items() if one and w > 1}
-    return {"rows": rows, "speedup_vs_1_worker": speedups, "merge_speedup_vs_1_worker": merge_speedups, "identical_outputs": True, "cpus": os.cpu_count(),
+    return {"rows": rows, "speedup_vs_1_worker": speedups, "merge_speedup_vs_1_worker": merge_speedups,
+            "identical_outputs": True, "cpus": os.cpu_count(),
             "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d"), "load_avg_1min": os.getloadavg()[0]}
 

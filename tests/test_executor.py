@@ -191,7 +191,8 @@ def test_lost_units_go_to_the_front_and_a_unit_that_kills_workers_fails_the_merg
     assert list(drv.pending) == [1, 3, 4] and pool.finalize_q == ["shard-a"]
     for _ in range(MAX_UNIT_ATTEMPTS - 2):
         pool._requeue("unit", 1)
-    with pytest.raises(RuntimeError, match=rf"work unit 1 \(model.layers.1\) was running on {MAX_UNIT_ATTEMPTS} workers"):
+    msg = rf"work unit 1 \(model.layers.1\) was running on {MAX_UNIT_ATTEMPTS} workers"
+    with pytest.raises(RuntimeError, match=msg):
         pool._requeue("unit", 1)
 
 
@@ -310,7 +311,7 @@ def test_scaling_benchmark_report_and_in_process_run(tmp_path, capsys):
     assert r["speedup_vs_1_worker"] == {2: 2.5} and r["merge_speedup_vs_1_worker"] == {2: 3.2}
     out = tmp_path / "b.json"
     assert main(["--workers", "0,0", "--layers", "1", "--hidden", "64", "--threads", "1", "--models",
-                 str(tmp_path / "m"), "--json", str(out)]) == 0  # in-process twice: runs, outputs compared, no Ray needed
+                 str(tmp_path / "m"), "--json", str(out)]) == 0  # in-process twice, outputs compared, no Ray
     got = json.loads(out.read_text())
     assert [row["workers"] for row in got["rows"]] == [0, 0] and got["rows"][0]["units"] == 4
     assert "workers 0" in capsys.readouterr().out
