@@ -124,3 +124,19 @@ def test_sliding_window_models_refused_by_fast_path():
     model.config.text_config.layer_types = ["sliding_attention"] + ["full_attention"] * (LAYERS - 1)
     with pytest.raises(ValueError, match="full-attention"):
         paths.fast_logits(model, parts, inputs, [0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", fixtures.FAMILIES)
+def test_gpu_fast_equals_exact_bf16(family):
+    model = fixtures.tiny_model(family, LAYERS, seed=2, dtype=torch.bfloat16).cuda()
+    parts = core.install(model)
+    inputs = core.to_device(core.make_inputs(fixtures.tiny_inputs(family, 2), parts.image_token_id), "cuda")
+    fast = paths.fast_logits(model, parts, inputs, range(LAYERS + 1), positions="text")
+    for c in range(LAYERS + 1):
+        exact = paths.exact_logits(model, inputs, c)
+        _close(fast[c], exact[(~inputs.image_mask).to(exact.device)], torch.bfloat16)
+    tokens, logits = generation.greedy_generate(model, inputs, 1, max_new_tokens=3, with_logits=True)
+    ref = paths.fast_logits(model, parts, inputs, [1])[1]
+    _close(logits[0], ref, torch.bfloat16)

@@ -124,6 +124,12 @@ def make_inputs(model_kwargs: Mapping[str, Any], image_token: int, *, sample: Op
     return ProbeInputs(dict(model_kwargs), image_mask)
 
 
+def to_device(inputs: ProbeInputs, device) -> ProbeInputs:
+    """The model kwargs on the model's device; the image mask stays on the CPU (it is indexing metadata)."""
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.model_kwargs.items()}
+    return ProbeInputs(kwargs, inputs.image_mask.cpu())
+
+
 # Per-position model kwargs that grow with the sequence (everything else — pixels, grids — describes the image).
 _PER_POSITION = {"input_ids": None, "attention_mask": 1, "mm_token_type_ids": 0, "token_type_ids": 0}
 

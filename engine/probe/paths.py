@@ -154,7 +154,9 @@ def _output_rows(positions, keep: torch.Tensor) -> torch.Tensor:
         return torch.arange(len(keep))
     k = 1 if positions == "last" else positions
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(keep):
-        raise ValueError(f"positions must be 'last', 'text' or an int in 1..{len(keep)} (text tokens), got {positions!r}")
+        raise ValueError(
+            f"positions must be 'last', 'text' or an int in 1..{len(keep)} (text tokens), got {positions!r}"
+        )
     return torch.arange(len(keep) - k, len(keep))
 
 
@@ -171,13 +173,14 @@ def fast_logits(
     check_fast_path_supported(model)
     n = parts.num_layers
     cuts = sorted(set(_validate_cuts(cuts, n)))
-    keep = torch.nonzero(~inputs.image_mask).flatten()
+    image_mask = inputs.image_mask.cpu()  # index bookkeeping on the CPU; tensors are moved where they are used
+    keep = torch.nonzero(~image_mask).flatten()
     rows = keep[_output_rows(positions, keep)]  # absolute positions whose logits are returned
-    first_image = int(torch.nonzero(inputs.image_mask)[0])
+    first_image = int(torch.nonzero(image_mask)[0])
     span = inputs.seq_len - int(rows[0])  # logits the unmasked pass must produce: its last `span` positions
     tr = trace(model, parts, inputs, last=span, prefix_len=first_image)
     _check_head(parts, tr, span - 1)
-    from_trace = tr.logits[rows - (inputs.seq_len - span)]
+    from_trace = tr.logits[(rows - (inputs.seq_len - span)).to(tr.logits.device)]
     result = {n: from_trace} if n in cuts else {}
     suffix = keep[keep > first_image]  # the text that may see the image: recomputed per cut
     pre = rows < first_image
@@ -203,7 +206,7 @@ def _run_suffixes(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len:
 def _suffix_layers(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len: int) -> list:
     batch = None
     for layer_idx in range(cuts[0], parts.num_layers):
-        new = [tr.hidden_in[c][:, keep] for c in cuts if c == layer_idx]
+        new = [tr.hidden_in[c][:, keep.to(tr.hidden_in[c].device)] for c in cuts if c == layer_idx]
         if new:
             batch = torch.cat([batch, *new], dim=0) if batch is not None else torch.cat(new, dim=0)
         kwargs = {

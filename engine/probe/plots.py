@@ -56,6 +56,8 @@ def plot_curve(path: Path, pooled: Plateau, per_bench: Mapping[str, Plateau], *,
     ax.legend(fontsize=7, loc="best")
     for name, res in sorted(per_bench.items()):
         ax_p.plot(res.cuts, res.normalized, "o-", ms=2, label=name + (" (no vision gap!)" if res.warning else ""))
+    p_lo, p_hi = np.array(pooled.normalized_ci, dtype=float).T
+    ax_p.fill_between(cuts, p_lo, p_hi, color="k", alpha=0.12, label="pooled 95% CI")
     ax_p.plot(cuts, pooled.normalized, "k-", lw=2, label="pooled")
     ax_p.set_xlabel("cut layer c")
     ax_p.set_ylabel("p(c) = (m(c) - m(0)) / (m(L) - m(0))")
@@ -93,6 +95,10 @@ def plot_focus(path: Path, image_bytes: bytes, per_token, grid: tuple, mass, ent
     ax_e = ax_curve.twinx()
     ax_e.plot(layers, entropy, "s--", color="#d9534f", label="entropy over image tokens (nats)")
     ax_e.set_ylabel("entropy (nats)")
+    ax_e.ticklabel_format(axis="y", useOffset=False)
+    from matplotlib.ticker import MaxNLocator
+
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.legend(loc="upper left", fontsize=7)
     ax_e.legend(loc="upper right", fontsize=7)
     fig.tight_layout()

@@ -85,7 +85,8 @@ def gold_sequence_logprob(text_logits: torch.Tensor, gold_ids: Sequence[int]) ->
     """log P(gold) from the logits at the last len(gold)+1 text positions of prompt+gold (teacher forcing)."""
     g = len(gold_ids)
     rows = torch.log_softmax(text_logits[-(g + 1) : -1].double(), dim=-1)
-    return float(rows[torch.arange(g), torch.as_tensor(list(gold_ids))].sum())
+    ids = torch.as_tensor(list(gold_ids), device=rows.device)
+    return float(rows[torch.arange(g, device=rows.device), ids].sum())
 
 
 def _closed_logits(model, parts, inputs, cuts, path) -> dict:
@@ -107,7 +108,7 @@ def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sampl
     L = parts.num_layers
     cuts = settings.cut_list(L)
     kind = prompting.question_kind(sample)
-    inputs = prompter.encode(sample)
+    inputs = core.to_device(prompter.encode(sample), model.device)
     base = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, category=sample.category, kind=kind,
                 num_layers=L, seq_len=inputs.seq_len, n_image_tokens=int(inputs.image_mask.sum()))
     rows = []

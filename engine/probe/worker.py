@@ -89,7 +89,7 @@ class ShardProber:
         return ShardResult(shard.index, rows, bad, focus_rows, heatmap, time.perf_counter() - start)
 
     def _focus(self, sample: readers.Sample):
-        inputs = self.prompter.encode(sample)
+        inputs = core.to_device(self.prompter.encode(sample), self.model.device)
         f = focus.attention_focus(self.model, self.parts, inputs)
         rows = [dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, layer=i, mass=m, entropy=e)
                 for i, (m, e) in enumerate(zip(f.mass, f.entropy))]
