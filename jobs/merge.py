@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", default="5GB", help="max output shard size (default 5GB)")
     p.add_argument("--chunk-mb", type=float, default=64, help="row-chunk size per input tensor (MiB, default 64)")
     p.add_argument("--max-memory-per-worker", default=None, help="per-worker memory budget for Ray (e.g. 8GB)")
+    p.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads per CPU worker (default: the CPUs the worker reserves)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
@@ -45,7 +47,7 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
               address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
               shard_size: str | int = "5GB", chunk_mb: float = 64, max_memory_per_worker: Optional[str] = None,
               allow_nonfinite: bool = False, progress: bool = True, verify: bool = True,
-              fault: Optional[str] = None) -> dict:
+              fault: Optional[str] = None, threads_per_worker: Optional[int] = None) -> dict:
     """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause."""
     from engine.executor import execute
     from engine.plan import build_plan, parse_size
@@ -56,11 +58,11 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
         raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
     recipe = load_recipe(recipe_path)
     plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path))
-    if workers is None:
-        workers = default_workers(device)
+    if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
+        workers = default_workers(device)  # on a cluster, execute() sizes the pool from the cluster's resources
     summary = execute(plan, out, workers=workers, device=device, resume=resume, overwrite=overwrite,
                       chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
-                      progress=progress, fault=fault, address=address,
+                      progress=progress, fault=fault, address=address, threads_per_worker=threads_per_worker,
                       memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None)
     if plan.notes:
         summary["notes"] = list(plan.notes)
@@ -86,11 +88,12 @@ def run_from_args(args: argparse.Namespace) -> int:
             resume=args.resume, overwrite=args.overwrite, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
             max_memory_per_worker=args.max_memory_per_worker, allow_nonfinite=args.allow_nonfinite,
             progress=not args.no_progress, verify=not args.no_verify, fault=os.environ.get("SHARDMERGE_FAULT"),
+            threads_per_worker=args.threads_per_worker,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"shardmerge merge: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "units_by_worker"}, sort_keys=True))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("units_by_worker", "worker_stats")}, sort_keys=True))
     return 0
 
 
