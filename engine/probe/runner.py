@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +46,6 @@ class ProbeJob:
     delta: float = 0.1
     epsilon: float = 0.05
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -185,7 +184,7 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
         "settings": {"benches": [str(b) for b in job.benches], "workers": job.workers, "device": device,
                      "format": job.fmt, "rows_per_shard": job.rows_per_shard, "limit": job.limit,
                      "bootstrap": job.n_boot, "delta": job.delta, "epsilon": job.epsilon, "seed": job.seed,
-                     "ci_level": plateau.CI_LEVEL, "worker": worker, **job.extra},
+                     "ci_level": plateau.CI_LEVEL, "worker": worker},
         "seconds": round(seconds, 3),
     }
 
