@@ -1,6 +1,5 @@
 """Benchmark readers (our Parquet, HF Parquet, VLMEvalKit TSV), bad-row accounting, sharding, prompting."""
 
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
