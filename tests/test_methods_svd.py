@@ -238,7 +238,7 @@ def test_paths_exact_on_low_rank(path, m, n):
 
 def test_randomized_within_halko_bound_on_general_matrix():
     g = gen(12)
-    m, n, k = 300, 400, 10
+    m, n, k = 200, 300, 10
     U0, _ = torch.linalg.qr(torch.randn(m, m, generator=g))
     V0, _ = torch.linalg.qr(torch.randn(n, m, generator=g))
     A = (U0 * (1.0 / torch.arange(1, m + 1) ** 0.5)) @ V0.T  # slowly decaying spectrum, the hard case
@@ -275,7 +275,8 @@ def test_methods_randomized_path_equals_exact_on_low_rank_updates():
 
 def test_choose_path_policy():
     assert rsvd.choose_path(1024, 4096, 500) == "exact"
-    assert rsvd.choose_path(4096, 11008, 1365) == "randomized"  # tsv, K = 3: 1375 <= 0.5 * 4096
+    assert rsvd.choose_path(4096, 11008, 327) == "randomized"  # cart, 8 %: sketch 654 <= 0.25 * 4096
+    assert rsvd.choose_path(4096, 11008, 1365) == "gram"  # tsv, K = 3: sketch 2730 > 1024
     assert rsvd.choose_path(11008, 4096, 3276) == "gram"  # iso_cts common space: too many triplets
     with pytest.raises(ValueError, match="rank"):
         rsvd.truncated_svd(torch.zeros(4, 5), 5)
@@ -302,3 +303,14 @@ def test_energy_rank_closed_form():
     assert rsvd.energy_rank(S, 1.0) == 3
     assert rsvd.energy_rank(torch.zeros(3), 0.9) == 0
     assert math.isclose(rsvd.halko_bound(100, 100, 10, 10, 0), 2 + 11 * math.sqrt(20) * 10)
+
+
+def test_bench_helper_runs_and_agrees_with_its_naive_loop(capsys):
+    from jobs import bench_svd
+
+    assert bench_svd.main(["--rows", "24", "--cols", "40", "--layers", "2", "--device", "cpu"]) == 0
+    lines = [l.split() for l in capsys.readouterr().out.splitlines() if l.split()[:1] in (["tsv"], ["cart"])]
+    assert len(lines) == 2
+    taus = bench_svd.synthetic_updates(2, 3, 24, 40, seed=0)
+    for method in bench_svd.METHODS:
+        assert bench_svd.run(method, taus)["rel_diff"] < 1e-4

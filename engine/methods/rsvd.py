@@ -5,25 +5,34 @@ depends on the matrix size and on how many triplets are kept. `truncated_svd` pi
 
 - "exact": `torch.linalg.svd` (LAPACK gesdd / cuSOLVER). Used when the smaller side is <= `exact_threshold`
   [1024]; results of every method must match dense SVD there, and small SVDs are cheap anyway.
-- "randomized": Halko, Martinsson & Tropp (2011), Alg. 4.4 (randomized range finder with `n_iter` power
+- "randomized": Halko, Martinsson & Tropp (2011), Alg. 4.4 (randomized range finder with `n_iter` [4] power
   iterations, QR re-orthonormalisation after every product) followed by an exact SVD of the small projected
-  matrix. Used above the threshold when `rank + oversample <= randomized_max_fraction * min(m, n)` [0.5]: the
-  cost is ~(2 n_iter + 2) products of the matrix with a thin (min side x l) block instead of a full SVD.
+  matrix. The sketch is l = rank + oversample wide with oversample = max(10, rank) by default, i.e. twice the
+  rank: merge methods use every kept direction (tsv orthogonalises them, cart sums them), so the directions
+  near the cut must be right, not only the spectral error small. Measured on 384 x 1032 updates with a
+  sigma_i ~ 1/i spectrum plus 1 % noise, tsv's max relative deviation from dense float64: p = 10 -> 0.18,
+  p = 64 -> 2.4e-3, p = rank (128) -> 1.8e-5; cart (rank 30): p = 10 -> 4e-2, p = 64 -> 1.8e-5.
+  Used above the threshold while l <= randomized_max_fraction [0.25] * min(m, n): at l = min(m, n) / 4 its
+  ~(2 n_iter + 2) products of the matrix with an l-wide block cost about as many flops as the Gram path
+  (4096 x 11008: ~1.2 TFLOP each), beyond that the Gram path is cheaper.
   Spectral-norm error bound (Halko et al. eq. 1.9 combined with their Prop. 8.6 for the power scheme, plus the
   sigma_{k+1} that the final rank-k truncation adds, their Sec. 9.4), with probability >= 1 - 6 p^-p:
       ||A - U_k S_k V_k^T||_2 <= (1 + [1 + 11 sqrt(k + p) sqrt(min(m, n))]^(1 / (2q + 1))) * sigma_{k+1}(A)
-  where k = rank, p = oversample, q = n_iter (`halko_bound` returns the bracket factor + 1). On a matrix of
-  rank <= k the bound is 0: the randomized path is exact up to float rounding.
+  where k = rank, p = oversample, q = n_iter (`halko_bound`). On a matrix of rank <= k the bound is 0: the
+  randomized path is exact up to float rounding.
 - "gram": eigendecomposition of the float64 Gram matrix of the smaller side, for large matrices of which many
-  triplets are kept (where randomized sketches stop paying). Direct, not random; singular values accurate to
-  about eps64 * sigma_max^2 / sigma_i, i.e. better than a float32 SVD for every sigma_i > 1e-7 sigma_max.
-  Measured on this project's 2-core CPU box for 4096 x 11008 float32: gesdd 50 s; Gram (float64) 6 s + eigh
-  (float64) 27 s under load, 4 s total unloaded in float32 -- the Gram path is 2-10x faster than gesdd.
+  triplets are kept (tsv with few experts, iso_cts's common space, full spectra). Direct, not random; singular
+  values accurate to about eps64 * sigma_max^2 / sigma_i, i.e. better than a float32 SVD for every
+  sigma_i > 1e-7 sigma_max. 4096 x 11008 float32 on this project's shared 2-core CPU box: gesdd 50 s; float64
+  Gram 6 s + float64 eigh 27 s under load (float32 Gram + eigh 4 s unloaded).
 
 Every path returns singular triplets sorted by decreasing singular value, and triplets whose singular value is
-below the numerical-rank tolerance (sigma_max * max(m, n) * eps32, numpy's matrix_rank rule for float32 data)
-are returned as ZERO vectors: their directions are arbitrary (LAPACK- and path-dependent), and the
-orthogonalisation steps downstream must not depend on them. This makes every method's output a function of the
+at most `null_tolerance(m, n)` * sigma_max = 10 sqrt(max(m, n)) eps32 sigma_max are returned as ZERO vectors:
+they are rounding noise of a rank-deficient float32 matrix (identical experts, LoRA-merged task vectors; the
+noise measures ~0.2 eps32 sigma_max on small matrices and grows ~sqrt(size)), their directions are arbitrary
+(LAPACK- and path-dependent), and the orthogonalisation steps downstream give every kept direction unit
+weight, so they must not see them. numpy's matrix_rank rule max(m, n) eps32 was too coarse: it drops real
+directions of large updates (sigma_1365 / sigma_1 = 7e-4 < 1.3e-3 for a 1/i spectrum at 4096 x 11008). This makes every method's output a function of the
 inputs only, identical across paths, devices and batch layouts up to float rounding.
 
 Randomness is deterministic: the Gaussian test matrix is drawn on the CPU from `generator` (a fresh generator
@@ -39,12 +48,13 @@ from typing import Optional
 import torch
 
 EXACT_THRESHOLD = 1024  # smaller side at or below which the exact LAPACK SVD is used
-RANDOMIZED_MAX_FRACTION = 0.5  # randomized only while rank + oversample <= this fraction of the smaller side
-DEFAULT_OVERSAMPLE = 10  # Halko et al. recommend p = 5..10
+RANDOMIZED_MAX_FRACTION = 0.25  # randomized only while the sketch width l <= this fraction of the smaller side
+DEFAULT_OVERSAMPLE = None  # None: p = max(10, rank), i.e. a sketch twice the rank (see module doc)
 DEFAULT_N_ITER = 4  # power iterations; spectra of fine-tuning updates decay slowly, so q = 4 rather than 1-2
 DEFAULT_SEED = 0
 PATHS = ("auto", "exact", "randomized", "gram")
 _EPS32 = torch.finfo(torch.float32).eps
+_EPS64 = torch.finfo(torch.float64).eps
 
 
 def choose_path(
@@ -53,22 +63,29 @@ def choose_path(
     rank: int,
     *,
     exact_threshold: int = EXACT_THRESHOLD,
-    oversample: int = DEFAULT_OVERSAMPLE,
+    oversample: Optional[int] = DEFAULT_OVERSAMPLE,
     randomized_max_fraction: float = RANDOMIZED_MAX_FRACTION,
 ) -> str:
     """Which algorithm `truncated_svd(path="auto")` uses for an m x n matrix and `rank` triplets (see module doc)."""
     small = min(m, n)
     if small <= exact_threshold:
         return "exact"
-    if rank + oversample <= randomized_max_fraction * small:
+    if rank + resolve_oversample(rank, oversample) <= randomized_max_fraction * small:
         return "randomized"
     return "gram"
 
 
-def halko_bound(m: int, n: int, rank: int, oversample: int = DEFAULT_OVERSAMPLE, n_iter: int = DEFAULT_N_ITER) -> float:
+def resolve_oversample(rank: int, oversample: Optional[int]) -> int:
+    """The oversampling p actually used: `oversample`, or max(10, rank) when None (a sketch twice the rank)."""
+    return max(10, rank) if oversample is None else oversample
+
+
+def halko_bound(m: int, n: int, rank: int, oversample: Optional[int] = DEFAULT_OVERSAMPLE,
+                n_iter: int = DEFAULT_N_ITER) -> float:
     """Factor c with ||A - A_k(randomized)||_2 <= c * sigma_{rank+1}(A) (probability >= 1 - 6 p^-p, module doc)."""
     q = max(n_iter, 0)
-    bracket = 1.0 + 11.0 * math.sqrt(rank + oversample) * math.sqrt(min(m, n))
+    p = resolve_oversample(rank, oversample)
+    bracket = 1.0 + 11.0 * math.sqrt(rank + p) * math.sqrt(min(m, n))
     return 1.0 + bracket ** (1.0 / (2 * q + 1))
 
 
@@ -90,9 +107,14 @@ def drop_small_triplets(U, S, Vh, floor: torch.Tensor):
     return U * keep[..., None, :], S, Vh * keep[..., :, None]
 
 
+def null_tolerance(m: int, n: int) -> float:
+    """Relative singular value at or below which a float32 m x n matrix's triplet is rounding noise."""
+    return 10.0 * math.sqrt(max(m, n)) * _EPS32
+
+
 def _zero_null_triplets(U, S, Vh, m: int, n: int):
-    """Zero the triplets below the numerical-rank tolerance (arbitrary directions, see module doc)."""
-    return drop_small_triplets(U, S, Vh, S[..., :1] * (max(m, n) * _EPS32))
+    """Zero the triplets below the null tolerance (arbitrary directions, see module doc)."""
+    return drop_small_triplets(U, S, Vh, S[..., :1] * null_tolerance(m, n))
 
 
 def _exact(A: torch.Tensor, rank: int):
@@ -135,7 +157,7 @@ def truncated_svd_batched(
     *,
     path: str = "auto",
     exact_threshold: int = EXACT_THRESHOLD,
-    oversample: int = DEFAULT_OVERSAMPLE,
+    oversample: Optional[int] = DEFAULT_OVERSAMPLE,
     n_iter: int = DEFAULT_N_ITER,
     randomized_max_fraction: float = RANDOMIZED_MAX_FRACTION,
     generator: Optional[torch.Generator] = None,
@@ -147,7 +169,7 @@ def truncated_svd_batched(
     _check_matrix(A, rank, batched=True)
     if path not in PATHS:
         raise ValueError(f"svd path must be one of {PATHS}, got {path!r}")
-    if oversample < 0 or n_iter < 0:
+    if (oversample is not None and oversample < 0) or n_iter < 0:
         raise ValueError(f"oversample and n_iter must be >= 0, got {oversample} and {n_iter}")
     m, n = A.shape[-2:]
     if path == "auto":
@@ -161,7 +183,7 @@ def truncated_svd_batched(
         U, S, Vh = _exact(work, rank)
     elif path == "randomized":
         gen = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
-        U, S, Vh = _randomized(work, rank, oversample, n_iter, gen)
+        U, S, Vh = _randomized(work, rank, resolve_oversample(rank, oversample), n_iter, gen)
     else:
         U, S, Vh = _gram(work, rank)
     if tall:
@@ -175,7 +197,7 @@ def truncated_svd(
     *,
     path: str = "auto",
     exact_threshold: int = EXACT_THRESHOLD,
-    oversample: int = DEFAULT_OVERSAMPLE,
+    oversample: Optional[int] = DEFAULT_OVERSAMPLE,
     n_iter: int = DEFAULT_N_ITER,
     randomized_max_fraction: float = RANDOMIZED_MAX_FRACTION,
     generator: Optional[torch.Generator] = None,
@@ -196,7 +218,9 @@ def polar_factor(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     numerically zero singular values left out (W is then a partial isometry): the classic U V^T there depends on
     LAPACK's arbitrary completion, this one does not -- and it makes tsv of K identical experts the expert.
     Computed from the float64 Gram of the smaller side (an eigh is ~10x cheaper than a float32 gesdd at LLM
-    sizes on CPU, and float64 keeps every direction above the float32 rank tolerance accurate).
+    sizes on CPU). Directions are dropped only at the Gram's own float64 noise, sigma <= 10 sqrt(max(p, q)
+    eps64) sigma_max (4e-6 relative at 1536): the stacked U's of tsv are square and nearly singular (smallest
+    sigma 6e-5 relative measured at 1536 x 1536), and dropping such a real direction changed tsv by 4 %.
     """
     if A.dim() < 2:
         raise ValueError(f"polar_factor expects a matrix (or a batch of them), got shape {tuple(A.shape)}")
@@ -205,7 +229,7 @@ def polar_factor(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A64 = (A.mT if wide else A).double()  # tall: (..., big, small)
     w, Q = torch.linalg.eigh(A64.mT @ A64)
     s = w.clamp_min(0).sqrt()
-    tol = s.amax(dim=-1, keepdim=True) * (max(p, q) * _EPS32)
+    tol = s.amax(dim=-1, keepdim=True) * (10.0 * math.sqrt(max(p, q) * _EPS64))
     inv = torch.where(s > tol, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     W = A64 @ ((Q * inv[..., None, :]) @ Q.mT)
     W = W.mT if wide else W

@@ -169,6 +169,10 @@ def iso_cts_update(taus: torch.Tensor, *, common_fraction: float = 0.8, **svd) -
     x, lead = _flatten_batch(taus)
     B, K, m, n = x.shape
     common, per_task = iso_cts_split(min(m, n), K, common_fraction)
+    if svd.get("path", "auto") == "auto":
+        # never randomized unless asked: the flat spectrum gives every kept direction the same weight, so the
+        # approximate directions near a sketch's cut are not damped (7.5 % max deviation measured on 384 x 1032)
+        svd = {**svd, "randomized_max_fraction": 0.0}
     parts = []  # (U, S, Vh) blocks: task-specific directions first, then the common ones (authors' order)
     Uc = x.new_zeros(B, m, 0)
     if common > 0:
