@@ -22,8 +22,8 @@ from typing import Optional
 from engine.plan import COPY, Plan
 from engine.unit import UnitResult, rows_per_chunk, run_unit, unit_digest
 from engine.writer import (
-    INDEX, MANIFEST, STATE_DIR, Journal, create_partial, finalize_shard, partial_path, sha256_file, state_dir,
-    write_metadata,
+    INDEX, MANIFEST, STATE_DIR, Journal, WriteFailed, create_partial, finalize_shard, partial_path, sha256_file,
+    state_dir, write_metadata,
 )
 
 MAX_INFLIGHT_PER_WORKER = 2  # one running + one queued keeps a worker busy without hoarding units
@@ -78,10 +78,14 @@ def _node_affinity(node_id: str):
 
 
 def default_worker_count(device: str, cluster: dict) -> int:
-    """One worker per GPU of the cluster with --device cuda; otherwise one per 2 CPUs (the CLI's default CPU slot)."""
+    """One worker per GPU of the cluster with --device cuda; otherwise one per CPU slot.
+
+    Streaming merges are memory-bound elementwise work: single-threaded workers side by side beat fewer workers with
+    intra-op threads (measured, 0.1 GB linear: 1 worker x 1 thread 4.2 s vs 1 worker x 2 threads 14.6 s on 2 busy
+    cores; see BENCHMARKS.md)."""
     if device == "cuda":
         return max(1, int(cluster.get("GPU", 0)))
-    return max(1, int(cluster.get("CPU", 1)) // 2)
+    return max(1, int(cluster.get("CPU", 1)))
 
 
 def worker_cpus(device: str, workers: int, node_cpus: list[float]) -> int:
@@ -115,23 +119,55 @@ def placement_problem(opts: dict, nodes: list[dict], workers: int) -> Optional[s
             "lower --workers or --max-memory-per-worker, or add nodes")
 
 
-def worker_memory_floor(plan: Plan, chunk_bytes: int) -> tuple[int, str]:
-    """Estimated peak memory of one worker (idle process + the largest tensor's chunk buffers: every input in
-    float32, the float32 result and its output-dtype copy), and the tensor that sets it. Whole-tensor methods
-    hold entire tensors."""
+def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool) -> int:
+    """Estimated peak working memory of a whole-matrix method (SVD family, pivot) on one m x n tensor of K inputs.
+
+    float32 m n-sized buffers: the K (+ base) inputs as read, their stack and the task vectors / deltas (2 K),
+    the decompositions' factors or pivot's stacked copy (2 K), the result and its output-dtype copy (2):
+    4 m n (5 K + base + 2). Plus the SVD workspace: a float64 Gram matrix, its eigenvectors and eigh workspace
+    (3 x 8 s^2) for each decomposition's smaller side s -- K matrices of min(m, n) for tsv/iso/cart (batched
+    together), the horizontal and vertical stacks (min(m, K n), min(K m, n)) for pivot. Measured peaks are in
+    docs/pivot_recipe.md ("Memory"); the estimate is above them.
+    """
+    m = shape[0] if shape else 1
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    k = max(1, n_inputs)
+    if len(shape) < 2:  # 0-D/1-D: averaged, no decomposition
+        return 4 * m * n * (3 * k + (1 if has_base else 0) + 2)
+    sides = [min(m, k * n), min(k * m, n)] if op in ("pivot", "pivotmerge") else [min(m, n)] * k
+    return 4 * m * n * (5 * k + (1 if has_base else 0) + 2) + sum(24 * s * s for s in sides)
+
+
+def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:
+    """(estimated bytes one worker holds for tensor t, whether it is merged as a whole matrix)."""
     from engine import methods
 
-    peak, where = 0, ""
-    for t in plan.tensors():
-        rows = t.shape[0] if t.shape else 1
-        row_numel = t.nbytes // max(1, rows) // max(1, _itemsize(t.dtype))
-        whole = t.op != COPY and not methods.get(t.op).chunkwise
-        step = rows if whole else min(rows, rows_per_chunk(t, chunk_bytes))
-        buffers = 2 if t.op == COPY else len(t.inputs) + (1 if t.base is not None else 0) + 2
-        need = step * row_numel * 4 * buffers
-        if need > peak:
-            peak, where = need, t.name
+    rows = t.shape[0] if t.shape else 1
+    row_numel = t.nbytes // max(1, rows) // max(1, _itemsize(t.dtype))
+    if t.op != COPY and not methods.get(t.op).chunkwise:
+        return whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None), True
+    step = min(rows, rows_per_chunk(t, chunk_bytes))
+    buffers = 2 if t.op == COPY else len(t.inputs) + (1 if t.base is not None else 0) + 2
+    return step * row_numel * 4 * buffers, False
+
+
+def worker_memory_floor(plan: Plan, chunk_bytes: int) -> tuple[int, str]:
+    """Estimated peak memory of one worker (idle process + the largest tensor's buffers: for chunk-wise methods
+    every input chunk in float32, the float32 result and its output-dtype copy; for whole-matrix methods
+    `whole_tensor_bytes`), and the tensor that sets it."""
+    peak, where, _ = _peak(plan, chunk_bytes)
     return WORKER_BASE_BYTES + peak, where
+
+
+def _peak(plan: Plan, chunk_bytes: int) -> tuple[int, str, bool]:
+    peak, where, whole = 0, "", False
+    for t in plan.tensors():
+        need, is_whole = _tensor_need(t, chunk_bytes)
+        if need > peak:
+            peak, where, whole = need, t.name, is_whole
+    return peak, where, whole
 
 
 def _itemsize(code: str) -> int:
@@ -141,16 +177,28 @@ def _itemsize(code: str) -> int:
 
 
 def check_memory_budget(plan: Plan, chunk_bytes: int, memory_per_worker: Optional[int]) -> None:
-    """Refuse a per-worker budget that cannot hold even one worker's chunk buffers (it would be OOM-killed)."""
+    """Refuse a per-worker budget that cannot hold even one worker's buffers (it would be OOM-killed): the
+    largest chunk, or the largest matrix a whole-matrix method (SVD family, pivot) must hold at once."""
     if not memory_per_worker:
         return
-    floor, where = worker_memory_floor(plan, chunk_bytes)
-    if memory_per_worker < floor:
+    peak, where, whole = _peak(plan, chunk_bytes)
+    floor = WORKER_BASE_BYTES + peak
+    if memory_per_worker >= floor:
+        return
+    if whole:
+        t = next(t for t in plan.tensors() if t.name == where)
         raise ValueError(
-            f"--max-memory-per-worker {memory_per_worker / 1e9:.2f} GB is below one worker's estimated peak "
-            f"{floor / 1e9:.2f} GB at --chunk-mb {chunk_bytes / 2**20:g} (tensor {where!r}); raise the budget or "
-            "lower --chunk-mb"
+            f"--max-memory-per-worker {memory_per_worker / 1e9:.2f} GB cannot hold tensor {where!r} "
+            f"({' x '.join(map(str, t.shape))}, {len(t.inputs)} inputs{' + base' if t.base else ''}), which "
+            f"merge_method {t.op!r} decomposes as a whole matrix: it needs an estimated {floor / 1e9:.2f} GB "
+            f"({floor} bytes, worker process included); --chunk-mb does not change this. Raise the budget to at "
+            f"least {floor / 1e9:.2f} GB, or merge that tensor with a chunk-wise method (modules:/filters)"
         )
+    raise ValueError(
+        f"--max-memory-per-worker {memory_per_worker / 1e9:.2f} GB is below one worker's estimated peak "
+        f"{floor / 1e9:.2f} GB at --chunk-mb {chunk_bytes / 2**20:g} (tensor {where!r}); raise the budget or "
+        "lower --chunk-mb"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -176,11 +224,21 @@ def _lock(out: Path) -> int:
     return fd
 
 
+def _writable_dir(out: Path) -> None:
+    """Create --out if needed and refuse one this process cannot write (read-only mount, permissions)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output directory {out} cannot be created ({exc.strerror or exc}); choose a writable "
+                         "--out") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output directory {out} is not writable (read-only filesystem or permissions); choose "
+                         "a writable --out")
+
+
 def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunState:
     """Decide what to do with an existing output dir; on resume, re-verify and return what is reusable."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"output directory {out} is not writable")
+    _writable_dir(out)
     manifest, journal = out / MANIFEST, Journal(out)
     if overwrite:
         fd = _lock(out) if journal.path.exists() else None  # never delete a live driver's state
@@ -189,15 +247,17 @@ def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunS
         if fd is not None:
             os.close(fd)
     elif manifest.exists():
-        old = json.loads(manifest.read_text()).get("plan_hash")
+        old = _manifest_plan(manifest)
         if old != plan.plan_hash:
             raise ValueError(
                 f"output directory {out} holds a finished merge of a different plan ({old[:12] if old else '?'}…, "
                 f"this plan {plan.plan_hash[:12]}…); choose another --out or pass --overwrite"
             )
-        raise ValueError(f"output directory {out} already holds this finished merge; run `shardmerge verify {out}`"
-                         " or pass --overwrite to redo it")
-    elif journal.path.exists():
+        if not resume:
+            raise ValueError(f"output directory {out} already holds this finished merge; run `shardmerge verify "
+                             f"{out}`, pass --resume to re-check and complete it, or --overwrite to redo it")
+        return _reopen_finished(plan, out, manifest, journal)
+    elif journal.path.exists() and journal.records():
         if not resume:
             raise ValueError(f"output directory {out} holds an unfinished merge; pass --resume to continue it or "
                              "--overwrite to start over")
@@ -209,11 +269,43 @@ def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunS
             raise
         state.lock_fd = fd
         return state
-    elif any(out.iterdir()):
+    elif any(p.name != STATE_DIR for p in out.iterdir()):  # a state dir without a journal: killed at the start
         raise ValueError(f"output directory {out} is not empty; choose an empty directory or pass --overwrite")
     fd = _lock(out)
+    shutil.rmtree(state_dir(out) / "tmp", ignore_errors=True)  # no journal vouches for any leftover temp shard
     journal.start(plan.plan_hash)
     return RunState(lock_fd=fd)
+
+
+def _manifest_plan(manifest: Path) -> Optional[str]:
+    try:
+        return json.loads(manifest.read_text()).get("plan_hash")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _reopen_finished(plan: Plan, out: Path, manifest: Path, journal: Journal) -> RunState:
+    """--resume on a finished merge of this plan (e.g. killed after the manifest, before the state dir was
+    removed): the manifest's shards become the journal and the manifest is dropped, so the usual resume re-hashes
+    them, redoes any that no longer match and re-writes the metadata (the same bytes)."""
+    fd = _lock(out)
+    try:
+        try:
+            records = [{"shard": e["file"], "sha256": e["sha256"], "size": e["size"]}
+                       for e in json.loads(manifest.read_text())["shards"]]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest}: damaged manifest ({type(exc).__name__}: {exc}); pass --overwrite to "
+                             "redo the merge") from None
+        journal.start(plan.plan_hash)
+        for rec in records:
+            journal.append(rec)
+        manifest.unlink()
+        state = _resume_state(plan, out, journal)
+    except BaseException:
+        os.close(fd)
+        raise
+    state.lock_fd = fd
+    return state
 
 
 def _check_partials(plan: Plan, out: Path) -> None:
@@ -411,8 +503,8 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
             progress: bool = True, fault: Optional[str] = None, memory_per_worker: Optional[int] = None,
             address: Optional[str] = None, threads_per_worker: Optional[int] = None) -> dict:
     """Merge `plan` into `out`. workers=0 runs in this process; workers>=1 uses a Ray actor pool of that size;
-    workers=None sizes the pool from the cluster (one per GPU, or one per 2 CPUs). A worker's torch threads default
-    to the CPUs it reserves; `threads_per_worker` overrides that (benchmarks)."""
+    workers=None sizes the pool from the cluster (one per GPU, or one per CPU). A worker runs one torch thread unless
+    `threads_per_worker` says otherwise."""
     out = Path(out).resolve()
     t0 = time.perf_counter()
     check_memory_budget(plan, chunk_bytes, memory_per_worker)
@@ -431,6 +523,10 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
                                       allow_nonfinite=allow_nonfinite, fault=fault, address=address,
                                       memory_per_worker=memory_per_worker, threads=threads_per_worker))
         drv.finish()
+    except WriteFailed as exc:  # disk full: the half-written temp file is not trusted; free its space
+        if exc.path:
+            Path(exc.path).unlink(missing_ok=True)
+        raise
     finally:
         if state.lock_fd is not None:
             os.close(state.lock_fd)

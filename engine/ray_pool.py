@@ -284,7 +284,7 @@ def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, al
             print(f"shardmerge: warning: {problem}; waiting for resources", file=sys.stderr, flush=True)
 
         def spawn():
-            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or cpus)
+            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or 1)
 
         pool = _Pool(drv, spawn, workers=workers, opts=opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
         try:
@@ -292,7 +292,7 @@ def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, al
         except BaseException:
             pool.abort()
             raise
-        stats.update(workers=workers, cpus_per_worker=cpus, threads_per_worker=threads or cpus, nodes=len(nodes))
+        stats.update(workers=workers, cpus_per_worker=cpus, threads_per_worker=threads or 1, nodes=len(nodes))
         return stats
     finally:
         if started:

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (mergekit-compatible subset; see README)")
     p.add_argument("--out", required=True, help="output directory (Hugging Face layout)")
     p.add_argument("--workers", type=int, default=None,
-                   help="merge workers (Ray actors); default: one per GPU with --device cuda, else one per 2 CPUs; "
+                   help="merge workers (Ray actors); default: one per GPU with --device cuda, else one per CPU; "
                         "0 runs in this process without Ray")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' for the local cluster)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-mb", type=float, default=64, help="row-chunk size per input tensor (MiB, default 64)")
     p.add_argument("--max-memory-per-worker", default=None, help="per-worker memory budget for Ray (e.g. 8GB)")
     p.add_argument("--threads-per-worker", type=int, default=None,
-                   help="torch threads per CPU worker (default: the CPUs the worker reserves)")
+                   help="torch threads per worker (default 1: streaming merges scale by workers, not threads)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
@@ -40,7 +40,7 @@ def default_workers(device: str) -> int:
         import torch
 
         return max(1, torch.cuda.device_count())
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, os.cpu_count() or 1)  # one single-threaded worker per CPU slot (see executor.default_worker_count)
 
 
 def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int] = None, device: str = "cpu",

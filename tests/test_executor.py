@@ -76,7 +76,7 @@ def test_worker_count_cpus_capacity_and_placement_problem():
     from engine.executor import capacity, default_worker_count, placement_problem, worker_cpus
 
     assert default_worker_count("cuda", {"CPU": 64, "GPU": 8}) == 8
-    assert default_worker_count("cpu", {"CPU": 7}) == 3
+    assert default_worker_count("cpu", {"CPU": 7}) == 7
     assert default_worker_count("cpu", {"CPU": 1}) == 1
     assert worker_cpus("cpu", 2, [2.0]) == 1
     assert worker_cpus("cpu", 1, [2.0]) == 2
