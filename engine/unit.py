@@ -135,14 +135,14 @@ def run_unit(
             if plan_shards[t.shard].filename in skip_shards:
                 continue
             h = hashes.setdefault(t.shard, hashlib.sha256())
+            path = partial_path(Path(out), plan_shards[t.shard].filename)
             fd = fds.get(t.shard)
             if fd is None:
-                path = partial_path(Path(out), plan_shards[t.shard].filename)
                 fd = fds[t.shard] = os.open(path, os.O_WRONLY)
             offset = t.offset
             for y in _merge_tensor(t, chunk_bytes, device, allow_nonfinite):
                 data = memoryview(y.contiguous().reshape(-1).view(torch.uint8).numpy()) if y.numel() else memoryview(b"")
-                pwrite_all(fd, data, offset, f"{plan_shards[t.shard].filename} tensor {t.name!r}")
+                pwrite_all(fd, data, offset, f"{plan_shards[t.shard].filename} tensor {t.name!r}", str(path))
                 h.update(data)
                 offset += len(data)
             if offset != t.offset + t.nbytes:

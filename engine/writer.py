@@ -49,13 +49,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteFailed(RuntimeError):
+    """A write into the output failed (disk full, I/O error). `path` is the temp file that can no longer be
+    trusted; the driver removes it, so a full disk gets its space back and `--resume` redoes that shard's units."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write a small file via temp + fsync + rename so readers never see a torn file."""
+    """Write a small file via temp + fsync + rename so readers never see a torn file; on failure (disk full) the
+    temp file is removed and the error names the file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"{path}: write failed ({exc.strerror or exc}); is the disk full?") from exc
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -64,19 +78,26 @@ def create_partial(out: Path, shard) -> None:
     """Create a shard's temp file with its header, sized to its final length (data filled in by the units)."""
     path = partial_path(out, shard.filename)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(shard.header)
-        f.truncate(shard.size)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(shard.header)
+            f.truncate(shard.size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise WriteFailed(f"{path}: creating the temp file of shard {shard.filename} failed "
+                          f"({exc.strerror or exc}); is the disk full?") from exc
 
 
-def pwrite_all(fd: int, data: memoryview, offset: int, where: str) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int, where: str, path: str = "") -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked); `path` names the temp file for cleanup."""
     while len(data):
         try:
             n = os.pwrite(fd, data, offset)
         except OSError as exc:
-            raise RuntimeError(f"{where}: write failed at offset {offset} ({exc.strerror}); is the disk full?") from exc
+            raise WriteFailed(f"{where}: write failed at offset {offset} ({exc.strerror}); is the disk full?",
+                              path) from exc
         data = data[n:]
         offset += n
 
