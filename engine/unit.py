@@ -104,14 +104,25 @@ def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinit
         parts = [(whole, xs, base)]
     else:
         parts = read()
+    allowed = None  # with allow_nonfinite: whether this tensor's inputs hold NaN/Inf (checked only when needed)
     for c, xs, base in parts:
         y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
         if not all_finite(y):
-            raise RuntimeError(
-                f"merge_method {t.op!r} produced NaN/Inf for tensor {t.name!r} (rows {c.row_start}..{c.row_stop}); "
-                "check the method's parameters (e.g. weights summing to zero)"
-            )
+            if allowed is None:
+                allowed = allow_nonfinite and _inputs_nonfinite(_reader(t, chunk_bytes, device, False))
+            if not allowed:
+                raise RuntimeError(
+                    f"merge_method {t.op!r} produced NaN/Inf for tensor {t.name!r} (rows {c.row_start}.."
+                    f"{c.row_stop}) from finite inputs; check the method's parameters (e.g. weights summing to zero) "
+                    "and the inputs' magnitudes (float32 overflow)"
+                )
         yield y.to(out_dtype).cpu()
+
+
+def _inputs_nonfinite(read) -> bool:
+    """Whether any input chunk of a tensor holds NaN/Inf: with --allow-nonfinite a non-finite result is then the
+    inputs' NaN/Inf flowing through (accepted); from finite inputs it is the method's own failure (an error)."""
+    return any(not all_finite(x) for _, xs, base in read() for x in (*xs, base) if x is not None)
 
 
 def run_unit(
