@@ -109,6 +109,8 @@ def parse_safetensors_header(path: Path | str) -> dict[str, TensorMeta]:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    except RecursionError:  # e.g. `[[[[...]]]]` nested deeper than the JSON decoder's recursion limit
+        raise ValueError(f"{path}: safetensors header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
     data_start, data_size = 8 + hlen, size - 8 - hlen
@@ -129,9 +131,9 @@ def _tensor_meta(path: Path, name: str, entry, data_start: int, data_size: int) 
         raise ValueError(
             f"{path}: tensor {name!r}: dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}"
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):  # JSON true is no dim
         raise ValueError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise ValueError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
     b, e = offsets
     expected = math.prod(shape) * DTYPES[dtype][1]
