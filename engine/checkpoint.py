@@ -90,6 +90,14 @@ def _confine(root: Path, rel: str, what: str) -> Path:
     return path
 
 
+def check_confined(root: Path, names: Iterable[str]) -> None:
+    """Each existing file of `names` in `root` resolves inside it (or the HF cache's blobs): copying a symlink that
+    points elsewhere into the output would leak an arbitrary file."""
+    for name in names:
+        if (root / name).exists():
+            _confine(root, name, str(root))
+
+
 def parse_safetensors_header(path: Path | str) -> dict[str, TensorMeta]:
     """Validated per-tensor metadata of one safetensors file, read from its header only."""
     path = Path(path)
@@ -171,9 +179,9 @@ class Checkpoint:
 
     @functools.cached_property
     def config(self) -> dict:
-        path = self.root / "config.json"
-        if not path.exists():
+        if not (self.root / "config.json").exists():
             return {}
+        path = _confine(self.root, "config.json", str(self.root))  # a symlink may not pull in files from elsewhere
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -234,7 +242,7 @@ def open_checkpoint(ref: str) -> Checkpoint:
         return Checkpoint(str(ref), root, parse_safetensors_header(_confine(root, SINGLE_NAME, str(root))))
     singles = sorted(root.glob("*.safetensors"))
     if len(singles) == 1:
-        return Checkpoint(str(ref), root, parse_safetensors_header(singles[0]))
+        return Checkpoint(str(ref), root, parse_safetensors_header(_confine(root, singles[0].name, str(root))))
     from engine.legacy_bin import open_bin_tensors
 
     bins = open_bin_tensors(root)

@@ -17,15 +17,17 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import engine
 from engine import methods
-from engine.checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint
+from engine.checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, check_confined, open_checkpoint
 from engine.layout import Layout, TensorRole, classify
 from engine.recipe import ModuleRecipe, Recipe
 from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
                                   resolve_params)
+from engine.writer import COPIED_FILES
 
 COPY = "copy"  # op for tensors taken verbatim from one input
 _NUMBERED = re.compile(r"^(.*?)\.(layers|blocks|h)\.(\d+)\.")
@@ -377,6 +379,8 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int) -> Pl
     )
     tok = recipe.tokenizer_source
     tok_dir = str(planner.ckpts[planner.reference].root) if tok in (None, "base") else str(open_checkpoint(tok).root)
+    check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
+    check_confined(Path(tok_dir), COPIED_FILES)
     phash = _plan_hash(recipe, work, shards, planner.ckpts)
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
