@@ -267,7 +267,8 @@ def _from_index(root: Path, index: Path) -> dict[str, TensorMeta]:
             raise ValueError(f"{index}: weight_map value {fname!r} is not a file name")
         path = _confine(root, fname, str(index))
         if not path.exists():
-            raise ValueError(f"{index}: names shard {fname!r}, which does not exist in {root}")
+            first = next(n for n, f in weight_map.items() if f == fname)
+            raise ValueError(f"{index}: names shard {fname!r} (for tensor {first!r}), which does not exist in {root}")
         headers[fname] = parse_safetensors_header(path)
     tensors = {}
     for name, fname in weight_map.items():
