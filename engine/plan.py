@@ -30,6 +30,7 @@ from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_
 from engine.writer import COPIED_FILES
 
 COPY = "copy"  # op for tensors taken verbatim from one input
+FLOAT8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})  # quantized weights: their scales live in other tensors
 _NUMBERED = re.compile(r"^(.*?)\.(layers|blocks|h)\.(\d+)\.")
 
 
@@ -267,9 +268,15 @@ class _Planner:
         layer = lm_layer(name)
         out_dtype = self.recipe.output_dtype_code or ref_meta.dtype
         common = dict(name=name, shape=ref_meta.shape, layer=layer, num_layers=num_layers)
+        module = self.modules.get(role.module)
+        if ref_meta.dtype in FLOAT8_CODES and (module is None or module.merge_method != PASSTHROUGH):
+            raise ValueError(
+                f"{self.source}: tensor {name!r} ({ref_meta.file}): dtype {ref_meta.dtype} is a quantized 8-bit "
+                "float format that merge methods cannot combine (its scales live in other tensors); dequantize "
+                "the models first, or copy this module verbatim with `merge_method: passthrough`"
+            )
         if ref_meta.dtype not in FLOAT_CODES:
             return dict(common, dtype=ref_meta.dtype, op=COPY, inputs=(ref_meta,), base=None, params=())
-        module = self.modules.get(role.module)
         if module is not None and module.merge_method == PASSTHROUGH:
             src = self._same_meta(passthrough_source(self.recipe, module), name, ref_meta)
             return dict(common, dtype=out_dtype, op=COPY, inputs=(src,), base=None, params=())
