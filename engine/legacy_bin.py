@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -20,8 +21,12 @@ def _load(path: str) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
+        # one line, and never torch's advice to retry with weights_only=False (that runs the pickle's code)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = (f"it references {found.group(1)}, which is not a tensor type" if found
+               else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
         raise ValueError(
-            f"{path}: cannot be loaded safely with torch.load(weights_only=True) ({type(exc).__name__}: {exc}); "
+            f"{path}: cannot be loaded safely with torch.load(weights_only=True) ({why}); nothing in it was run; "
             "convert it to safetensors"
         ) from None
     if not isinstance(sd, dict):
