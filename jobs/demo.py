@@ -54,7 +54,7 @@ def run_demo(root: Path, workers: int = 2) -> dict:
     _step(f"merging with TIES on an embedded local Ray ({workers} workers): {recipe}")
     summary = run_merge(recipe, root / "merged", workers=workers, shard_size="40KB", overwrite=True)
     _step("loading the merged model with transformers")
-    merged = AutoModelForCausalLM.from_pretrained(root / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(root / "merged", trust_remote_code=False)
     ids = torch.arange(4, 20).unsqueeze(0)
     with torch.no_grad():
         logits = merged(ids).logits

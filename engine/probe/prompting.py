@@ -68,8 +68,9 @@ class Prompter:
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = Path(model_dir)
-        self.config = AutoConfig.from_pretrained(str(self.model_dir))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        # trust_remote_code=False everywhere: a model repo's own Python never runs (and transformers never prompts)
+        self.config = AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=False)
         self.image_token_id = core.image_token_id(self.config)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         self.processor = self._processor()
@@ -86,7 +87,7 @@ class Prompter:
         from transformers import AutoProcessor
 
         try:
-            proc = AutoProcessor.from_pretrained(str(self.model_dir))
+            proc = AutoProcessor.from_pretrained(str(self.model_dir), trust_remote_code=False)
         except (ImportError, OSError, ValueError, TypeError, KeyError):
             return None  # Qwen-VL without torchvision, or no processor files: assembled by hand below
         return proc if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer") else None
@@ -95,7 +96,7 @@ class Prompter:
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(str(self.model_dir))
+            return AutoImageProcessor.from_pretrained(str(self.model_dir), trust_remote_code=False)
         except (ImportError, OSError, ValueError) as exc:
             raise ValueError(f"{self.model_dir}: no usable image processor ({type(exc).__name__}: {exc})") from None
 
@@ -209,5 +210,5 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: Optional[to
     from transformers import AutoModelForImageTextToText
 
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), trust_remote_code=False, **kwargs)
     return model.to(device).eval()
