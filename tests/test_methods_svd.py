@@ -10,7 +10,7 @@ import torch
 
 from engine import methods
 from engine.methods import rsvd, svd
-from engine.methods.base import TensorInfo
+from engine.methods.base import Chunk, TensorInfo
 
 # dtype -> (atol relative to the largest reference entry, rtol); float32 pipelines vs float64 oracles.
 TOL = {torch.float32: (2e-5, 1e-4)}
@@ -192,6 +192,16 @@ def test_registered_specs():
     assert methods.get("tsv").global_params["alpha"] == 1.0
     assert methods.get("cart").global_params["lambda"] == 1.0
     assert methods.get("iso_cts").global_params["common_fraction"] == 0.8
+
+
+def test_registered_merge_accepts_the_engine_call_with_default_params():
+    base, ex = make_experts(10, 14, 3, seed=16)
+    info = TensorInfo(name="w", shape=(10, 14))
+    for name in ("tsv", "iso_c", "iso_cts", "cart", "pivotmerge"):
+        spec = methods.get(name)
+        per_model = {k: (v,) * len(ex) for k, v in spec.per_model_params.items()}
+        out = spec.merge(ex, base, stats=None, chunk=Chunk(0, 10, 0), info=info, **spec.global_params, **per_model)
+        assert out.dtype == torch.float32 and out.shape == base.shape and bool(torch.isfinite(out).all())
 
 
 def test_bad_inputs_raise_value_error_naming_the_tensor():

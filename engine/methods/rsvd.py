@@ -6,17 +6,17 @@ depends on the matrix size and on how many triplets are kept. `truncated_svd` pi
 - "exact": `torch.linalg.svd` (LAPACK gesdd / cuSOLVER). Used when the smaller side is <= `exact_threshold`
   [1024]; results of every method must match dense SVD there, and small SVDs are cheap anyway.
 - "randomized": Halko, Martinsson & Tropp (2011), Alg. 4.4 (randomized range finder with `n_iter` [4] power
-  iterations, QR re-orthonormalisation after every product) followed by an exact SVD of the small projected
-  matrix. The sketch is l = rank + oversample wide with oversample = max(10, rank) by default, i.e. twice the
-  rank: merge methods use every kept direction (tsv orthogonalises them, cart sums them), so the directions
-  near the cut must be right, not only the spectral error small. Measured on 384 x 1032 updates with a
-  sigma_i ~ 1/i spectrum plus 1 % noise, tsv's max relative deviation from dense float64: p = 10 -> 0.18,
-  p = 64 -> 2.4e-3, p = rank (128) -> 1.8e-5; cart (rank 30): p = 10 -> 4e-2, p = 64 -> 1.8e-5.
-  Used above the threshold while l <= randomized_max_fraction [0.25] * min(m, n): at l = min(m, n) / 4 its
-  ~(2 n_iter + 2) products of the matrix with an l-wide block cost about as many flops as the Gram path
-  (4096 x 11008: ~1.2 TFLOP each), beyond that the Gram path is cheaper.
-  Spectral-norm error bound (Halko et al. eq. 1.9 combined with their Prop. 8.6 for the power scheme, plus the
-  sigma_{k+1} that the final rank-k truncation adds, their Sec. 9.4), with probability >= 1 - 6 p^-p:
+  iterations, QR re-orthonormalisation after every product) followed by an SVD of the small l x n projected matrix
+  through its float64 l x l Gram (8x faster than gesdd on 3 x 204 x 3440: 0.2 s vs 1.8 s). The sketch is l = rank +
+  oversample wide with oversample = max(10, rank) by default, i.e. twice the rank: merge methods use every kept
+  direction (tsv orthogonalises them, cart sums them), so the directions near the cut must be right, not only the
+  spectral error small. Measured on 384 x 1032 updates with a sigma_i ~ 1/i spectrum plus 1 % noise, tsv's max
+  relative deviation from dense float64: p = 10 -> 0.18, p = 64 -> 2.4e-3, p = rank (128) -> 1.8e-5; cart (rank 30):
+  p = 10 -> 4e-2, p = 64 -> 1.8e-5. Used above the threshold while l <= randomized_max_fraction [0.25] * min(m, n):
+  at l = min(m, n) / 4 its ~(2 n_iter + 2) products of the matrix with an l-wide block cost about as many flops as
+  the Gram path (4096 x 11008: ~1.2 TFLOP each), beyond that the Gram path is cheaper. Spectral-norm error bound
+  (Halko et al. eq. 1.9 combined with their Prop. 8.6 for the power scheme, plus the sigma_{k+1} that the final
+  rank-k truncation adds, their Sec. 9.4), with probability >= 1 - 6 p^-p:
       ||A - U_k S_k V_k^T||_2 <= (1 + [1 + 11 sqrt(k + p) sqrt(min(m, n))]^(1 / (2q + 1))) * sigma_{k+1}(A)
   where k = rank, p = oversample, q = n_iter (`halko_bound`). On a matrix of rank <= k the bound is 0: the
   randomized path is exact up to float rounding.
@@ -26,13 +26,13 @@ depends on the matrix size and on how many triplets are kept. `truncated_svd` pi
   sigma_i > 1e-7 sigma_max. 4096 x 11008 float32 on this project's shared 2-core CPU box: gesdd 50 s; float64
   Gram 6 s + float64 eigh 27 s under load (float32 Gram + eigh 4 s unloaded).
 
-Every path returns singular triplets sorted by decreasing singular value, and triplets whose singular value is
-at most `null_tolerance(m, n)` * sigma_max = 10 sqrt(max(m, n)) eps32 sigma_max are returned as ZERO vectors:
-they are rounding noise of a rank-deficient float32 matrix (identical experts, LoRA-merged task vectors; the
-noise measures ~0.2 eps32 sigma_max on small matrices and grows ~sqrt(size)), their directions are arbitrary
-(LAPACK- and path-dependent), and the orthogonalisation steps downstream give every kept direction unit
-weight, so they must not see them. numpy's matrix_rank rule max(m, n) eps32 was too coarse: it drops real
-directions of large updates (sigma_1365 / sigma_1 = 7e-4 < 1.3e-3 for a 1/i spectrum at 4096 x 11008). This makes every method's output a function of the
+Every path returns singular triplets sorted by decreasing singular value, and triplets whose singular value is at
+most `null_tolerance(m, n)` * sigma_max = 10 sqrt(max(m, n)) eps32 sigma_max are returned as ZERO vectors: they are
+rounding noise of a rank-deficient float32 matrix (identical experts, LoRA-merged task vectors; the noise measures
+~0.2 eps32 sigma_max on small matrices and grows ~sqrt(size)), their directions are arbitrary (LAPACK- and path-
+dependent), and the orthogonalisation steps downstream give every kept direction unit weight, so they must not see
+them. numpy's matrix_rank rule max(m, n) eps32 was too coarse: it drops real directions of large updates (sigma_1365
+/ sigma_1 = 7e-4 < 1.3e-3 for a 1/i spectrum at 4096 x 11008). This makes every method's output a function of the
 inputs only, identical across paths, devices and batch layouts up to float rounding.
 
 Randomness is deterministic: the Gaussian test matrix is drawn on the CPU from `generator` (a fresh generator
@@ -135,9 +135,8 @@ def _randomized(A: torch.Tensor, rank: int, oversample: int, n_iter: int, genera
     for _ in range(n_iter):
         Z = _orthonormal(A.mT @ Q)
         Q = _orthonormal(A @ Z)
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
-    U = Q @ Ub
-    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    Ub, S, Vh = _gram(Q.mT @ A, width)  # the small (l x n) projected matrix, via its float64 l x l Gram
+    return (Q @ Ub)[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
 def _gram(A: torch.Tensor, rank: int):
