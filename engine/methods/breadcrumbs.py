@@ -22,9 +22,12 @@ from engine.methods.common import (
     check_fraction,
     check_inputs,
     combine_deltas,
+    fused_merge,
+    on_kernel_device,
     per_model,
     prepare_magnitude,
     sparsified_deltas,
+    window_thresholds,
 )
 
 BREADCRUMBS_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
@@ -41,14 +44,21 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
 
 
 def _merge(consensus: bool):
+    mode = "breadcrumbs_ties" if consensus else "breadcrumbs"
+
     def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SparsifyStats,
               chunk: Chunk, info: TensorInfo, **params) -> torch.Tensor:
-        """Apply the prepared windows, then sum (or TIES-combine) the weighted task vectors of this chunk."""
+        """Apply the prepared windows, then sum (or TIES-combine) the weighted task vectors of this chunk.
+        CUDA chunks: one fused kernel call with the same windows and L1 scales."""
         check_inputs(tensors, base, info, needs_base=True)
         weights = per_model("weight", params["weight"], len(tensors), info)
+        normalize, lam = bool(params["normalize"]), float(params["lambda"])
+        if on_kernel_device(tensors, base):
+            lo, hi = window_thresholds(stats.windows)
+            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam, thresholds=lo,
+                               upper_thresholds=hi, scales=stats.scales)
         deltas = sparsified_deltas(tensors, base, stats)
-        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]),
-                              lam=float(params["lambda"]))
+        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
 
     return merge
 

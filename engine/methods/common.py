@@ -6,6 +6,9 @@
 - magnitude sparsification (mergekit's `magnitude` and `magnitude_outliers`) as per-expert |tau| windows whose
   bounds come from the exact streaming selection in `select.py`;
 - `combine_deltas`: mergekit's generalized task arithmetic (weights, TIES "sum" sign consensus, divisor, lambda);
+- the fused kernel path: `on_kernel_device` / `fused_merge` / `window_thresholds`: chunks on CUDA are merged by
+  ONE call of `kernels.interpolate.interpolate` (the Triton kernel); CPU chunks keep the eager torch code above,
+  whose operation order the kernel's torch reference restates bit for bit (tests/test_kernel_wiring.py);
 - `run_in_memory`: a reference driver that runs a chunkwise method over in-memory tensors in row chunks, the way
   the engine does (for tests and in-memory reference merges; the engine itself never rebuilds a tensor).
 """
@@ -20,6 +23,8 @@ import torch
 
 from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
 from engine.methods.select import kth_largest_abs_streaming
+from kernels._util import use_triton
+from kernels.interpolate import interpolate
 
 RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor: no rescale when either L1 norm is below this
 
@@ -297,6 +302,48 @@ def _consensus(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Se
         divisor.add_(tmp)
     divisor.masked_fill_(divisor == 0, 1.0)
     return total, divisor
+
+
+# ----------------------------------------------------------------------------------------------- fused kernel path
+def on_kernel_device(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> bool:
+    """True when every input of the chunk is a CUDA tensor: the chunk is then merged in one pass by the fused
+    Triton kernel (inputs read once, output written once) instead of one eager torch op per step. CPU chunks keep
+    the eager path, which is the CPU reference the kernel is tested against."""
+    return use_triton(list(tensors) + ([base] if base is not None else []))
+
+
+def fused_merge(mode: str, tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor],
+                weights: Sequence[float], chunk: Chunk, *, normalize: bool, lam: float = 1.0,
+                **sparsify: Any) -> torch.Tensor:
+    """Merge one chunk with a single `kernels.interpolate.interpolate` call (float32 out: the engine casts).
+
+    `sparsify` holds the mode's per-expert arguments (thresholds, upper_thresholds, dare_keys, densities,
+    scales); `chunk.elem_offset` places the chunk's DARE counters in the whole tensor's Philox stream."""
+    return interpolate(list(tensors), tuple(weights), mode=mode, base=base, normalize=normalize, lam=lam,
+                       elem_offset=chunk.elem_offset, out_dtype=torch.float32, **sparsify)
+
+
+def _float32_above(x: float) -> float:
+    """The next float32 above x (x a float32 value): turns an inclusive bound into an exclusive one."""
+    one = torch.tensor(x, dtype=torch.float32)
+    return float(torch.nextafter(one, torch.tensor(math.inf, dtype=torch.float32)))
+
+
+def window_thresholds(windows: Sequence[Window]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The windows as interpolate's per-expert (thresholds, upper_thresholds): keep lo <= |tau| < hi.
+
+    A Window's hi is inclusive (the largest kept magnitude, a float32 value from select.py) and the kernel's is
+    exclusive, so hi becomes the next float32 above it: for float32 |tau| both keep exactly the same entries.
+    keep-all is (0, inf); drop-all is (inf, inf), which keeps no finite entry."""
+    lo, hi = [], []
+    for w in windows:
+        if w.drop_all:
+            lo.append(math.inf)
+            hi.append(math.inf)
+            continue
+        lo.append(0.0 if w.lo is None else float(w.lo))
+        hi.append(math.inf if w.hi is None else _float32_above(float(w.hi)))
+    return tuple(lo), tuple(hi)
 
 
 # ----------------------------------------------------------------------------------------------- reference driver

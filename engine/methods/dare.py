@@ -23,7 +23,15 @@ import torch
 
 from engine.methods import register
 from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import check_fraction, check_inputs, combine_deltas, l1_scales, per_model
+from engine.methods.common import (
+    check_fraction,
+    check_inputs,
+    combine_deltas,
+    fused_merge,
+    l1_scales,
+    on_kernel_device,
+    per_model,
+)
 from kernels.philox import dare_keep_mask, stream_key
 
 RESCALE_RULES = ("inverse_density", "l1")
@@ -82,12 +90,29 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> DareStats:
     return DareStats(keys=keys, density=density, scales=scales)
 
 
+def kernel_args(stats: DareStats) -> dict:
+    """The stats as interpolate's DARE arguments: the same Philox keys and survivor scales; an expert that keeps
+    everything (key None, density >= 1) gets density 1 (threshold 2**24: every element kept) and a dummy key 0."""
+    return dict(
+        dare_keys=tuple(0 if k is None else k for k in stats.keys),
+        densities=tuple(min(float(d), 1.0) for d in stats.density),
+        scales=stats.scales,
+    )
+
+
 def _merge(consensus: bool):
+    mode = "dare_ties" if consensus else "dare_linear"
+
     def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: DareStats, chunk: Chunk,
               info: TensorInfo, **params) -> torch.Tensor:
-        """Drop with the keyed masks, rescale, then sum (or TIES-combine) the weighted task vectors."""
+        """Drop with the keyed masks, rescale, then sum (or TIES-combine) the weighted task vectors.
+        CUDA chunks: one fused kernel call drawing the same Philox masks at the chunk's element offsets."""
         check_inputs(tensors, base, info, needs_base=True)
         weights = per_model("weight", params["weight"], len(tensors), info)
+        normalize, lam = bool(params["normalize"]), float(params["lambda"])
+        if on_kernel_device(tensors, base):
+            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam,
+                               **kernel_args(stats))
         deltas = []
         for e, t in enumerate(tensors):
             tau = t - base
@@ -97,8 +122,7 @@ def _merge(consensus: bool):
             if stats.scales[e] != 1.0:
                 tau = tau * stats.scales[e]
             deltas.append(tau)
-        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]),
-                              lam=float(params["lambda"]))
+        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
 
     return merge
 

@@ -12,12 +12,13 @@ import torch
 
 from engine.methods import register
 from engine.methods.base import Chunk, MethodSpec, TensorInfo
-from engine.methods.common import check_inputs, per_model
+from engine.methods.common import check_inputs, fused_merge, on_kernel_device, per_model
 
 
 def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
           info: TensorInfo, weight: tuple, normalize: bool) -> torch.Tensor:
-    """Elementwise weighted sum in input order (mergekit: zeros, then addcmul per input), then the division."""
+    """Elementwise weighted sum in input order (mergekit: zeros, then addcmul per input), then the division.
+    CUDA chunks: one fused kernel call (kernels.interpolate, mode 'linear'), same operations per element."""
     if base is not None:
         raise ValueError(
             f"tensor {info.name!r}: linear treats a base model as one more input (base_is_input); it must come "
@@ -32,6 +33,8 @@ def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stat
             f"tensor {info.name!r}: linear with normalize: true needs weights with a non-zero sum, got {w}; "
             "change the weights or set normalize: false"
         )
+    if on_kernel_device(tensors, None):
+        return fused_merge("linear", tensors, None, w, chunk, normalize=bool(normalize))
     # In place into two buffers: the same roundings as ((0 + t_1 c_1) + t_2 c_2 + ...) / total, without a fresh
     # 4-byte-per-element allocation (page faults) per operation (measured: x * c 31 ms vs mul(out=) 15 ms CPU for
     # 16M floats). `add_(0.0)` turns a -0.0 product into +0.0, as the original 0 + t_1 c_1 did.

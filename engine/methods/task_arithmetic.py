@@ -14,20 +14,29 @@ import torch
 
 from engine.methods import register
 from engine.methods.base import Chunk, MethodSpec, TensorInfo
-from engine.methods.common import check_fraction, check_inputs, combine_deltas, per_model
+from engine.methods.common import (
+    check_fraction,
+    check_inputs,
+    combine_deltas,
+    fused_merge,
+    on_kernel_device,
+    per_model,
+)
 
 GTA_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
 
 
 def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
           info: TensorInfo, **params) -> torch.Tensor:
-    """base + lambda * (normalized) weighted sum of the task vectors of this chunk."""
+    """base + lambda * (normalized) weighted sum of the task vectors of this chunk (CUDA: one fused kernel call)."""
     check_inputs(tensors, base, info, needs_base=True)
     weights = per_model("weight", params["weight"], len(tensors), info)
     check_fraction("density", per_model("density", params["density"], len(tensors), info), info)
+    normalize, lam = bool(params["normalize"]), float(params["lambda"])
+    if on_kernel_device(tensors, base):
+        return fused_merge("task_arithmetic", tensors, base, weights, chunk, normalize=normalize, lam=lam)
     deltas = [t - base for t in tensors]
-    return combine_deltas(base, deltas, weights, consensus=False, normalize=bool(params["normalize"]),
-                          lam=float(params["lambda"]))
+    return combine_deltas(base, deltas, weights, consensus=False, normalize=normalize, lam=lam)
 
 
 SPEC = register(
