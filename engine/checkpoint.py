@@ -40,6 +40,7 @@ NAME_TO_CODE = {
 }
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension (possible when another one is 0) cannot be read
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -139,8 +140,8 @@ def _tensor_meta(path: Path, name: str, entry, data_start: int, data_size: int) 
         raise ValueError(
             f"{path}: tensor {name!r}: dtype {dtype!r} is not supported; supported: {', '.join(DTYPES)}"
         )
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):  # JSON true is no dim
-        raise ValueError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):  # not `true`
+        raise ValueError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of integers in [0, {MAX_DIM}]")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise ValueError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
     b, e = offsets
