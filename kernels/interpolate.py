@@ -196,11 +196,12 @@ def _reference_task(cfg: _Resolved, tensors, base) -> torch.Tensor:
 
 
 def _reference_linear(cfg: _Resolved, tensors) -> torch.Tensor:
-    """mergekit's linear_merge on one chunk: float32 addcmul in input order, then divide by Σ w."""
+    """mergekit's linear_merge on one chunk: float32 multiply-then-add in input order (two roundings, as the
+    method and the kernel do; CPU addcmul_ rounds once), then divide by Σ w."""
     divisor = _linear_divisor(cfg, "interpolate_reference")
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for x, w in zip(tensors, cfg.weights):
-        acc.addcmul_(x.float(), torch.tensor(w, dtype=torch.float32, device=acc.device))
+        acc.add_(x.float() * torch.tensor(w, dtype=torch.float32, device=acc.device))
     if cfg.normalize:
         acc.div_(divisor)
     return acc.to(cfg.out_dtype)
@@ -383,7 +384,7 @@ def _define_interp_kernel(triton) -> None:
         else:
             div = divisor
         if NORMALIZE:
-            acc = acc / div
+            acc = tl.div_rn(acc, div)  # IEEE round-to-nearest: plain '/' compiles to approximate div on NVIDIA
         if APPLY_LAM:
             acc = acc * lam
         if HAS_BASE:
@@ -415,6 +416,7 @@ def _launch(cfg: _Resolved, tensors, base, block: int, num_warps: int) -> torch.
         DARE=cfg.mode in _DARE, RESCALE=any(s != 1.0 for s in cfg.scales), CONSENSUS=cfg.consensus,
         NORMALIZE=cfg.normalize, APPLY_LAM=cfg.lam != 1.0, OUT_BF16=cfg.out_dtype == torch.bfloat16,
         ALIGNED=all(p % 16 == 0 for p in ptrs), BLOCK=block, num_warps=num_warps,
+        enable_fp_fusion=False,  # no FMA contraction: each product and sum rounds as in the torch reference
     )
     return out
 
