@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import TORCH_TO_CODE, TensorMeta
+from engine.checkpoint import TORCH_TO_CODE, TensorMeta, _confine
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,9 +43,9 @@ def open_bin_tensors(root: Path) -> dict[str, TensorMeta]:
         files = [p.name for p in sorted(root.glob("pytorch_model*.bin"))]
     metas: dict[str, TensorMeta] = {}
     for fname in files:
-        path = (root / fname).resolve()
-        if not path.is_relative_to(root.resolve()) or not path.exists():
-            raise ValueError(f"{root}: legacy shard {fname!r} is missing or outside the model directory")
+        path = _confine(root, fname, str(root))  # inside the model dir (or the HF cache's blobs/)
+        if not path.exists():
+            raise ValueError(f"{root}: legacy shard {fname!r} is missing")
         for name, t in _load(str(path)).items():
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")

@@ -77,7 +77,7 @@ def build_llm(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if base is not None:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
         perturb_(model, perturb_seed if perturb_seed is not None else seed)
     else:
         kw = {**TINY_LLM, **overrides}
@@ -269,7 +269,7 @@ def _write_processor_files(out: Path, family: str) -> None:
     from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
 
     cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
-    tok = AutoTokenizer.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     # llava-hf values: the CLS token is one extra vision token that the "default" strategy drops again
     proc = cls(image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                num_additional_image_tokens=1, chat_template=tok.chat_template)
@@ -287,17 +287,17 @@ def mm_inputs(model_dir: Path | str, messages: list[dict], images: list) -> dict
     config = json.loads((model_dir / "config.json").read_text())
     family = config.get("model_type")
     if family not in ("qwen2_5_vl", "qwen3_vl"):
-        proc = AutoProcessor.from_pretrained(str(model_dir))
+        proc = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
         text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return dict(proc(text=[text], images=images or None, return_tensors="pt"))
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pad = "<|image_pad|>"
     if text.count(pad) != len(images):
         raise ValueError(f"{model_dir}: the chat has {text.count(pad)} image slots but {len(images)} images")
     out: dict[str, torch.Tensor] = {}
     if images:
-        ip = AutoImageProcessor.from_pretrained(str(model_dir))
+        ip = AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
         out.update(ip(images=images, return_tensors="pt"))
         counts = [int(g.prod()) // ip.merge_size**2 for g in out["image_grid_thw"]]
         parts = text.split(pad)
@@ -427,7 +427,7 @@ def build_mllm(
         base_type = json.loads((Path(base) / "config.json").read_text()).get("model_type")
         if base_type != family:
             raise ValueError(f"build_mllm: base {base} is a {base_type!r} model, expected family {family!r}")
-        model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
         perturb_(model, perturb_seed if perturb_seed is not None else seed)
     else:
         config = _mllm_config(family, _text_kwargs(family, num_layers, text_overrides))

@@ -629,9 +629,8 @@ def test_trust_remote_code_is_never_enabled_without_a_user_flag():
     problems, calls = {}, 0
     for p, src in _sources():
         rel = str(p.relative_to(REPO))
-        # the tiny-model builders load only directories they have just written themselves
-        found = _remote_code_uses(src, require_explicit=rel != "engine/tiny_models.py")
-        calls += src.count(".from_pretrained(") if rel != "engine/tiny_models.py" else 0
+        found = _remote_code_uses(src, require_explicit=True)
+        calls += src.count(".from_pretrained(")
         if found:
             problems[rel] = found
     assert problems == {} and calls >= 6  # the probe's five loaders and the demo's
