@@ -7,7 +7,8 @@ and tensor; nothing is skipped silently.
 
 Tensor roles come from engine.layout: work units are one per LM decoder layer / vision block (plus embeddings,
 head, vision stem, projector), and a recipe's `modules:` entry applies to the tensors of the layout module it names
-(`passthrough` = copy verbatim from its source model). PlaM recipes are planned by engine.plam_plan.
+(`passthrough` = copy verbatim from its source model). PlaM recipes are planned by engine.plam_plan, PivotMerge
+recipes (`merge_method: pivot`) by engine.pivot_plan.
 """
 
 from __future__ import annotations
@@ -351,6 +352,10 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         from engine.plam_plan import plam_items
 
         planner, items, num_layers = plam_items(recipe, source)
+    elif recipe.merge_method in ("pivot", "pivotmerge"):
+        from engine.pivot_plan import pivot_items
+
+        planner, items, num_layers = pivot_items(recipe, source)
     else:
         planner = _Planner(recipe, source)
         planner.check_architectures()

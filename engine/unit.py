@@ -19,7 +19,7 @@ from engine import methods
 from engine.checkpoint import DTYPES, TensorMeta, read_rows
 from engine.methods.base import Chunk, TensorInfo
 from engine.plan import COPY, OutputTensor, WorkUnit
-from engine.writer import partial_path, pwrite_all
+from engine.writer import partial_path, pwrite_all, write_unit_report
 
 _FP32 = 4
 
@@ -83,8 +83,10 @@ def _reader(t: OutputTensor, chunk_bytes: int, device: str, check_finite: bool):
     return read
 
 
-def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
-    """Yield the output tensor's row chunks, already cast to the output dtype, on CPU."""
+def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinite: bool,
+                  reports: Optional[list] = None) -> Iterator[torch.Tensor]:
+    """Yield the output tensor's row chunks, already cast to the output dtype, on CPU. A whole-tensor method with
+    a `merge_with_report` (e.g. pivot) also appends its per-tensor report to `reports`."""
     out_dtype = DTYPES[t.dtype][0]
     if t.op == COPY:
         src = t.inputs[0]
@@ -105,8 +107,13 @@ def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinit
     else:
         parts = read()
     allowed = None  # with allow_nonfinite: whether this tensor's inputs hold NaN/Inf (checked only when needed)
+    reporter = getattr(spec, "merge_with_report", None) if reports is not None and not spec.chunkwise else None
     for c, xs, base in parts:
-        y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
+        if reporter is not None:
+            y, rep = reporter(xs, base, stats=stats, chunk=c, info=info, **params)
+            reports.append(_report_entry(t, spec, rep))
+        else:
+            y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
         if not all_finite(y):
             if allowed is None:
                 allowed = allow_nonfinite and _inputs_nonfinite(_reader(t, chunk_bytes, device, False))
@@ -117,6 +124,15 @@ def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinit
                     "and the inputs' magnitudes (float32 overflow)"
                 )
         yield y.to(out_dtype).cpu()
+
+
+def _report_entry(t: OutputTensor, spec, rep: dict) -> dict:
+    """One tensor's report as the writer gathers it: which report file, the tensor, its layout layer."""
+    from engine.layout import classify
+
+    role = classify(t.name)
+    return {"report": getattr(spec, "report", "") or spec.name, "op": t.op, "tensor": t.name,
+            "module": role.module if role else None, "layer": role.layer if role else t.layer, **rep}
 
 
 def _inputs_nonfinite(read) -> bool:
@@ -137,10 +153,12 @@ def run_unit(
     skip_shards: frozenset = frozenset(),
 ) -> UnitResult:
     """Merge and write every tensor of `unit` into its shard's partial file; fsync before returning.
-    Tensors in `skip_shards` (already finalised and verified, on resume) are not recomputed."""
+    Tensors in `skip_shards` (already finalised and verified, on resume) are not recomputed. Per-tensor reports of
+    reporting methods go to the state dir (engine.writer.write_unit_report), the results stay as they were."""
     t0 = time.perf_counter()
     fds: dict[int, int] = {}
     hashes: dict[int, "hashlib._Hash"] = {}
+    reports: list[dict] = []
     try:
         for t in unit.tensors:
             if plan_shards[t.shard].filename in skip_shards:
@@ -151,7 +169,7 @@ def run_unit(
             if fd is None:
                 fd = fds[t.shard] = os.open(path, os.O_WRONLY)
             offset = t.offset
-            for y in _merge_tensor(t, chunk_bytes, device, allow_nonfinite):
+            for y in _merge_tensor(t, chunk_bytes, device, allow_nonfinite, reports):
                 data = memoryview(y.contiguous().reshape(-1).view(torch.uint8).numpy()) if y.numel() else memoryview(b"")
                 pwrite_all(fd, data, offset, f"{plan_shards[t.shard].filename} tensor {t.name!r}", str(path))
                 h.update(data)
@@ -160,6 +178,8 @@ def run_unit(
                 raise RuntimeError(f"tensor {t.name!r}: wrote {offset - t.offset} bytes, planned {t.nbytes}")
         for fd in fds.values():
             os.fsync(fd)
+        if reports:  # next to the shards' temp files: the driver's writer gathers them (survives --resume)
+            write_unit_report(Path(out), unit.id, reports)
     finally:
         for fd in fds.values():
             os.close(fd)

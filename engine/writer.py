@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +32,8 @@ COPIED_FILES = (
     "processor_config.json", "video_preprocessor_config.json", "generation_config.json", "spiece.model",
 )
 _HASH_BLOCK = 8 << 20  # 8 MiB reads: hashing throughput is flat above ~1 MiB blocks
+REPORTS_DIR = "reports"  # per-unit method reports in the state dir, gathered into <report>_report.json
+log = logging.getLogger("shardmerge.report")
 
 
 def state_dir(out: Path) -> Path:
@@ -188,8 +191,63 @@ def model_card(plan) -> str:
     )
 
 
+def _unit_report_path(out: Path, unit_id: int) -> Path:
+    return state_dir(out) / REPORTS_DIR / f"unit-{unit_id:06d}.json"
+
+
+def write_unit_report(out: Path, unit_id: int, entries: list[dict]) -> None:
+    """A work unit's per-tensor method reports (JSON-able dicts with a "report" and a "tensor" key), written
+    atomically by the worker; a re-run unit overwrites its file with the same content."""
+    path = _unit_report_path(Path(out), unit_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(entries, sort_keys=True, allow_nan=False).encode())
+
+
+def _report_line(entry: dict) -> str:
+    return f"{entry['report']}: {entry['tensor']}: {entry.get('summary') or entry.get('kind', '')}"
+
+
+def _old_report(path: Path, plan_hash: str) -> list[dict]:
+    """The entries of a report file left by an earlier run of the same plan (none for another plan or damage)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not isinstance(doc, dict) or doc.get("plan_hash") != plan_hash:
+        return []
+    return [e for e in doc.get("tensors", []) if isinstance(e, dict)]
+
+
+def write_reports(plan, out: Path) -> list[str]:
+    """Gather the units' reports into `<report>_report.json` per report name (entries in output order), log a
+    line per entry, and return the files written. A report file already in `out` keeps the entries of tensors
+    not re-run (resume of a finished merge only re-runs the units whose shards no longer match)."""
+    out = Path(out)
+    gathered: dict[str, dict[str, dict]] = {}
+    for unit in plan.units:
+        path = _unit_report_path(out, unit.id)
+        if path.exists():
+            for e in json.loads(path.read_text()):
+                gathered.setdefault(e["report"], {})[e["tensor"]] = e
+    order = {t.name: i for i, t in enumerate(plan.tensors())}
+    written = []
+    for name, entries in sorted(gathered.items()):
+        dst = out / f"{name}_report.json"
+        old = _old_report(dst, plan.plan_hash)
+        entries = {**{e["tensor"]: e for e in old if e.get("tensor") in order}, **entries}
+        rows = sorted(entries.values(), key=lambda e: order.get(e["tensor"], len(order)))
+        for e in rows:
+            log.info("%s", _report_line(e))
+        doc = {"format": "shardmerge-report/1", "report": name, "merge_method": plan.recipe.merge_method,
+               "plan_hash": plan.plan_hash, "models": list(plan.recipe.model_refs), "tensors": rows}
+        atomic_write(dst, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
+        written.append(dst.name)
+    return written
+
+
 def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) -> None:
-    """Index, config, tokenizer/processor files, model card, then the manifest (last: it marks completion)."""
+    """Index, config, tokenizer/processor files, model card, method reports, then the manifest (last: it marks
+    completion)."""
     out = Path(out)
     weight_map = {t.name: plan.shards[t.shard].filename for t in plan.tensors()}
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -207,6 +265,7 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
             text = Path(text).read_text()
         atomic_write(out / "chat_template.jinja", text.encode())
     atomic_write(out / "README.md", model_card(plan).encode())
+    write_reports(plan, out)
     manifest = {
         "format": "shardmerge-manifest/1",
         "engine_version": engine.__version__,

@@ -8,20 +8,24 @@ Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "
 3. filtering: a sign per entry of C elected across experts, each expert's sign vote weighted by its energy in
    the shared space ||C_k||^2 (`sign_weight`); minority-sign entries (and exact ties) are zeroed; residuals
    R_k = Delta_k - U_s C_k V_s^T keep their top `density` [0.2] fraction by magnitude, merged by disjoint mean.
-4. weights lambda_k = softmax_k(a_k / T) [T = 1], a_k = ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`) or
-   precomputed alignment gains (`contribution: data`, per-model parameter `gain`).
-5. W = W_pivot + beta * (U_s (sum_k lambda_k C~_k) V_s^T + merged residual) [beta = 1].
+4. weights lambda_k = softmax_k(a_k / T) [T = 1], a_k = ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`, alias
+   `data_free`) or precomputed alignment gains (`contribution: data`, per-model parameter `gain`).
+5. W = W_pivot + beta * (U_s (sum_k lambda_k C~_k) V_s^T + merged residual) [beta = 1; `scale` is the recipe
+   name of the same factor (issue 6's recipe form), give one of the two].
 0-D/1-D tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
 
 `pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
-tensor only. `_project_filter` and `_trim_disjoint_mean` are the swap points for kernels/svd_filter.py.
+tensor only and the spec's `merge_with_report` (a ReportingMethodSpec) returns both, which engine.unit uses to
+collect the per-layer report. Registered as `pivot` (the recipe form, planned by engine.pivot_plan) and, for the
+callers written before the rename, `pivotmerge`. `_project_filter` and `_trim_disjoint_mean` are the swap points
+for kernels/svd_filter.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -31,10 +35,11 @@ from engine.methods.rsvd import DEFAULT_SEED, energy_rank, truncated_svd
 from engine.methods.svd import _where, stack_inputs, svd_options
 
 SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")
-CONTRIBUTIONS = ("shared", "data")
+CONTRIBUTIONS = ("shared", "data_free", "data")  # data_free = shared (the issue's recipe spelling)
 NOISE_RTOL = 10.0  # |C| <= this * max(m, n) * eps32 * max|C| is rounding noise: it neither votes nor conflicts
 TIE_RTOL = 1e-5  # |vote sum| at most this fraction of sum |votes| is a tie (float32 rounding of exact ties)
 NO_GAIN = float("nan")  # per-model `gain` default: "not given" (only contribution: data needs gains)
+NO_SCALE = float("nan")  # `scale` default: "not given" (beta applies)
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class PivotParams:
     sign_weight: str = "expert_energy"  # an expert's vote: ||C_k||^2 | its entry's C^2 | C (TIES) | 1
     temperature: float = 1.0  # T of the softmax over experts
     beta: float = 1.0  # scale of the merged update
-    contribution: str = "shared"  # shared (data-free a_k) | data (precomputed alignment gains)
+    scale: float = NO_SCALE  # the recipe name of beta (issue 6); NaN = not given
+    contribution: str = "shared"  # shared / data_free (data-free a_k) | data (precomputed alignment gains)
     svd_path: str = "auto"
     seed: int = DEFAULT_SEED
 
@@ -68,6 +74,14 @@ class PivotParams:
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"pivot: {where}: {name} must be {expected}, got {getattr(self, name)!r}")
+        if not math.isnan(self.scale) and (not math.isfinite(self.scale) or self.beta != 1.0):
+            raise ValueError(f"pivot: {where}: scale must be finite and given instead of beta (they are the same "
+                             f"factor), got scale={self.scale!r}, beta={self.beta!r}")
+
+    @property
+    def factor(self) -> float:
+        """beta of step 5: `scale` when given, else `beta`."""
+        return self.beta if math.isnan(self.scale) else self.scale
 
 
 def resolve_pivot(stack: torch.Tensor, base: Optional[torch.Tensor], mode: str, where: str) -> torch.Tensor:
@@ -188,7 +202,7 @@ def _contributions(C, deltas, p: PivotParams, gains: Optional[Sequence[float]], 
     """a_k per expert: data-free shared share, or the engine's alignment gains (never silently ignored)."""
     K = deltas.shape[0]
     given = gains is not None and any(not math.isnan(float(g)) for g in gains)
-    if p.contribution == "shared":
+    if p.contribution in ("shared", "data_free"):
         if given:
             raise ValueError(
                 f"pivot: {where}: per-model gain {list(gains)} given but contribution is 'shared'; "
@@ -210,7 +224,8 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
 
     report: pivot, rank_u/rank_v (shared rank kept), energy_u/energy_v (one-sided energy captured), energy_shared
     (sum ||C_k||^2 / sum ||Delta_k||^2), conflict_fraction (entries of C zeroed / all K r_u r_v entries),
-    contribution (a_k), lambda (per expert, sums to 1), residual_kept (fraction of residual entries kept).
+    contribution (a_k), lambda (per expert, sums to 1), residual_kept (fraction of residual entries kept), summary
+    (one log line); params with NaN ("not given") as None, so the report is strict JSON.
     """
     where = _where(info)
     p = PivotParams(**params)
@@ -218,16 +233,17 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
     stack = stack_inputs("pivot", tensors, base, info, needs_base=False)
     pivot = resolve_pivot(stack, base, p.pivot, where)
     deltas = stack - pivot
-    report: dict = {"tensor": info.name if info is not None else None, "params": asdict(p)}
+    params = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(p).items()}
+    report: dict = {"tensor": info.name if info is not None else None, "params": params}  # JSON: no NaN
     if stack.dim() < 3:
-        return pivot + p.beta * deltas.mean(dim=0), {**report, "kind": "averaged"}
+        return pivot + p.factor * deltas.mean(dim=0), {**report, "kind": "averaged"}
     U_s, V_s, stats = shared_bases(deltas, p, svd_options("pivot", info, p.svd_path, p.seed))
     C, C_f, conflict = _project_filter(deltas, U_s, V_s, p.sign_weight)
     residual = _trim_disjoint_mean(deltas - U_s @ C @ V_s.mT, p.density)
     a = _contributions(C, deltas, p, gains, where)
     lam = layer_weights(a, p.temperature).to(C.dtype)
     shared = U_s @ (lam[:, None, None] * C_f).sum(dim=0) @ V_s.mT
-    merged = pivot + p.beta * (shared + residual)
+    merged = pivot + p.factor * (shared + residual)
     total_sq = float(deltas.double().square().sum())
     numel = deltas[0].numel()
     report.update(stats)
@@ -239,6 +255,9 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
         "lambda": [float(x) for x in lam],
         "residual_kept": min(numel, int(p.density * numel)) / numel,
     })
+    report["summary"] = (f"shared rank {stats['rank_u']}x{stats['rank_v']}, energy {stats['energy_u']:.3f}/"
+                         f"{stats['energy_v']:.3f} (shared {report['energy_shared']:.3f}), conflicting "
+                         f"{report['conflict_fraction']:.1%}, lambda [{', '.join(f'{x:.3f}' for x in lam)}]")
     return merged, report
 
 
@@ -261,9 +280,31 @@ def require_identical(tensors: Sequence[torch.Tensor], info: Optional[TensorInfo
     return tensors[0]
 
 
-register(MethodSpec(
-    name="pivotmerge", merge=merge_pivot, needs_base=False, chunkwise=False,
-    per_model_params={"gain": NO_GAIN},
-    global_params={k: v for k, v in asdict(PivotParams()).items()},
-    doc="PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around a pivot.",
-))
+def merge_pivot_report(tensors, base, *, stats=None, chunk: Optional[Chunk] = None,
+                       info: Optional[TensorInfo] = None, gain: Optional[Sequence[float]] = None,
+                       **params) -> tuple[torch.Tensor, dict]:
+    """The spec's `merge_with_report`: the registered signature, returning (merged tensor, report dict)."""
+    return pivot_merge(tensors, base, gains=gain, info=info, **params)
+
+
+@dataclass(frozen=True)
+class ReportingMethodSpec(MethodSpec):
+    """A MethodSpec whose method also reports per tensor: engine.unit calls `merge_with_report` (same arguments
+    as `merge`, returns (tensor, JSON-able dict)) and the writer gathers the dicts into `<report>_report.json`."""
+
+    merge_with_report: Optional[Callable[..., tuple[torch.Tensor, dict]]] = None
+    report: str = ""
+
+
+def _spec(name: str, doc: str) -> ReportingMethodSpec:
+    return ReportingMethodSpec(
+        name=name, merge=merge_pivot, needs_base=False, chunkwise=False,
+        per_model_params={"gain": NO_GAIN},
+        global_params={k: v for k, v in asdict(PivotParams()).items()},
+        doc=doc, merge_with_report=merge_pivot_report, report="pivot",
+    )
+
+
+register(_spec("pivot", "PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around "
+                        "a pivot; projector-only recipe form (engine.pivot_plan)."))
+register(_spec("pivotmerge", "Alias of `pivot` (the name before the recipe form existed)."))

@@ -1,0 +1,226 @@
+"""PivotMerge planning: the `pivot` recipe form, from headers (plus one streamed identity check of the backbones).
+
+A PivotMerge recipe merges the cross-modal projectors of K expert MLLMs that share the vision encoder and the
+language model (METHODS.md "PivotMerge", docs/pivot_recipe.md):
+
+    merge_method: pivot
+    models: [expert_a, expert_b, expert_c]
+    parameters: {pivot: mean, energy: 0.9, density: 0.2, temperature: 1.0, scale: 1.0, contribution: data_free}
+
+Every floating-point tensor of layout module "projector" becomes one `pivot` op over the K experts (whole tensor,
+engine.methods.pivot), with the pivot model's tensor as `base` for `pivot: init` (+ `init_model:`) and
+`pivot: model:<name>`. Every other tensor is copied verbatim from the *backbone source*: the pivot model (the
+init model, or the named expert) or, with `pivot: mean`, the first expert. Those tensors must be bit-identical
+across the experts (and the init model): `check_identical_backbones` compares them chunk by chunk before anything
+is written, never holding more than one chunk per model; `allow_different_backbones: true` skips the check and
+takes them from the backbone source (a plan note says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine import methods
+from engine.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint, read_rows
+from engine.layout import Layout
+from engine.methods.pivot import PivotParams
+from engine.recipe import Recipe
+from engine.recipe_checks import resolve_params
+
+log = logging.getLogger("shardmerge.pivot")
+
+PIVOT_METHODS = ("pivot", "pivotmerge")  # the recipe form's name and its alias from before the rename
+COMPARE_BYTES = 16 << 20  # rows compared per read in the backbone check (per model)
+
+
+@dataclass
+class PivotPlanner:
+    """What engine.plan._assemble needs: the opened checkpoints, the reference (the backbone source, whose config
+    and tokenizer/processor files the output gets) and notes that are not errors."""
+
+    ckpts: dict[str, Checkpoint]
+    reference: str
+    experts: tuple[str, ...]
+    pivot_ref: Optional[str]  # the pivot model (init_model or the named expert); None for pivot: mean
+    notes: tuple[str, ...] = ()
+
+
+def _match_model(name: str, refs: list[str], where: str) -> str:
+    """The model a `pivot: model:<name>` names: its ref as written, its resolved path, or its directory name."""
+    exact = [r for r in refs if r == name or (Path(name).exists() and Path(r).resolve() == Path(name).resolve())]
+    by_dir = [r for r in refs if Path(r).name == name]
+    found = exact or by_dir
+    if len(set(found)) != 1:
+        what = "matches several models" if found else "is not one of the models"
+        raise ValueError(f"{where}: pivot 'model:{name}' {what}; expected one of {', '.join(refs)} (or its "
+                         "directory name)")
+    return found[0]
+
+
+def pivot_source(recipe: Recipe, source: str) -> tuple[str, Optional[str]]:
+    """(pivot mode, pivot model ref or None) of a pivot recipe; the recipe-form errors before anything is opened."""
+    where = f"{source}: parameters.pivot"
+    mode = recipe.parameters.get("pivot", "mean")
+    if not isinstance(mode, str):
+        raise ValueError(f"{where}: expected 'mean', 'init' or 'model:<name>' (one value for every tensor), "
+                         f"got {mode!r}")
+    for key in ("base_model", "modules", "mllm", "base_llm"):
+        if getattr(recipe, key):
+            raise ValueError(f"{source}: {key}: not used by merge_method pivot (it merges the experts' projectors "
+                             "around `parameters.pivot` and copies the shared backbone); remove it")
+    if len(recipe.models) < 2:
+        raise ValueError(f"{source}: models: merge_method pivot needs at least 2 experts, got {len(recipe.models)}")
+    refs = recipe.model_refs
+    if len(set(refs)) != len(refs):
+        twice = next(r for r in refs if refs.count(r) > 1)
+        raise ValueError(f"{source}: models: {twice} is listed more than once; each expert once")
+    if recipe.calibration is not None:
+        raise ValueError(f"{source}: calibration: data-driven contributions from a calibration set are not "
+                         "implemented yet; use `contribution: data_free`, or `contribution: data` with "
+                         "precomputed alignment gains as per-model `gain` (engine.methods.pivot.alignment_gains)")
+    if mode == "init":
+        if not recipe.init_model:
+            raise ValueError(f"{where}: 'init' needs `init_model:` (the experts' shared initialisation)")
+        return mode, recipe.init_model
+    if recipe.init_model:
+        raise ValueError(f"{source}: init_model: only used with `pivot: init`, but pivot is {mode!r}; remove it "
+                         "or set pivot: init")
+    if mode.startswith("model:") and len(mode) > 6:
+        return mode, _match_model(mode[6:], recipe.model_refs, where)
+    if mode != "mean":
+        raise ValueError(f"{where}: expected 'mean', 'init' or 'model:<name>', got {mode!r}")
+    return mode, None
+
+
+def _check_same_tensors(ckpts: dict[str, Checkpoint], reference: str, source: str) -> None:
+    """Same architecture, tensor names, shapes and dtypes in every model (headers only)."""
+    ref = ckpts[reference]
+    for r, c in ckpts.items():
+        arch, ref_arch = c.config.get("architectures"), ref.config.get("architectures")
+        if arch and ref_arch and arch != ref_arch:
+            raise ValueError(f"{source}: model {r} has architectures {arch}, but {reference} has {ref_arch}; "
+                             "PivotMerge experts share one architecture")
+        missing = sorted(set(ref.tensors) - set(c.tensors))
+        extra = sorted(set(c.tensors) - set(ref.tensors))
+        if missing or extra:
+            raise ValueError(f"{source}: model {r} lacks tensor(s) {missing[:5]} / has extra tensor(s) {extra[:5]} "
+                             f"compared with {reference}; PivotMerge experts share one architecture")
+        for name, m in c.tensors.items():
+            want = ref.tensors[name]
+            if (m.shape, m.dtype) != (want.shape, want.dtype):
+                raise ValueError(f"{source}: tensor {name!r}: {m.dtype} {list(m.shape)} in model {r} but "
+                                 f"{want.dtype} {list(want.shape)} in {reference}")
+
+
+def _first_difference(a: TensorMeta, b: TensorMeta) -> Optional[int]:
+    """Flat index of the first element whose bytes differ between two same-shape tensors, None when identical;
+    read in row chunks of about COMPARE_BYTES so no whole tensor is held."""
+    step = max(1, COMPARE_BYTES // max(1, a.row_numel * a.itemsize))
+    for start in range(0, a.rows, step):
+        stop = min(a.rows, start + step)
+        x = read_rows(a, start, stop).reshape(-1).view(torch.uint8)
+        y = read_rows(b, start, stop).reshape(-1).view(torch.uint8)
+        if not torch.equal(x, y):
+            byte = int((x != y).nonzero()[0])
+            return start * a.row_numel + byte // a.itemsize
+    return None
+
+
+def check_identical_backbones(ckpts: dict[str, Checkpoint], refs: list[str], names: list[str],
+                              source: str) -> None:
+    """Every tensor in `names` bit-identical in every model of `refs` (compared with refs[0], chunk by chunk);
+    ValueError naming the tensor, both models, the first differing element and both values otherwise."""
+    first = ckpts[refs[0]]
+    for name in names:
+        a = first.tensors[name]
+        for r in refs[1:]:
+            b = ckpts[r].tensors[name]
+            if (Path(a.file).resolve(), a.begin) == (Path(b.file).resolve(), b.begin):
+                continue  # the same bytes on disk
+            at = _first_difference(a, b)
+            if at is not None:
+                row = at // a.row_numel if a.shape else 0
+                va = read_rows(a, row, row + 1).reshape(-1)[at - row * a.row_numel].item()
+                vb = read_rows(b, row, row + 1).reshape(-1)[at - row * a.row_numel].item()
+                raise ValueError(
+                    f"{source}: tensor {name!r} differs between model {refs[0]} ({a.file}) and model {r} "
+                    f"({b.file}): first at element {at}, {va!r} vs {vb!r}; PivotMerge merges only the projector "
+                    "and expects the vision encoder and language model identical across experts. Set "
+                    "`allow_different_backbones: true` to take them from the pivot model instead"
+                )
+
+
+def _params(recipe: Recipe, spec, name: str, t: float, source: str) -> dict:
+    """The pivot op's parameters for one projector tensor, validated now (before any tensor data is read)."""
+    params = resolve_params(recipe, spec, name, t)
+    gains = params.get("gain", ())
+    p = PivotParams(**{k: v for k, v in params.items() if k != "gain"})
+    try:
+        p.validate(f"tensor {name!r}")
+    except ValueError as exc:
+        raise ValueError(f"{source}: parameters: {exc}") from None
+    given = [not math.isnan(float(g)) for g in gains]
+    if p.contribution == "data" and not all(given):
+        raise ValueError(f"{source}: contribution: data needs a per-model `gain` (precomputed alignment gain) for "
+                         f"every expert; tensor {name!r} has {list(gains)} (NaN = not given)")
+    if p.contribution != "data" and any(given):
+        raise ValueError(f"{source}: per-model gain given but contribution is {p.contribution!r}; set "
+                         "contribution: data to use the gains")
+    return params
+
+
+def _projector_counts(layout: Layout) -> int:
+    layers = {layout.role(n).layer for n in layout.names if layout.role(n).kind == "projector_layer"}
+    layers.discard(None)
+    return max(layers) + 1 if layers else 0
+
+
+def pivot_items(recipe: Recipe, source: str) -> tuple[PivotPlanner, list[dict], int]:
+    """(planner, plan items in output order, language-model layer count) for a PivotMerge recipe."""
+    from engine.plan import COPY, group_key, layout_of
+
+    mode, pivot_ref = pivot_source(recipe, source)
+    experts = list(dict.fromkeys(recipe.model_refs))
+    refs = experts + ([pivot_ref] if pivot_ref and pivot_ref not in experts else [])
+    ckpts = {r: open_checkpoint(r) for r in refs}
+    reference = pivot_ref or experts[0]
+    _check_same_tensors(ckpts, reference, source)
+    layout = layout_of(ckpts[reference])
+    names = sorted(ckpts[reference].tensors, key=lambda n: (group_key(n), n))
+    projector = [n for n in names if layout.role(n).module == "projector"
+                 and ckpts[reference].tensors[n].dtype in FLOAT_CODES]
+    if not projector:
+        raise ValueError(f"{source}: model {reference} ({layout.family}) has no floating-point projector tensors; "
+                         "PivotMerge merges the cross-modal projectors of MLLMs")
+    shared = [n for n in names if n not in set(projector)]
+    notes = []
+    if recipe.allow_different_backbones:
+        notes.append(f"allow_different_backbones: the {len(shared)} non-projector tensors were not compared across "
+                     f"the experts; they are copied from {reference}")
+    else:
+        check_identical_backbones(ckpts, [reference] + [r for r in refs if r != reference], shared, source)
+    spec = methods.get("pivot")
+    n_proj, L = _projector_counts(layout), layout.num_layers
+    items, proj = [], set(projector)
+    for n in names:
+        meta = ckpts[reference].tensors[n]
+        dtype = (recipe.output_dtype_code or meta.dtype) if meta.dtype in FLOAT_CODES else meta.dtype
+        common = dict(name=n, shape=meta.shape, dtype=dtype, layer=None, num_layers=L)
+        if n not in proj:
+            items.append(dict(common, op=COPY, inputs=(meta,), base=None, params=()))
+            continue
+        role = layout.role(n)
+        t = role.layer / (n_proj - 1) if role.layer is not None and n_proj > 1 else 0.0
+        params = _params(recipe, spec, n, t, source)
+        items.append(dict(common, op=spec.name, inputs=tuple(ckpts[r].tensors[n] for r in experts),
+                          base=ckpts[pivot_ref].tensors[n] if pivot_ref else None,
+                          params=tuple(sorted(params.items()))))
+    for note in notes:
+        log.warning("pivot: %s", note)
+    return PivotPlanner(ckpts, reference, tuple(experts), pivot_ref, tuple(notes)), items, L
