@@ -216,8 +216,8 @@ def check_memory_budget(plan: Plan, chunk_bytes: int, memory_per_worker: Optiona
 
 def _our_files(out: Path) -> list[Path]:
     names = {MANIFEST, INDEX, STATE_DIR, "README.md", "config.json"}
-    return [p for p in out.iterdir() if p.name in names or (p.name.startswith("model-") and
-                                                          p.name.endswith(".safetensors"))]
+    return [p for p in out.iterdir() if p.name in names or p.name.endswith("_report.json") or (
+        p.name.startswith("model-") and p.name.endswith(".safetensors"))]
 
 
 def _lock(out: Path) -> int:

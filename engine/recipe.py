@@ -62,7 +62,7 @@ class Recipe(BaseModel):
 
     merge_method: str
     base_model: Optional[str] = None
-    models: list[ModelEntry] = Field(default_factory=list)
+    models: list[Union[ModelEntry, str]] = Field(default_factory=list)  # a bare string = {model: <string>}
     parameters: dict[str, Setting] = Field(default_factory=dict)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
@@ -76,6 +76,11 @@ class Recipe(BaseModel):
     init_model: Optional[str] = None
     calibration: Optional[str] = None
     allow_different_backbones: bool = False
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _bare_models(cls, v: list) -> list:
+        return [ModelEntry(model=m) if isinstance(m, str) else m for m in v]
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -103,13 +108,15 @@ class Recipe(BaseModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
+_UNION_LABELS = {"bool", "int", "float", "str", "list[...]", "ModelEntry", "PairWeights"}
+
+
 def _yaml_path(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif (part in ("bool", "int", "float", "str", "list[...]") or "[" in str(part)
-              or part.startswith(("list", "Condition", "PairWeights"))):
+        elif part in _UNION_LABELS or "[" in str(part) or part.startswith(("list", "Condition")):
             continue  # pydantic's union-branch labels are noise for users
         else:
             out += f".{part}" if out else str(part)

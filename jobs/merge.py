@@ -82,6 +82,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = run_merge(
             args.recipe, args.out, workers=args.workers, device=args.device, address=args.address,

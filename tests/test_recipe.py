@@ -82,3 +82,14 @@ def test_relative_model_paths_resolve_against_recipe_dir(tmp_path):
 def test_recipe_hash_is_stable_and_sensitive():
     assert parse_recipe(GOOD).hash() == parse_recipe(dict(GOOD)).hash()
     assert parse_recipe(GOOD).hash() != parse_recipe({**GOOD, "dtype": "float32"}).hash()
+
+
+def test_bare_model_strings_are_model_entries():
+    r = parse_recipe({"merge_method": "linear", "models": ["a", {"model": "b", "parameters": {"weight": 2}}],
+                      "parameters": {"weight": 1}})
+    assert r.model_refs == ["a", "b"] and r.models[0].parameters == {}
+
+
+def test_pivot_calibration_is_refused_at_recipe_time():
+    with pytest.raises(ValueError, match="calibration: data-driven PivotMerge weights .* not implemented yet"):
+        parse_recipe({"merge_method": "pivot", "models": ["a", "b"], "calibration": "pairs.parquet"}, source="r.yaml")
