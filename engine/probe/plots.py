@@ -61,6 +61,11 @@ def plot_curve(path: Path, pooled: Plateau, per_bench: Mapping[str, Plateau], *,
     ax_p.plot(cuts, pooled.normalized, "k-", lw=2, label="pooled")
     ax_p.set_xlabel("cut layer c")
     ax_p.set_ylabel("p(c) = (m(c) - m(0)) / (m(L) - m(0))")
+    if not np.isfinite(np.asarray(pooled.normalized, dtype=float)).any():  # m(L) == m(0): p(c) is undefined
+        ax_p.set_xlim(cuts.min() - 0.5, cuts.max() + 0.5)
+        ax_p.set_ylim(-0.05, 1.05)
+        ax_p.text(0.5, 0.5, "p(c) undefined:\nm(L) = m(0), masking the image changes nothing",
+                  transform=ax_p.transAxes, ha="center", va="center", fontsize=9, color="#a94442")
     ax_p.legend(fontsize=7, loc="best")
     for a in (ax, ax_p):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
