@@ -11,24 +11,9 @@ rescale [false], lambda [1.0], int8_mask [false] (no numeric effect, as in merge
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
-
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import (
-    SparsifyStats,
-    check_fraction,
-    check_inputs,
-    combine_deltas,
-    fused_merge,
-    on_kernel_device,
-    per_model,
-    prepare_magnitude,
-    sparsified_deltas,
-    window_thresholds,
-)
+from engine.methods.base import ChunkReader, MethodSpec, TensorInfo
+from engine.methods.common import SparsifyStats, check_fraction, per_model, prepare_magnitude, windowed_merge
 
 BREADCRUMBS_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
 
@@ -43,31 +28,11 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
     return prepare_magnitude(read, info, n, density, gamma, bool(params["rescale"]))
 
 
-def _merge(consensus: bool):
-    mode = "breadcrumbs_ties" if consensus else "breadcrumbs"
-
-    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SparsifyStats,
-              chunk: Chunk, info: TensorInfo, **params) -> torch.Tensor:
-        """Apply the prepared windows, then sum (or TIES-combine) the weighted task vectors of this chunk.
-        CUDA chunks: one fused kernel call with the same windows and L1 scales."""
-        check_inputs(tensors, base, info, needs_base=True)
-        weights = per_model("weight", params["weight"], len(tensors), info)
-        normalize, lam = bool(params["normalize"]), float(params["lambda"])
-        if on_kernel_device(tensors, base):
-            lo, hi = window_thresholds(stats.windows)
-            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam, thresholds=lo,
-                               upper_thresholds=hi, scales=stats.scales)
-        deltas = sparsified_deltas(tensors, base, stats)
-        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
-
-    return merge
-
-
 for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
     register(
         MethodSpec(
             name=_name,
-            merge=_merge(_consensus),
+            merge=windowed_merge(_name, consensus=_consensus),
             prepare=prepare,
             needs_base=True,
             per_model_params={"weight": None, "density": 1.0, "gamma": 0.01},

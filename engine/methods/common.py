@@ -391,3 +391,26 @@ def run_in_memory(spec: MethodSpec, tensors: Sequence[torch.Tensor], base: Optio
     outs = [spec.merge([part(t, c) for t in tensors], part(base, c), stats=stats, chunk=c, info=info, **bound)
             for c in chunks]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def windowed_merge(mode: str, consensus: bool):
+    """The per-chunk merge of every magnitude-window method (ties, breadcrumbs, breadcrumbs_ties): apply the
+    prepared per-expert |tau| windows and L1 scales, then sum or TIES-combine the weighted task vectors.
+    CUDA chunks take one fused kernel call with the same windows and scales."""
+    upper = mode != "ties"  # TIES windows have no upper bound
+
+    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SparsifyStats,
+              chunk: Chunk, info: TensorInfo, **params) -> torch.Tensor:
+        check_inputs(tensors, base, info, needs_base=True)
+        weights = per_model("weight", params["weight"], len(tensors), info)
+        normalize, lam = bool(params["normalize"]), float(params["lambda"])
+        if on_kernel_device(tensors, base):
+            lo, hi = window_thresholds(stats.windows)
+            extra = {"upper_thresholds": hi} if upper else {}
+            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam, thresholds=lo,
+                               scales=stats.scales, **extra)
+        deltas = sparsified_deltas(tensors, base, stats)
+        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
+
+    merge.__doc__ = windowed_merge.__doc__
+    return merge

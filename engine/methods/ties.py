@@ -10,24 +10,9 @@ Ties at the threshold magnitude are all kept (mergekit's argsort keeps exactly k
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
-
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import (
-    SparsifyStats,
-    check_fraction,
-    check_inputs,
-    combine_deltas,
-    fused_merge,
-    on_kernel_device,
-    per_model,
-    prepare_magnitude,
-    sparsified_deltas,
-    window_thresholds,
-)
+from engine.methods.base import ChunkReader, MethodSpec, TensorInfo
+from engine.methods.common import SparsifyStats, check_fraction, per_model, prepare_magnitude, windowed_merge
 
 TIES_GLOBALS = {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0}
 
@@ -40,19 +25,8 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
     return prepare_magnitude(read, info, n, density, None, bool(params["rescale"]))
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SparsifyStats, chunk: Chunk,
-          info: TensorInfo, **params) -> torch.Tensor:
-    """Trim with the prepared thresholds, then sign consensus and disjoint (weighted) mean on this chunk.
-    CUDA chunks: one fused kernel call with the same thresholds and L1 scales."""
-    check_inputs(tensors, base, info, needs_base=True)
-    weights = per_model("weight", params["weight"], len(tensors), info)
-    normalize, lam = bool(params["normalize"]), float(params["lambda"])
-    if on_kernel_device(tensors, base):
-        lo, _ = window_thresholds(stats.windows)
-        return fused_merge("ties", tensors, base, weights, chunk, normalize=normalize, lam=lam, thresholds=lo,
-                           scales=stats.scales)
-    deltas = sparsified_deltas(tensors, base, stats)
-    return combine_deltas(base, deltas, weights, consensus=True, normalize=normalize, lam=lam)
+# Trim with the prepared thresholds, then sign consensus and disjoint (weighted) mean on each chunk.
+merge = windowed_merge("ties", consensus=True)
 
 
 SPEC = register(
