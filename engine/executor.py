@@ -270,14 +270,7 @@ def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunS
         if not resume:
             raise ValueError(f"output directory {out} holds an unfinished merge; pass --resume to continue it or "
                              "--overwrite to start over")
-        fd = _lock(out)
-        try:
-            state = _resume_state(plan, out, journal)
-        except BaseException:
-            os.close(fd)
-            raise
-        state.lock_fd = fd
-        return state
+        return _locked(out, lambda: _resume_state(plan, out, journal))
     elif any(p.name != STATE_DIR for p in out.iterdir()):  # a state dir without a journal: killed at the start
         raise ValueError(f"output directory {out} is not empty; choose an empty directory or pass --overwrite")
     fd = _lock(out)
@@ -297,8 +290,7 @@ def _reopen_finished(plan: Plan, out: Path, manifest: Path, journal: Journal) ->
     """--resume on a finished merge of this plan (e.g. killed after the manifest, before the state dir was
     removed): the manifest's shards become the journal and the manifest is dropped, so the usual resume re-hashes
     them, redoes any that no longer match and re-writes the metadata (the same bytes)."""
-    fd = _lock(out)
-    try:
+    def reopen() -> RunState:
         try:
             records = [{"shard": e["file"], "sha256": e["sha256"], "size": e["size"]}
                        for e in json.loads(manifest.read_text())["shards"]]
@@ -309,7 +301,16 @@ def _reopen_finished(plan: Plan, out: Path, manifest: Path, journal: Journal) ->
         for rec in records:
             journal.append(rec)
         manifest.unlink()
-        state = _resume_state(plan, out, journal)
+        return _resume_state(plan, out, journal)
+
+    return _locked(out, reopen)
+
+
+def _locked(out: Path, build) -> RunState:
+    """Take the driver lock, then build the run state under it; the lock is released if building fails."""
+    fd = _lock(out)
+    try:
+        state = build()
     except BaseException:
         os.close(fd)
         raise
