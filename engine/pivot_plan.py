@@ -181,8 +181,9 @@ def _projector_counts(layout: Layout) -> int:
     return max(layers) + 1 if layers else 0
 
 
-def pivot_items(recipe: Recipe, source: str) -> tuple[PivotPlanner, list[dict], int]:
-    """(planner, plan items in output order, language-model layer count) for a PivotMerge recipe."""
+def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None) -> tuple[PivotPlanner, list[dict], int]:
+    """(planner, plan items in output order, language-model layer count) for a PivotMerge recipe; `state`: the
+    state dir of an output being resumed (a calibration saved there is reused when it matches)."""
     from engine.plan import COPY, group_key, layout_of
 
     mode, pivot_ref = pivot_source(recipe, source)

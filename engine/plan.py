@@ -96,6 +96,9 @@ class Plan:
     plan_hash: str
     inputs: tuple[str, ...] = field(default=())  # model dirs read
     notes: tuple[str, ...] = field(default=())  # findings that are not errors (e.g. PlaM vocabulary differences)
+    # (file name, text) written into the output dir beside the reports and into the state dir at the start of a
+    # run, so --resume can reuse them (e.g. PivotMerge's calibration gains, engine.pivot_calibration)
+    artifacts: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def total_bytes(self) -> int:
@@ -345,8 +348,10 @@ def _header(items: list[dict]) -> tuple[bytes, list[int]]:
     return head, [len(head) + r for r in rel]
 
 
-def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "<recipe>") -> Plan:
-    """Plan a merge without reading tensor data (headers only)."""
+def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "<recipe>",
+               state: Optional[Path] = None) -> Plan:
+    """Plan a merge without reading tensor data (headers only; PivotMerge with a calibration set runs the
+    calibration, reusing a matching result saved in `state`, the state dir of an output being resumed)."""
     shard_size = parse_size(shard_size)
     if recipe.merge_method == "plam":
         from engine.plam_plan import plam_items
@@ -355,7 +360,7 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
     elif recipe.merge_method in ("pivot", "pivotmerge"):
         from engine.pivot_plan import pivot_items
 
-        planner, items, num_layers = pivot_items(recipe, source)
+        planner, items, num_layers = pivot_items(recipe, source, state=state)
     else:
         planner = _Planner(recipe, source)
         planner.check_architectures()
@@ -396,7 +401,7 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int) -> Pl
     phash = _plan_hash(recipe, work, shards, planner.ckpts)
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
-                tuple(getattr(planner, "notes", ())))
+                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
 
 
 def _unit_label(name: str) -> str:

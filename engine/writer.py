@@ -266,6 +266,8 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
         atomic_write(out / "chat_template.jinja", text.encode())
     atomic_write(out / "README.md", model_card(plan).encode())
     write_reports(plan, out)
+    for name, text in getattr(plan, "artifacts", ()):
+        atomic_write(out / name, text.encode())
     manifest = {
         "format": "shardmerge-manifest/1",
         "engine_version": engine.__version__,
