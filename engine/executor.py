@@ -22,7 +22,7 @@ from typing import Optional
 from engine.plan import COPY, Plan
 from engine.unit import UnitResult, rows_per_chunk, run_unit, unit_digest
 from engine.writer import (
-    INDEX, MANIFEST, STATE_DIR, Journal, WriteFailed, create_partial, finalize_shard, partial_path, sha256_file,
+    INDEX, MANIFEST, STATE_DIR, Journal, WriteFailed, atomic_write, create_partial, finalize_shard, partial_path, sha256_file,
     state_dir, write_metadata,
 )
 
@@ -520,6 +520,8 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
     check_memory_budget(plan, chunk_bytes, memory_per_worker)
     state = open_output(plan, out, resume=resume, overwrite=overwrite)
     try:
+        for name, text in plan.artifacts:  # e.g. PivotMerge's calibration: what --resume must not recompute
+            atomic_write(state_dir(out) / name, text.encode())
         drv = _Driver(plan, out, state, progress)
         summary = {"units": len(plan.units), "reused_units": state.reused_units, "reused_shards": state.reused_shards,
                    "units_run": len(drv.todo), "shards": len(plan.shards), "bytes": plan.total_bytes,
