@@ -30,6 +30,7 @@ from engine import methods
 from engine.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint, read_rows
 from engine.layout import Layout
 from engine.methods.pivot import PivotParams
+from engine.pivot_calibration import ARTIFACT, Calibration, calibrate, fingerprint
 from engine.recipe import Recipe
 from engine.recipe_checks import resolve_params
 
@@ -49,6 +50,7 @@ class PivotPlanner:
     experts: tuple[str, ...]
     pivot_ref: Optional[str]  # the pivot model (init_model or the named expert); None for pivot: mean
     notes: tuple[str, ...] = ()
+    artifacts: tuple[tuple[str, str], ...] = ()  # (pivot_calibration.json, its text) with a calibration set
 
 
 def _match_model(name: str, refs: list[str], where: str) -> str:
@@ -80,10 +82,6 @@ def pivot_source(recipe: Recipe, source: str) -> tuple[str, Optional[str]]:
     if len(set(refs)) != len(refs):
         twice = next(r for r in refs if refs.count(r) > 1)
         raise ValueError(f"{source}: models: {twice} is listed more than once; each expert once")
-    if recipe.calibration is not None:
-        raise ValueError(f"{source}: calibration: data-driven contributions from a calibration set are not "
-                         "implemented yet; use `contribution: data_free`, or `contribution: data` with "
-                         "precomputed alignment gains as per-model `gain` (engine.methods.pivot.alignment_gains)")
     if mode == "init":
         if not recipe.init_model:
             raise ValueError(f"{where}: 'init' needs `init_model:` (the experts' shared initialisation)")
@@ -156,10 +154,25 @@ def check_identical_backbones(ckpts: dict[str, Checkpoint], refs: list[str], nam
                 )
 
 
-def _params(recipe: Recipe, spec, name: str, t: float, source: str) -> dict:
-    """The pivot op's parameters for one projector tensor, validated now (before any tensor data is read)."""
+def _params(recipe: Recipe, spec, name: str, t: float, source: str,
+            calibration: Optional[Calibration] = None) -> dict:
+    """The pivot op's parameters for one projector tensor, validated now (before any tensor data is read); with a
+    calibration, its alignment gains for the tensor's projector layer become the per-model `gain`."""
     params = resolve_params(recipe, spec, name, t)
     gains = params.get("gain", ())
+    if calibration is not None:
+        if any(not math.isnan(float(g)) for g in gains):
+            raise ValueError(f"{source}: tensor {name!r}: per-model gain given and a calibration set; the gains come "
+                             "from one or the other, remove one")
+        if params.get("contribution") != "data":
+            raise ValueError(f"{source}: calibration: given, but contribution is {params.get('contribution')!r} for "
+                             f"tensor {name!r}; set contribution: data to use the calibration gains, or remove "
+                             "calibration")
+        try:
+            gains = params["gain"] = tuple(calibration.gains_for(name))
+        except KeyError:
+            raise ValueError(f"{source}: calibration has no gains for projector tensor {name!r} (it covers "
+                             f"{sorted(calibration.layers)}); was it computed for these experts?") from None
     p = PivotParams(**{k: v for k, v in params.items() if k != "gain"})
     try:
         p.validate(f"tensor {name!r}")
@@ -167,8 +180,9 @@ def _params(recipe: Recipe, spec, name: str, t: float, source: str) -> dict:
         raise ValueError(f"{source}: parameters: {exc}") from None
     given = [not math.isnan(float(g)) for g in gains]
     if p.contribution == "data" and not all(given):
-        raise ValueError(f"{source}: contribution: data needs a per-model `gain` (precomputed alignment gain) for "
-                         f"every expert; tensor {name!r} has {list(gains)} (NaN = not given)")
+        raise ValueError(f"{source}: contribution: data needs `calibration:` (a Parquet file of image-caption pairs) "
+                         f"or a per-model `gain` (precomputed alignment gain) for every expert; tensor {name!r} has "
+                         f"{list(gains)} (NaN = not given)")
     if p.contribution != "data" and any(given):
         raise ValueError(f"{source}: per-model gain given but contribution is {p.contribution!r}; set "
                          "contribution: data to use the gains")
@@ -206,6 +220,9 @@ def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None) ->
                      f"the experts; they are copied from {reference}")
     else:
         check_identical_backbones(ckpts, [reference] + [r for r in refs if r != reference], shared, source)
+    calib = _calibration(recipe, ckpts, experts, (mode, pivot_ref), projector, reference, source, state)
+    if calib is not None:
+        notes.extend(calib.notes)
     spec = methods.get("pivot")
     n_proj, L = _projector_counts(layout), layout.num_layers
     items, proj = [], set(projector)
@@ -218,10 +235,41 @@ def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None) ->
             continue
         role = layout.role(n)
         t = role.layer / (n_proj - 1) if role.layer is not None and n_proj > 1 else 0.0
-        params = _params(recipe, spec, n, t, source)
+        params = _params(recipe, spec, n, t, source, calib)
         items.append(dict(common, op=spec.name, inputs=tuple(ckpts[r].tensors[n] for r in experts),
                           base=ckpts[pivot_ref].tensors[n] if pivot_ref else None,
                           params=tuple(sorted(params.items()))))
     for note in notes:
         log.warning("pivot: %s", note)
-    return PivotPlanner(ckpts, reference, tuple(experts), pivot_ref, tuple(notes)), items, L
+    artifacts = ((ARTIFACT, calib.to_json()),) if calib is not None else ()
+    return PivotPlanner(ckpts, reference, tuple(experts), pivot_ref, tuple(notes), artifacts), items, L
+
+
+def _calibration(recipe: Recipe, ckpts: dict[str, Checkpoint], experts: list[str], pivot: tuple,
+                 projector: list[str], reference: str, source: str, state: Optional[Path]) -> Optional[Calibration]:
+    """The alignment gains of `calibration:`: read from a pivot_calibration.json, reused from the resumed output's
+    state dir when its fingerprint matches (a re-run could differ in the last bits and change the plan), or computed
+    (engine.pivot_calibration.calibrate)."""
+    cal = recipe.calibration
+    if cal is None:
+        return None
+    mode, pivot_ref = pivot
+    if not Path(cal.path).is_file():
+        raise ValueError(f"{source}: calibration: {cal.path} is not a file (expected a Parquet file of image-caption "
+                         "pairs or a pivot_calibration.json)")
+    if cal.path.endswith(".json"):
+        found = Calibration.from_json(Path(cal.path).read_text(), cal.path)
+        names = [Path(e).name for e in experts]
+        if [Path(e).name for e in found.experts] != names:
+            raise ValueError(f"{source}: calibration: {cal.path} was computed for experts "
+                             f"{[Path(e).name for e in found.experts]}, this recipe merges {names}")
+        return found
+    fp = fingerprint(cal, experts, mode, ckpts)
+    cached = Path(state) / ARTIFACT if state is not None else None
+    if cached is not None and cached.is_file():
+        found = Calibration.from_json(cached.read_text(), str(cached))
+        if found.fingerprint == fp:
+            log.info("pivot: calibration reused from the interrupted run (%d pairs)", found.pairs)
+            return found
+    log.info("pivot: calibrating on %s (up to %d pairs)", cal.path, cal.max_pairs)
+    return calibrate(cal, str(ckpts[reference].root), ckpts, experts, pivot_ref, projector, fp)

@@ -57,6 +57,18 @@ class ModuleRecipe(BaseModel):
     source: Optional[str] = None  # for passthrough: which model to copy from (default: base or first model)
 
 
+class CalibrationRecipe(BaseModel):
+    """PivotMerge's `calibration:`: a Parquet file of image-caption pairs (or a pivot_calibration.json written by an
+    earlier merge), as a bare path or a mapping with these keys (engine.pivot_calibration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    max_pairs: int = Field(default=256, gt=0)  # the first max_pairs rows, in file order
+    image_column: str = ""  # "" = the first of image / image_bytes / img
+    caption_column: str = ""  # "" = the first of caption / text / captions / sentence
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,8 +86,13 @@ class Recipe(BaseModel):
     base_llm: Optional[str] = None
     # PivotMerge form
     init_model: Optional[str] = None
-    calibration: Optional[str] = None
+    calibration: Optional[CalibrationRecipe] = None  # a bare string = {path: <string>}
     allow_different_backbones: bool = False
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _bare_calibration(cls, v):
+        return {"path": v} if isinstance(v, str) else v
 
     @field_validator("models", mode="after")
     @classmethod
@@ -108,7 +125,7 @@ class Recipe(BaseModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
-_UNION_LABELS = {"bool", "int", "float", "str", "list[...]", "ModelEntry", "PairWeights"}
+_UNION_LABELS = {"bool", "int", "float", "str", "list[...]", "ModelEntry", "PairWeights", "CalibrationRecipe"}
 
 
 def _yaml_path(loc: tuple) -> str:
@@ -153,8 +170,11 @@ def _resolve(ref: Optional[str], base_dir: Path) -> Optional[str]:
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     models = [m.model_copy(update={"model": _resolve(m.model, base_dir)}) for m in recipe.models]
     upd = {"models": models}
-    for key in ("base_model", "mllm", "base_llm", "init_model", "calibration"):
+    for key in ("base_model", "mllm", "base_llm", "init_model"):
         upd[key] = _resolve(getattr(recipe, key), base_dir)
+    if recipe.calibration is not None:
+        upd["calibration"] = recipe.calibration.model_copy(
+            update={"path": _resolve(recipe.calibration.path, base_dir)})
     if recipe.tokenizer_source not in (None, "base"):
         upd["tokenizer_source"] = _resolve(recipe.tokenizer_source, base_dir)
     if isinstance(recipe.parameters.get("plateau"), str):  # PlaM's probe.json, written next to the recipe

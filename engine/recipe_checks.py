@@ -89,9 +89,8 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         spec = methods.get(recipe.merge_method)
     except ValueError as exc:
         raise ValueError(f"{source}: merge_method: {exc}") from None
-    if recipe.merge_method in ("pivot", "pivotmerge") and recipe.calibration:
-        raise ValueError(f"{source}: calibration: data-driven PivotMerge weights (contribution: data) are not "
-                         "implemented yet; use the data-free contribution (the default)")
+    if recipe.calibration is not None and recipe.merge_method not in ("pivot", "pivotmerge"):
+        raise ValueError(f"{source}: calibration: only used by merge_method pivot (contribution: data); remove it")
     if recipe.merge_method == "plam":
         check_plam_recipe(recipe, source)
         return

@@ -232,8 +232,8 @@ def test_different_backbones_are_refused_or_taken_from_the_pivot(llava, tmp_path
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"calibration": "pairs.parquet"}, "not implemented yet"),
-    ({"contribution": "data"}, "needs a per-model `gain`"),
+    ({"calibration": "pairs.parquet"}, "calibration: pairs.parquet is not a file"),
+    ({"contribution": "data"}, "needs `calibration:` .* or a per-model `gain`"),
     ({"pivot": "init"}, "'init' needs `init_model:`"),
     ({"init_model": "INIT"}, "only used with `pivot: init`"),
     ({"pivot": "model:nobody"}, "is not one of the models"),

@@ -90,6 +90,18 @@ def test_bare_model_strings_are_model_entries():
     assert r.model_refs == ["a", "b"] and r.models[0].parameters == {}
 
 
-def test_pivot_calibration_is_refused_at_recipe_time():
-    with pytest.raises(ValueError, match="calibration: data-driven PivotMerge weights .* not implemented yet"):
-        parse_recipe({"merge_method": "pivot", "models": ["a", "b"], "calibration": "pairs.parquet"}, source="r.yaml")
+def test_calibration_forms_and_refusals():
+    r = parse_recipe({"merge_method": "pivot", "models": ["a", "b"], "calibration": "pairs.parquet"}, source="r.yaml")
+    assert r.calibration.path == "pairs.parquet" and r.calibration.max_pairs == 256
+    r = parse_recipe({"merge_method": "pivot", "models": ["a", "b"],
+                      "calibration": {"path": "p.parquet", "max_pairs": 8, "caption_column": "text"}}, source="r.yaml")
+    assert (r.calibration.max_pairs, r.calibration.caption_column) == (8, "text")
+    with pytest.raises(ValueError, match=r"r.yaml: calibration.max_pairs: .*greater than 0"):
+        parse_recipe({"merge_method": "pivot", "models": ["a", "b"],
+                      "calibration": {"path": "p.parquet", "max_pairs": 0}}, source="r.yaml")
+    with pytest.raises(ValueError, match=r"r.yaml: calibration.pairs: unknown key"):
+        parse_recipe({"merge_method": "pivot", "models": ["a", "b"],
+                      "calibration": {"path": "p.parquet", "pairs": 3}}, source="r.yaml")
+    with pytest.raises(ValueError, match="calibration: only used by merge_method pivot"):
+        parse_recipe({"merge_method": "linear", "models": ["a", "b"], "calibration": "p.parquet",
+                      "parameters": {"weight": 1}}, source="r.yaml")

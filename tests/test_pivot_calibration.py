@@ -1,0 +1,255 @@
+"""PivotMerge's data-driven contributions (`contribution: data` + `calibration:`, engine.pivot_calibration).
+
+The engine's gains (vision tower once, projector roots re-run with swapped layers, language model cut to one layer)
+are compared with a naive computation written here from METHODS.md's words: load every expert fully with
+transformers, build the pivot projector, and for every (layer, expert) swap run the whole image path again and
+take cosine(mean projected image features, mean caption token embeddings). Then: the gains reach the plan and the
+report (lambda = softmax(gain / T)), the merged output is verified and loads, a saved pivot_calibration.json
+reproduces the same bytes, --resume reuses the saved calibration, and every bad input is one clear error."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from engine.layout import classify
+from engine.pivot_calibration import ARTIFACT, Calibration
+from engine.plan import build_plan
+from engine.recipe import parse_recipe
+from engine.tiny_models import build_mllm
+from engine.verify import verify_dir
+from engine.writer import MANIFEST, state_dir
+from jobs.merge import run_merge
+
+# naive full-model path vs the engine's hooked path: the same float32 ops on the same inputs, except that the
+# engine's vision tower runs inside a 1-layer model (identical weights): gains agree to float32 rounding
+GAIN_TOL = {"atol": 2e-6, "rtol": 0.0}
+FAMILIES = [("llava", "legacy"), ("llava", "current"), ("qwen2_5_vl", "legacy"), ("qwen3_vl", "current")]
+MAIN_ROOTS = {"llava": "multi_modal_projector", "qwen2_5_vl": "visual.merger", "qwen3_vl": "visual.merger"}
+
+
+def derive(init: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
+    """A copy of `init` whose projector tensors (only) get a seeded update (shared part + expert part)."""
+    shutil.copytree(init, out)
+    g, shared = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(1234)
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        names = [k for k, v in tensors.items() if classify(k).module == "projector" and v.is_floating_point()]
+        for k in names:
+            v = tensors[k]
+            tensors[k] = v + scale * (torch.randn(v.shape, generator=shared) + torch.randn(v.shape, generator=g))
+        if names:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    return out
+
+
+def png(seed: int, size=(56, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")).save(buf, "PNG")
+    return buf.getvalue()
+
+
+CAPTIONS = ["a red square", "two birds on a wire", "a photo of a cat", "text on a sign", "blue water"]
+
+
+def write_pairs(path: Path, n: int = 4, **columns) -> Path:
+    cols = columns or {"image": [png(i) for i in range(n)], "caption": CAPTIONS[:n]}
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def experts_of(root: Path, family: str, naming: str) -> list[Path]:
+    init = build_mllm(root / "init", family, seed=0, num_layers=2, naming=naming)
+    return [derive(init, root / f"expert_{c}", seed=i) for i, c in enumerate("abc")]
+
+
+def recipe(experts, pairs, **params) -> dict:
+    top = {k: params.pop(k) for k in ("calibration",) if k in params}
+    return {"merge_method": "pivot", "models": [str(e) for e in experts], "dtype": "float32",
+            "calibration": str(pairs), **top,
+            "parameters": {"pivot": "mean", "contribution": "data", "temperature": 0.05, **params}}
+
+
+def plan_calibration(plan) -> Calibration:
+    (name, text), = plan.artifacts
+    assert name == ARTIFACT
+    return Calibration.from_json(text, name)
+
+
+# ---------------------------------------------------------------- naive reference
+
+
+def naive_gains(experts, pairs_rows, family: str) -> dict[str, list[float]]:
+    """gains[layer] per expert, from full models and full image passes (no hooks, no functional_call)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    models = [AutoModelForImageTextToText.from_pretrained(str(e), dtype=torch.float32).eval() for e in experts]
+    proj = [m.get_submodule("model." + MAIN_ROOTS[family]) for m in models]
+    states = [{k: v.clone() for k, v in p.state_dict().items()} for p in proj]
+    pivot = {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
+    model, tok = models[0], AutoTokenizer.from_pretrained(str(experts[0]))
+    ip = AutoImageProcessor.from_pretrained(str(experts[0]))
+    prefix = "merger." if family.startswith("qwen") else ""
+    layers = sorted({k.rsplit(".", 1)[0] for k in pivot})
+
+    def score(state, image, caption) -> float:
+        proj[0].load_state_dict(state)
+        px = {k: v for k, v in ip(images=[image], return_tensors="pt").items()
+              if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+        feats = model.model.get_image_features(**px).pooler_output[0]
+        ids = torch.tensor(tok(caption, add_special_tokens=False)["input_ids"])
+        emb = model.get_input_embeddings()(ids).mean(dim=0)
+        return float(torch.nn.functional.cosine_similarity(feats.reshape(-1, feats.shape[-1]).mean(0), emb, dim=0))
+
+    gains = {prefix + layer: [0.0] * len(experts) for layer in layers}
+    with torch.no_grad():
+        for data, caption in pairs_rows:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            base = score(pivot, image, caption)
+            for layer in layers:
+                for k, s in enumerate(states):
+                    swapped = {n: (s[n] if n.rsplit(".", 1)[0] == layer else v) for n, v in pivot.items()}
+                    gains[prefix + layer][k] += (score(swapped, image, caption) - base) / len(pairs_rows)
+    return gains
+
+
+@pytest.mark.parametrize("family, naming", FAMILIES)
+def test_gains_equal_the_naive_full_model_computation(tmp_path, family, naming):
+    experts = experts_of(tmp_path, family, naming)
+    pairs = write_pairs(tmp_path / "pairs.parquet", n=3)
+    plan = build_plan(parse_recipe(recipe(experts, pairs)))
+    cal = plan_calibration(plan)
+    expected = naive_gains(experts, list(zip([png(i) for i in range(3)], CAPTIONS[:3])), family)
+    assert cal.pairs == 3 and set(expected) <= set(cal.layers)
+    for layer, want in expected.items():
+        torch.testing.assert_close(torch.tensor(cal.layers[layer]["gains"]), torch.tensor(want), **GAIN_TOL)
+        assert max(abs(g) for g in want) > 1e-4, "the experts' projectors must change the score"
+    # every projector tensor's op carries its layer's gains as the per-model `gain`
+    for t in plan.tensors():
+        if t.op == "pivot":
+            assert dict(t.params)["gain"] == cal.gains_for(t.name)
+
+
+def test_pivot_expert_has_zero_gain_everywhere(tmp_path):
+    """pivot: model:expert_a -> swapping in expert a's layer changes nothing: its gain is exactly 0 for every
+    layer, deepstack mergers included (Qwen3-VL)."""
+    experts = experts_of(tmp_path, "qwen3_vl", "current")
+    pairs = write_pairs(tmp_path / "pairs.parquet", n=2)
+    cal = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, pivot="model:expert_a"))))
+    assert any(layer.startswith("deepstack_merger_list.") for layer in cal.layers)
+    for layer, rec in cal.layers.items():
+        assert rec["gains"][0] == 0.0, layer
+        assert any(g != 0.0 for g in rec["gains"][1:]), layer
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("calib")
+    experts = experts_of(root, "llava", "current")
+    return {"root": root, "experts": experts, "pairs": write_pairs(root / "pairs.parquet", n=4)}
+
+
+def test_merge_with_calibration_end_to_end(llava, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    data = recipe(llava["experts"], llava["pairs"], temperature=0.02)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    run_merge(tmp_path / "r.yaml", out, workers=0, progress=False)
+    assert verify_dir(out) == []
+    cal = Calibration.from_json((out / ARTIFACT).read_text(), ARTIFACT)
+    report = json.loads((out / "pivot_report.json").read_text())
+    rows = [r for r in report["tensors"] if r["kind"] == "svd"]  # 1-D tensors (biases) are averaged, no lambda
+    assert {r["tensor"] for r in rows} == {n for n in cal.layers["linear_1"]["tensors"] + cal.layers["linear_2"][
+        "tensors"] if n.endswith(".weight")}
+    for row in rows:
+        gains = torch.tensor(cal.gains_for(row["tensor"]), dtype=torch.float64)
+        assert row["contribution"] == pytest.approx(gains.tolist(), abs=0)
+        assert row["lambda"] == pytest.approx(torch.softmax(gains / 0.02, dim=0).tolist(), rel=1e-6)
+        assert sum(row["lambda"]) == pytest.approx(1.0, abs=1e-6)
+    model = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32)
+    assert model.config.model_type == "llava"
+
+    # the saved calibration file as `calibration:` gives the same merge, byte for byte
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump({**data, "calibration": str(out / ARTIFACT)}))
+    run_merge(tmp_path / "r2.yaml", tmp_path / "out2", workers=0, progress=False)
+    shards = lambda d: [(s["file"], s["sha256"]) for s in json.loads((d / MANIFEST).read_text())["shards"]]  # noqa: E731
+    assert shards(tmp_path / "out2") == shards(out)
+
+
+def test_resume_reuses_the_saved_calibration_only_when_it_matches(llava, tmp_path):
+    data = parse_recipe(recipe(llava["experts"], llava["pairs"]))
+    fresh = plan_calibration(build_plan(data))
+    state = tmp_path / "state"
+    state.mkdir()
+    doctored = {**json.loads(fresh.to_json()), "layers": {
+        k: {**v, "gains": [g + 0.5 for g in v["gains"]]} for k, v in fresh.layers.items()}}
+    (state / ARTIFACT).write_text(json.dumps(doctored))
+    reused = plan_calibration(build_plan(data, state=state))
+    assert reused.layers["linear_1"]["gains"] == [g + 0.5 for g in fresh.layers["linear_1"]["gains"]]
+    (state / ARTIFACT).write_text(json.dumps({**doctored, "fingerprint": "0" * 64}))
+    assert plan_calibration(build_plan(data, state=state)).layers == fresh.layers  # stale: recomputed
+
+
+def test_executor_saves_the_calibration_for_resume(llava, tmp_path):
+    from engine.executor import execute
+
+    plan = build_plan(parse_recipe(recipe(llava["experts"], llava["pairs"])))
+    out = tmp_path / "out"
+    execute(plan, out, workers=0, progress=False, fault=None)
+    assert (out / ARTIFACT).read_text() == plan.artifacts[0][1]
+    assert not state_dir(out).exists()  # finished: the state dir (and its copy) is gone
+
+
+def test_hf_image_structs_and_max_pairs(llava, tmp_path):
+    pairs = write_pairs(tmp_path / "hf.parquet", image=[{"bytes": png(i), "path": f"{i}.png"} for i in range(5)],
+                        text=CAPTIONS)
+    data = recipe(llava["experts"], pairs, calibration={"path": str(pairs), "max_pairs": 2})
+    assert plan_calibration(build_plan(parse_recipe(data))).pairs == 2
+
+
+BAD_PAIRS = [
+    (dict(picture=[png(0)], caption=["x"]), r"no image column \(looked for"),
+    (dict(image=[png(0)], label=["x"]), r"no caption column"),
+    (dict(image=[png(0), png(1)], caption=["fine", "  "]), r"row 1: caption '  ' is empty"),
+    (dict(image=[png(0), b"not an image"], caption=["a", "b"]), r"row 1: image is not decodable"),
+    (dict(image=pa.array([], pa.binary()), caption=pa.array([], pa.string())), r"no image-caption pairs"),
+]
+
+
+@pytest.mark.parametrize("columns, match", BAD_PAIRS)
+def test_bad_calibration_files_name_the_file_and_row(llava, tmp_path, columns, match):
+    pairs = write_pairs(tmp_path / "bad.parquet", **columns)
+    with pytest.raises(ValueError, match=match) as err:
+        build_plan(parse_recipe(recipe(llava["experts"], pairs)))
+    assert "bad.parquet" in str(err.value)
+
+
+def test_recipe_errors(llava, tmp_path):
+    base = recipe(llava["experts"], llava["pairs"])
+    cases = [
+        ({**base, "parameters": {**base["parameters"], "contribution": "data_free"}},
+         "calibration: given, but contribution is 'data_free'"),
+        ({**base, "models": [{"model": str(e), "parameters": {"gain": 0.1}} for e in llava["experts"]]},
+         "per-model gain given and a calibration set"),
+        ({**base, "calibration": str(tmp_path / "missing.parquet")}, "missing.parquet is not a file"),
+    ]
+    (tmp_path / "not.parquet").write_text("hello")
+    cases.append(({**base, "calibration": str(tmp_path / "not.parquet")}, "not a readable Parquet file"))
+    other = Calibration("f" * 64, ("x", "y", "z"), 1, {}, ())
+    (tmp_path / "other.json").write_text(other.to_json())
+    cases.append(({**base, "calibration": str(tmp_path / "other.json")}, r"computed for experts \['x', 'y', 'z'\]"))
+    for data, match in cases:
+        with pytest.raises(ValueError, match=match):
+            build_plan(parse_recipe(data))
