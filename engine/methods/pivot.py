@@ -17,8 +17,13 @@ Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "
 `pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
 tensor only and the spec's `merge_with_report` (a ReportingMethodSpec) returns both, which engine.unit uses to
 collect the per-layer report. Registered as `pivot` (the recipe form, planned by engine.pivot_plan) and, for the
-callers written before the rename, `pivotmerge`. `_project_filter` and `_trim_disjoint_mean` are the swap points
-for kernels/svd_filter.py.
+callers written before the rename, `pivotmerge`.
+
+Kernel path (issue 6): for CUDA coordinates, when Triton imports, the noise-floor / sign-election / suppression /
+lambda-weighted combine (steps 3 and 5) is one fused call, `kernels.svd_filter.pivot_filter_coords` (its torch reference
+repeats `_sign_filter` operation for operation; tests/test_pivot_kernel.py pins them together); elsewhere the torch
+path below runs. Both give the merge and the conflict count of `_filter_combine`. `_trim_disjoint_mean` is still
+plain torch.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from engine.methods import register
 from engine.methods.base import Chunk, MethodSpec, TensorInfo
 from engine.methods.rsvd import DEFAULT_SEED, energy_rank, truncated_svd
 from engine.methods.svd import _where, stack_inputs, svd_options
+from kernels._util import use_triton
+from kernels.svd_filter import pivot_filter_coords, triton_available
 
 SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")
 CONTRIBUTIONS = ("shared", "data_free", "data")  # data_free = shared (the issue's recipe spelling)
@@ -114,18 +121,20 @@ def shared_bases(deltas: torch.Tensor, p: PivotParams, svd: dict) -> tuple[torch
     return U[:, :r_u], Vh[:r_v].mT, stats
 
 
-def _project_filter(deltas: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, sign_weight: str):
-    """C_k = U_s^T Delta_k V_s and C~_k (minority-sign entries zeroed). Swap point for kernels/svd_filter.py.
+def _noise_floor(C: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """The rounding-noise level of C (K, r_u, r_v) projected from m x n deltas: NOISE_RTOL * max(m, n) * eps32 *
+    max|C| (an orthogonal expert's coordinates are ~50 eps32 max|C| noise, measured); float32, 0-dim."""
+    if not C.numel():
+        return torch.zeros((), dtype=C.dtype, device=C.device)
+    return NOISE_RTOL * max(m, n) * torch.finfo(torch.float32).eps * C.abs().amax()
 
-    Returns (C, C_filtered, conflict) with conflict[k, i, j] = C[k, i, j] above the rounding-noise floor (an
-    orthogonal expert's coordinates are ~50 eps32 max|C| noise, measured) and its sign not the strict
-    weighted majority. A tie (|score| <= TIE_RTOL * sum |votes|) elects no sign: every nonzero entry there is a
-    conflict -- with K = 2 and pivot = mean (Delta_2 = -Delta_1) the shared part cancels to 0 instead of keeping
-    one side chosen by rounding.
-    """
-    C = U_s.mT @ deltas @ V_s  # (K, r_u, r_v)
-    m, n = deltas.shape[-2:]
-    floor = NOISE_RTOL * max(m, n) * torch.finfo(torch.float32).eps * C.abs().amax() if C.numel() else 0.0
+
+def _sign_filter(C: torch.Tensor, floor: torch.Tensor, sign_weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """C~ (minority-sign entries zeroed) and the conflict mask: conflict[k, i, j] = |C[k, i, j]| above `floor`
+    and its sign not the strict weighted majority. A tie (|score| <= TIE_RTOL * sum |votes|) elects no sign:
+    every entry above the floor there is a conflict -- with K = 2 and pivot = mean (Delta_2 = -Delta_1) the shared
+    part cancels to 0 instead of keeping one side chosen by rounding. The torch path (CPU, or CUDA without Triton);
+    kernels.svd_filter.pivot_filter_coords_reference repeats these operations for the fused kernel."""
     real = C.abs() > floor
     sign = torch.where(real, C.sign(), torch.zeros_like(C))
     if sign_weight == "expert_energy":
@@ -136,7 +145,31 @@ def _project_filter(deltas: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, 
     tie = score.abs() <= TIE_RTOL * vote.abs().sum(dim=0)
     elected = torch.where(tie, torch.zeros_like(score), score.sign())
     conflict = real & (sign * elected <= 0)
-    return C, torch.where(conflict, torch.zeros_like(C), C), conflict
+    return torch.where(conflict, torch.zeros_like(C), C), conflict
+
+
+def _project_filter(deltas: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, sign_weight: str):
+    """C_k = U_s^T Delta_k V_s, C~_k and the per-entry conflict mask (see `_sign_filter`): the unfused steps,
+    for callers that need the mask itself; `pivot_merge` combines through `_filter_combine`."""
+    C = U_s.mT @ deltas @ V_s  # (K, r_u, r_v)
+    C_f, conflict = _sign_filter(C, _noise_floor(C, *deltas.shape[-2:]), sign_weight)
+    return C, C_f, conflict
+
+
+def _use_kernel(C: torch.Tensor) -> bool:
+    """The fused Triton filter runs for CUDA coordinates when Triton imports; the torch path otherwise."""
+    return use_triton([C]) and triton_available()
+
+
+def _filter_combine(C: torch.Tensor, lam: torch.Tensor, shape, sign_weight: str) -> tuple[torch.Tensor, int]:
+    """sum_k lambda_k C~_k (r_u, r_v) and the number of entries of C zeroed as conflicts. lambda comes from the
+    contributions a_k, which use C (not C~), so the filter runs after them, fused with the combine on CUDA."""
+    floor = _noise_floor(C, *shape)
+    if _use_kernel(C):
+        merged, conflicts = pivot_filter_coords(C, lam, floor=floor, sign_weight=sign_weight, tie_rtol=TIE_RTOL)
+        return merged.to(C.dtype), int(conflicts)
+    C_f, conflict = _sign_filter(C, floor, sign_weight)
+    return (lam[:, None, None] * C_f).sum(dim=0), int(conflict.sum())
 
 
 def _trim_disjoint_mean(residuals: torch.Tensor, density: float) -> torch.Tensor:
@@ -238,11 +271,12 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
     if stack.dim() < 3:
         return pivot + p.factor * deltas.mean(dim=0), {**report, "kind": "averaged"}
     U_s, V_s, stats = shared_bases(deltas, p, svd_options("pivot", info, p.svd_path, p.seed))
-    C, C_f, conflict = _project_filter(deltas, U_s, V_s, p.sign_weight)
+    C = U_s.mT @ deltas @ V_s  # (K, r_u, r_v)
     residual = _trim_disjoint_mean(deltas - U_s @ C @ V_s.mT, p.density)
     a = _contributions(C, deltas, p, gains, where)
     lam = layer_weights(a, p.temperature).to(C.dtype)
-    shared = U_s @ (lam[:, None, None] * C_f).sum(dim=0) @ V_s.mT
+    combined, conflicts = _filter_combine(C, lam, deltas.shape[-2:], p.sign_weight)
+    shared = U_s @ combined @ V_s.mT
     merged = pivot + p.factor * (shared + residual)
     total_sq = float(deltas.double().square().sum())
     numel = deltas[0].numel()
@@ -250,7 +284,7 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
     report.update({
         "kind": "svd",
         "energy_shared": float(C.double().square().sum()) / total_sq if total_sq > 0 else 1.0,
-        "conflict_fraction": float(conflict.double().mean()) if C.numel() else 0.0,
+        "conflict_fraction": conflicts / C.numel() if C.numel() else 0.0,
         "contribution": [float(x) for x in a],
         "lambda": [float(x) for x in lam],
         "residual_kept": min(numel, int(p.density * numel)) / numel,
