@@ -253,3 +253,31 @@ def test_recipe_errors(llava, tmp_path):
     for data, match in cases:
         with pytest.raises(ValueError, match=match):
             build_plan(parse_recipe(data))
+
+
+def test_interrupted_merge_resumes_with_the_saved_calibration(llava, tmp_path, monkeypatch):
+    """A merge that fails after its first unit keeps the calibration in its state dir; --resume plans with it
+    (calibrate is not called again) and finishes with the same bytes as an uninterrupted merge."""
+    import engine.executor as ex
+    import engine.pivot_plan as pp
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe(llava["experts"], llava["pairs"])))
+    run_merge(tmp_path / "r.yaml", tmp_path / "clean", workers=0, progress=False)
+    real, calls = ex.run_unit, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "run_unit", fail_second)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_merge(tmp_path / "r.yaml", tmp_path / "out", workers=0, progress=False)
+    assert (state_dir(tmp_path / "out") / ARTIFACT).is_file()
+    monkeypatch.setattr(ex, "run_unit", real)
+    monkeypatch.setattr(pp, "calibrate", lambda *a, **k: pytest.fail("calibration recomputed on --resume"))
+    run_merge(tmp_path / "r.yaml", tmp_path / "out", workers=0, progress=False, resume=True)
+    shards = lambda d: json.loads((d / MANIFEST).read_text())["shards"]  # noqa: E731
+    assert shards(tmp_path / "out") == shards(tmp_path / "clean")
+    assert (tmp_path / "out" / ARTIFACT).read_text() == (tmp_path / "clean" / ARTIFACT).read_text()
