@@ -50,6 +50,11 @@ class MethodSpec:
       tensors: the non-base inputs, in recipe order (the base is passed separately as `base`);
       per-model parameters arrive as tuples aligned with `tensors`; global parameters as scalars.
     prepare(read, *, info, **params) -> stats   (only when the method needs whole-tensor statistics)
+    merge_batch(inputs, bases, infos, **params) -> list of Tensors   (optional, whole-tensor methods only)
+      B same-shape tensors with identical params in one call: inputs[b] / bases[b] / infos[b] are what `merge`
+      would get for tensor b; returns the B results in order, equal to B `merge` calls up to float rounding.
+      Why: on GPU one batched decomposition of B same-shape matrices (across layers and experts) replaces B
+      small launches. The engine batches only when the device is not the CPU or when asked (engine.unit).
     """
 
     name: str
@@ -64,3 +69,4 @@ class MethodSpec:
     min_models: int = 1
     max_models: Optional[int] = None
     doc: str = ""
+    merge_batch: Optional[Callable[..., list]] = None

@@ -9,8 +9,10 @@ averaged as each paper's reference code does:
 Tensors with more than 2 dimensions are refused (ValueError): restrict the method to 2-D weights with a filter.
 
 The `*_update` cores take leading batch dimensions (..., K, m, n) so the engine can stack same-shape weights of
-several layers and decompose them in one batched call (the GPU path); the registered `merge` functions call them
-with one tensor. All decompositions go through `engine.methods.rsvd` (exact / randomized / Gram paths; triplets
+several layers and decompose them in one batched call (the GPU path): each method registers a `merge_batch` that
+stacks B same-shape 2-D tensors to (B, K, m, n) and calls its core once; `merge` calls the same core with one
+tensor, so both go through the same arithmetic (the leading dimension is the only difference).
+All decompositions go through `engine.methods.rsvd` (exact / randomized / Gram paths; triplets
 of numerically zero singular values are dropped, so results do not depend on LAPACK's arbitrary null vectors).
 """
 
@@ -42,6 +44,19 @@ def stack_inputs(
     needs_base: bool,
 ) -> torch.Tensor:
     """Validate the inputs of one whole tensor and stack the experts to (K, *shape) (shared by svd and pivot)."""
+    check_inputs(method, tensors, base, info, needs_base=needs_base)
+    return torch.stack(list(tensors))
+
+
+def check_inputs(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor],
+    info: Optional[TensorInfo],
+    *,
+    needs_base: bool,
+) -> tuple[int, ...]:
+    """Refuse bad inputs of one whole tensor (ValueError naming the tensor); returns the common shape."""
     if len(tensors) == 0:
         raise ValueError(f"{method}: {_where(info)}: no expert tensors given; expected at least one")
     if needs_base and base is None:
@@ -62,7 +77,47 @@ def stack_inputs(
             f"{method}: {_where(info)}: shape {ref} has {len(ref)} dimensions; SVD methods merge 2-D weights and "
             "average 0-D/1-D tensors. Restrict the method to 2-D weights with a name filter."
         )
-    return torch.stack(list(tensors))
+    return ref
+
+
+def stack_batch(
+    method: str,
+    inputs: Sequence[Sequence[torch.Tensor]],
+    bases: Sequence[Optional[torch.Tensor]],
+    infos: Sequence[Optional[TensorInfo]],
+    *,
+    needs_base: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validate B tensors' inputs and copy them into one (B, K, *shape) stack and one (B, *shape) base stack.
+
+    Every tensor is checked as `merge` checks it; the batch must share one shape and one expert count, because
+    the batched core decomposes all B*K matrices in one call. One preallocated stack instead of B per-tensor
+    stacks plus their stack keeps the data footprint at one extra copy, as for a single tensor.
+    """
+    if not (len(inputs) == len(bases) == len(infos)) or not inputs:
+        raise ValueError(f"{method}: merge_batch needs one expert list, base and info per tensor (at least one); "
+                         f"got {len(inputs)} expert lists, {len(bases)} bases and {len(infos)} infos")
+    if not needs_base:  # a base the method does not use (cart) is not validated, as in `merge`
+        bases = [None] * len(bases)
+    ref = check_inputs(method, inputs[0], bases[0], infos[0], needs_base=needs_base)
+    for xs, base, info in zip(inputs[1:], bases[1:], infos[1:]):
+        shape = check_inputs(method, xs, base, info, needs_base=needs_base)
+        if shape != ref or len(xs) != len(inputs[0]):
+            raise ValueError(
+                f"{method}: merge_batch: {_where(info)} has {len(xs)} experts of shape {shape} but "
+                f"{_where(infos[0])} has {len(inputs[0])} of shape {ref}; a batch holds same-shape tensors with the "
+                "same number of experts"
+            )
+    x = inputs[0][0].new_empty((len(inputs), len(inputs[0])) + ref)
+    for b, xs in enumerate(inputs):
+        for k, t in enumerate(xs):
+            x[b, k].copy_(t)
+    if not needs_base:
+        return x, None
+    base = x.new_empty((len(bases),) + ref)
+    for b, t in enumerate(bases):
+        base[b].copy_(t)
+    return x, base
 
 
 def svd_options(method: str, info: Optional[TensorInfo], svd_path: str, seed: int) -> dict:
@@ -205,6 +260,53 @@ def cart_update(experts: torch.Tensor, *, rank_fraction: float = 0.08, **svd) ->
 
 
 # ---------------------------------------------------------------- registered methods
+#
+# Each method's 2-D formula is one `_<method>_2d(x, base, info, **params)` on experts x (..., K, m, n) and bases
+# (..., m, n): `merge` calls it with one tensor, `merge_batch` with a (B, K, m, n) stack. The parameters are
+# validated there, so both entries refuse the same bad values with the same message.
+
+
+def _tsv_2d(x, base, info, *, alpha: float = 1.0, rank_fraction: float = 1.0, svd_path: str = "auto",
+            seed: int = DEFAULT_SEED):
+    _check_positive("tsv", info, "rank_fraction", rank_fraction, upper=x.shape[-3])
+    update = tsv_update(x - base.unsqueeze(-3), rank_fraction=rank_fraction,
+                        **svd_options("tsv", info, svd_path, seed))
+    return base + alpha * update
+
+
+def _iso_c_2d(x, base, info, *, alpha: float = 1.0):
+    return base + alpha * iso_c_update(x - base.unsqueeze(-3))
+
+
+def _iso_cts_2d(x, base, info, *, alpha: float = 1.0, common_fraction: float = 0.8, svd_path: str = "auto",
+                seed: int = DEFAULT_SEED):
+    _check_positive("iso_cts", info, "common_fraction", common_fraction, upper=1.0)
+    svd = svd_options("iso_cts", info, svd_path, seed)
+    return base + alpha * iso_cts_update(x - base.unsqueeze(-3), common_fraction=common_fraction, **svd)
+
+
+def _cart_2d(x, base, info, *, rank_fraction: float = 0.08, svd_path: str = "auto", seed: int = DEFAULT_SEED,
+             **params):
+    lam = _cart_lambda(info, params)
+    _check_positive("cart", info, "rank_fraction", rank_fraction, upper=1.0)
+    mean, low = cart_update(x, rank_fraction=rank_fraction, **svd_options("cart", info, svd_path, seed))
+    return mean + lam * low
+
+
+def _cart_lambda(info, params: dict) -> float:
+    """CART's `lambda` (a Python keyword, so it arrives in **params); any other leftover is refused."""
+    params = dict(params)
+    lam = float(params.pop("lambda", 1.0))
+    if params:
+        raise ValueError(f"cart: {_where(info)}: unknown parameters {sorted(params)}")
+    return lam
+
+
+def _mean_1d(stack, base, alpha: float):
+    """0-D/1-D tensors have no SVD: theta_0 + alpha * mean(tau) (task-vector methods), mean(theta) (cart)."""
+    if base is None:
+        return stack.mean(dim=0)
+    return base + alpha * (stack - base).mean(dim=0)
 
 
 def merge_tsv(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
@@ -212,20 +314,18 @@ def merge_tsv(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info:
     """tsv: theta_0 + alpha * TSV(tau_1..tau_K); 1-D: theta_0 + alpha * mean(tau)."""
     stack = stack_inputs("tsv", tensors, base, info, needs_base=True)
     _check_positive("tsv", info, "rank_fraction", rank_fraction, upper=len(tensors))
-    taus = stack - base
     if stack.dim() < 3:
-        return base + alpha * taus.mean(dim=0)
-    return base + alpha * tsv_update(taus, rank_fraction=rank_fraction, **svd_options("tsv", info, svd_path, seed))
+        return _mean_1d(stack, base, alpha)
+    return _tsv_2d(stack, base, info, alpha=alpha, rank_fraction=rank_fraction, svd_path=svd_path, seed=seed)
 
 
 def merge_iso_c(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
                 alpha: float = 1.0):
     """iso_c: theta_0 + alpha * mean(sigma(Delta)) U V^T with Delta = sum tau; 1-D: theta_0 + alpha * mean(tau)."""
     stack = stack_inputs("iso_c", tensors, base, info, needs_base=True)
-    taus = stack - base
     if stack.dim() < 3:
-        return base + alpha * taus.mean(dim=0)
-    return base + alpha * iso_c_update(taus)
+        return _mean_1d(stack, base, alpha)
+    return _iso_c_2d(stack, base, info, alpha=alpha)
 
 
 def merge_iso_cts(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
@@ -234,25 +334,39 @@ def merge_iso_cts(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, i
     """iso_cts: theta_0 + alpha * IsoCTS(tau_1..tau_K); 1-D: theta_0 + alpha * mean(tau)."""
     stack = stack_inputs("iso_cts", tensors, base, info, needs_base=True)
     _check_positive("iso_cts", info, "common_fraction", common_fraction, upper=1.0)
-    taus = stack - base
     if stack.dim() < 3:
-        return base + alpha * taus.mean(dim=0)
-    svd = svd_options("iso_cts", info, svd_path, seed)
-    return base + alpha * iso_cts_update(taus, common_fraction=common_fraction, **svd)
+        return _mean_1d(stack, base, alpha)
+    return _iso_cts_2d(stack, base, info, alpha=alpha, common_fraction=common_fraction, svd_path=svd_path,
+                       seed=seed)
 
 
 def merge_cart(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
                rank_fraction: float = 0.08, svd_path: str = "auto", seed: int = DEFAULT_SEED, **params):
     """cart: mean + lambda * sum_k lowrank(theta_k - mean); 1-D: mean. A given base is not used by CART."""
-    lam = float(params.pop("lambda", 1.0))
-    if params:
-        raise ValueError(f"cart: {_where(info)}: unknown parameters {sorted(params)}")
+    _cart_lambda(info, params)
     stack = stack_inputs("cart", tensors, None, info, needs_base=False)
     _check_positive("cart", info, "rank_fraction", rank_fraction, upper=1.0)
     if stack.dim() < 3:
-        return stack.mean(dim=0)
-    mean, low = cart_update(stack, rank_fraction=rank_fraction, **svd_options("cart", info, svd_path, seed))
-    return mean + lam * low
+        return _mean_1d(stack, None, 1.0)
+    return _cart_2d(stack, None, info, rank_fraction=rank_fraction, svd_path=svd_path, seed=seed, **params)
+
+
+def _batch_entry(method: str, merge, formula, needs_base: bool):
+    """`merge_batch` of a method: B same-shape 2-D tensors stacked to (B, K, m, n) through `formula` in one call.
+
+    0-D/1-D tensors have no decomposition to batch: they go through `merge` one by one (same result by
+    construction). The params are one set for the whole batch: the engine batches only tensors whose resolved
+    params are identical, so per-layer gradients never mix.
+    """
+    def merge_batch(inputs, bases, infos, **params) -> list:
+        if inputs and inputs[0] and inputs[0][0].dim() < 2:
+            return [merge(xs, b, info=i, **params) for xs, b, i in zip(inputs, bases, infos)]
+        x, base = stack_batch(method, inputs, bases, infos, needs_base=needs_base)
+        return list(formula(x, base, infos[0], **params).unbind(0))
+
+    merge_batch.__name__ = f"merge_{method}_batch"
+    merge_batch.__doc__ = f"{method} on B same-shape tensors with one batched decomposition (MethodSpec.merge_batch)."
+    return merge_batch
 
 
 _SVD_PARAMS = {"svd_path": "auto", "seed": DEFAULT_SEED}
@@ -261,19 +375,23 @@ register(MethodSpec(
     name="tsv", merge=merge_tsv, needs_base=True, chunkwise=False,
     global_params={"alpha": 1.0, "rank_fraction": 1.0, **_SVD_PARAMS},
     doc="Task Singular Vectors (arXiv 2412.00081): per-task top r/K triplets, orthogonalised U and V.",
+    merge_batch=_batch_entry("tsv", merge_tsv, _tsv_2d, needs_base=True),
 ))
 register(MethodSpec(
     name="iso_c", merge=merge_iso_c, needs_base=True, chunkwise=False,
     global_params={"alpha": 1.0},
     doc="Iso-C (arXiv 2502.04959): sum of task vectors with its spectrum flattened to the mean.",
+    merge_batch=_batch_entry("iso_c", merge_iso_c, _iso_c_2d, needs_base=True),
 ))
 register(MethodSpec(
     name="iso_cts", merge=merge_iso_cts, needs_base=True, chunkwise=False,
     global_params={"alpha": 1.0, "common_fraction": 0.8, **_SVD_PARAMS},
     doc="Iso-CTS (arXiv 2502.04959): common subspace + task-specific residual directions, isotropic spectrum.",
+    merge_batch=_batch_entry("iso_cts", merge_iso_cts, _iso_cts_2d, needs_base=True),
 ))
 register(MethodSpec(
     name="cart", merge=merge_cart, needs_base=False, chunkwise=False,
     global_params={"lambda": 1.0, "rank_fraction": 0.08, **_SVD_PARAMS},
     doc="CART (arXiv 2412.12153): experts' mean + lambda * sum of rank-k centred task vectors.",
+    merge_batch=_batch_entry("cart", merge_cart, _cart_2d, needs_base=False),
 ))
