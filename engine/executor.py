@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from engine.plan import COPY, Plan
-from engine.unit import UnitResult, rows_per_chunk, run_unit, unit_digest
+from engine.unit import (DEFAULT_SVD_BATCH_BYTES, UnitResult, batch_schedule, batching_on, rows_per_chunk,
+                         run_unit, unit_digest)
 from engine.writer import (
     INDEX, MANIFEST, STATE_DIR, Journal, WriteFailed, atomic_write, create_partial, finalize_shard, partial_path, sha256_file,
     state_dir, write_metadata,
@@ -162,21 +163,57 @@ def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:
     return step * row_numel * 4 * buffers, False
 
 
-def worker_memory_floor(plan: Plan, chunk_bytes: int) -> tuple[int, str]:
+def worker_memory_floor(plan: Plan, chunk_bytes: int, svd_batch_bytes: Optional[int] = None) -> tuple[int, str]:
     """Estimated peak memory of one worker (idle process + the largest tensor's buffers: for chunk-wise methods
     every input chunk in float32, the float32 result and its output-dtype copy; for whole-matrix methods
-    `whole_tensor_bytes`), and the tensor that sets it."""
-    peak, where, _ = _peak(plan, chunk_bytes)
-    return WORKER_BASE_BYTES + peak, where
+    `whole_tensor_bytes`), and the tensor that sets it. With batching (`svd_batch_bytes`, see svd_batch_budget)
+    a batch needs the sum of its members' estimates plus the outputs of earlier batches still waiting to be
+    written (engine.unit.batch_schedule); its first member names it."""
+    peak, members, _ = _peak(plan, chunk_bytes, svd_batch_bytes)
+    return WORKER_BASE_BYTES + peak, members[0].name if members else ""
 
 
-def _peak(plan: Plan, chunk_bytes: int) -> tuple[int, str, bool]:
-    peak, where, whole = 0, "", False
-    for t in plan.tensors():
-        need, is_whole = _tensor_need(t, chunk_bytes)
-        if need > peak:
-            peak, where, whole = need, t.name, is_whole
+def _peak(plan: Plan, chunk_bytes: int, batch_bytes: Optional[int] = None) -> tuple[int, tuple, bool]:
+    """(peak bytes, the tensors computed together at the peak, whether merged as whole matrices)."""
+    peak, where, whole = 0, (), False
+    if batch_bytes is None:
+        for t in plan.tensors():
+            need, is_whole = _tensor_need(t, chunk_bytes)
+            if need > peak:
+                peak, where, whole = need, (t,), is_whole
+        return peak, where, whole
+    for u in plan.units:
+        for members, held in batch_schedule(u.tensors, batch_bytes):
+            ts = tuple(u.tensors[i] for i in members)
+            if len(ts) > 1:
+                need, is_whole = sum(whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None)
+                                     for t in ts), True
+            else:
+                need, is_whole = _tensor_need(ts[0], chunk_bytes)
+            if need + held > peak:
+                peak, where, whole = need + held, ts, is_whole
     return peak, where, whole
+
+
+def svd_batch_budget(plan: Plan, device: str, svd_batch: Optional[bool], svd_batch_bytes: Optional[int],
+                     memory_per_worker: Optional[int]) -> Optional[int]:
+    """Byte budget of one batched SVD call (engine.unit), None when batching is off (`batching_on`).
+
+    An explicit `svd_batch_bytes` is taken as given (check_memory_budget refuses a worker budget that cannot hold
+    its batches); otherwise DEFAULT_SVD_BATCH_BYTES, capped by what a worker budget leaves after the process and
+    the largest unit's outputs (the most a unit can hold back while batching), so a batch with the outputs held
+    beside it always fits the budget (a large matrix merged alone while outputs wait can still set the peak; the
+    check then names that matrix)."""
+    if not batching_on(device, svd_batch):
+        return None
+    if svd_batch_bytes is not None:
+        if svd_batch_bytes <= 0:
+            raise ValueError(f"svd_batch_bytes must be positive, got {svd_batch_bytes}")
+        return int(svd_batch_bytes)
+    if not memory_per_worker:
+        return DEFAULT_SVD_BATCH_BYTES
+    held = max((u.nbytes for u in plan.units), default=0)
+    return max(1, min(DEFAULT_SVD_BATCH_BYTES, memory_per_worker - WORKER_BASE_BYTES - held))
 
 
 def _itemsize(code: str) -> int:
@@ -185,17 +222,31 @@ def _itemsize(code: str) -> int:
     return DTYPES[code][1]
 
 
-def check_memory_budget(plan: Plan, chunk_bytes: int, memory_per_worker: Optional[int]) -> None:
+def check_memory_budget(plan: Plan, chunk_bytes: int, memory_per_worker: Optional[int],
+                        svd_batch_bytes: Optional[int] = None) -> None:
     """Refuse a per-worker budget that cannot hold even one worker's buffers (it would be OOM-killed): the
-    largest chunk, or the largest matrix a whole-matrix method (SVD family, pivot) must hold at once."""
+    largest chunk, the largest matrix a whole-matrix method (SVD family, pivot) must hold at once, or with
+    batching (`svd_batch_bytes`) the largest batch of matrices decomposed in one call."""
     if not memory_per_worker:
         return
-    peak, where, whole = _peak(plan, chunk_bytes)
+    peak, members, whole = _peak(plan, chunk_bytes, svd_batch_bytes)
     floor = WORKER_BASE_BYTES + peak
     if memory_per_worker >= floor:
         return
+    where = members[0].name if members else ""
+    if len(members) > 1:
+        t = members[0]
+        raise ValueError(
+            f"--max-memory-per-worker {memory_per_worker / 1e9:.2f} GB cannot hold the batch of {len(members)} "
+            f"same-shape matrices {where!r} .. {members[-1].name!r} ({' x '.join(map(str, t.shape))}, "
+            f"{len(t.inputs)} inputs{' + base' if t.base else ''} each), which merge_method {t.op!r} decomposes in "
+            f"one batched call (SVD batch budget {svd_batch_bytes / 1e9:.2f} GB): it needs an estimated "
+            f"{floor / 1e9:.2f} GB ({floor} bytes, worker process and outputs waiting to be written included). "
+            f"Raise the budget to at least {floor / 1e9:.2f} GB, or lower the SVD batch budget (svd_batch_bytes) "
+            "or turn batching off (svd_batch=False)"
+        )
     if whole:
-        t = next(t for t in plan.tensors() if t.name == where)
+        t = members[0]
         raise ValueError(
             f"--max-memory-per-worker {memory_per_worker / 1e9:.2f} GB cannot hold tensor {where!r} "
             f"({' x '.join(map(str, t.shape))}, {len(t.inputs)} inputs{' + base' if t.base else ''}), which "
@@ -497,13 +548,16 @@ class _Driver:
         write_metadata(self.plan, self.out, self.state.shards)
 
 
-def run_in_process(drv: _Driver, *, chunk_bytes: int, device: str, allow_nonfinite: bool) -> None:
+def run_in_process(drv: _Driver, *, chunk_bytes: int, device: str, allow_nonfinite: bool,
+                   svd_batch_bytes: Optional[int] = None) -> None:
+    """Run the pending units here, one after the other; `svd_batch_bytes` None = no batching."""
     for shard in drv.ready_shards():  # resume: all of a shard's units were done before the crash
         drv.shard_finished(shard.filename, *finalize_shard(drv.out, shard))
     while drv.pending:
         uid = drv.pending.popleft()
         res = run_unit(drv.plan.units[uid], drv.plan.shards, str(drv.out), chunk_bytes=chunk_bytes,
-                       device=device, allow_nonfinite=allow_nonfinite, skip_shards=drv.skip(uid))
+                       device=device, allow_nonfinite=allow_nonfinite, skip_shards=drv.skip(uid),
+                       svd_batch=svd_batch_bytes is not None, svd_batch_bytes=svd_batch_bytes)
         for shard in drv.unit_finished(res):
             drv.shard_finished(shard.filename, *finalize_shard(drv.out, shard))
 
@@ -511,13 +565,22 @@ def run_in_process(drv: _Driver, *, chunk_bytes: int, device: str, allow_nonfini
 def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: str = "cpu", resume: bool = False,
             overwrite: bool = False, chunk_bytes: int = 64 << 20, allow_nonfinite: bool = False,
             progress: bool = True, fault: Optional[str] = None, memory_per_worker: Optional[int] = None,
-            address: Optional[str] = None, threads_per_worker: Optional[int] = None) -> dict:
+            address: Optional[str] = None, threads_per_worker: Optional[int] = None,
+            svd_batch: Optional[bool] = None, svd_batch_bytes: Optional[int] = None) -> dict:
     """Merge `plan` into `out`. workers=0 runs in this process; workers>=1 uses a Ray actor pool of that size;
     workers=None sizes the pool from the cluster (one per GPU, or one per CPU). A worker runs one torch thread unless
-    `threads_per_worker` says otherwise."""
+    `threads_per_worker` says otherwise. `svd_batch` forces batched SVD calls on or off (default: on off the CPU)
+    and `svd_batch_bytes` sets their budget (svd_batch_budget); both reach in-process workers only for now: Ray
+    workers batch by their device with the default budget."""
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    check_memory_budget(plan, chunk_bytes, memory_per_worker)
+    in_process = workers is not None and workers <= 0
+    if not in_process and (svd_batch is not None or svd_batch_bytes is not None):
+        raise ValueError(f"svd_batch={svd_batch} / svd_batch_bytes={svd_batch_bytes} apply to in-process merges "
+                         "(workers=0) only: Ray workers batch by their device (on with --device cuda, "
+                         f"{DEFAULT_SVD_BATCH_BYTES} bytes a batch); leave both unset or run with workers=0")
+    batch_bytes = svd_batch_budget(plan, device, svd_batch, svd_batch_bytes, memory_per_worker if in_process else None)
+    check_memory_budget(plan, chunk_bytes, memory_per_worker, batch_bytes)
     state = open_output(plan, out, resume=resume, overwrite=overwrite)
     try:
         for name, text in plan.artifacts:  # e.g. PivotMerge's calibration: what --resume must not recompute
@@ -526,8 +589,9 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
         summary = {"units": len(plan.units), "reused_units": state.reused_units, "reused_shards": state.reused_shards,
                    "units_run": len(drv.todo), "shards": len(plan.shards), "bytes": plan.total_bytes,
                    "workers": workers}
-        if workers is not None and workers <= 0:
-            run_in_process(drv, chunk_bytes=chunk_bytes, device=device, allow_nonfinite=allow_nonfinite)
+        if in_process:
+            run_in_process(drv, chunk_bytes=chunk_bytes, device=device, allow_nonfinite=allow_nonfinite,
+                           svd_batch_bytes=batch_bytes)
         else:
             from engine.ray_pool import run_on_ray
 

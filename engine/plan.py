@@ -348,10 +348,23 @@ def _header(items: list[dict]) -> tuple[bytes, list[int]]:
     return head, [len(head) + r for r in rel]
 
 
+# Decoder layers (or vision blocks) per work unit for recipes with batchable whole-matrix methods (SVD family),
+# by device, when --svd-batch-layers is not given. CPU 1: LAPACK loops over a batch there, so batching buys
+# nothing and plans stay as they were. CUDA 4 (chosen, not measured: no GPU here): a Llama layer holds three
+# same-shape pairs (q/o, k/v, gate/up), so 4 layers give batches of 8 matrices (down_proj: 4), while an 80-layer
+# model still has 20 layer units for 8 GPUs and a lost unit redoes at most 4 layers.
+SVD_BATCH_LAYERS = {"cpu": 1, "cuda": 4}
+
+
 def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "<recipe>",
-               state: Optional[Path] = None) -> Plan:
+               state: Optional[Path] = None, svd_batch_layers: int = 1) -> Plan:
     """Plan a merge without reading tensor data (headers only; PivotMerge with a calibration set runs the
-    calibration, reusing a matching result saved in `state`, the state dir of an output being resumed)."""
+    calibration, reusing a matching result saved in `state`, the state dir of an output being resumed).
+    `svd_batch_layers` = N puts N consecutive decoder layers (vision blocks) into one work unit where their tensors
+    use a batchable whole-matrix method, so their same-shape matrices can share batched SVD calls (engine.unit);
+    N = 1 is the plan as it always was."""
+    if isinstance(svd_batch_layers, bool) or not isinstance(svd_batch_layers, int) or svd_batch_layers < 1:
+        raise ValueError(f"{source}: --svd-batch-layers must be an integer >= 1, got {svd_batch_layers!r}")
     shard_size = parse_size(shard_size)
     if recipe.merge_method == "plam":
         from engine.plam_plan import plam_items
@@ -371,10 +384,10 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         items = [planner.tensor(n, num_layers) for n in names]
     if not items:
         raise ValueError(f"{source}: model {planner.reference} has no tensors to merge")
-    return _assemble(recipe, planner, items, shard_size)
+    return _assemble(recipe, planner, items, shard_size, svd_batch_layers)
 
 
-def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int) -> Plan:
+def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layers_per_unit: int = 1) -> Plan:
     groups: list[list[dict]] = []
     for it in items:
         if groups and group_key(groups[-1][0]["name"]) == group_key(it["name"]):
@@ -391,17 +404,53 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int) -> Pl
                                 tuple(it["name"] for it in members)))
         for it, off in zip(members, offsets):
             outs[it["name"]] = OutputTensor(**it, shard=i, offset=off)
+    units = _join_layers(groups, layers_per_unit)
     work = tuple(
-        WorkUnit(i, _unit_label(g[0]["name"]), tuple(outs[it["name"]] for it in g)) for i, g in enumerate(groups)
+        WorkUnit(i, _joined_label(g), tuple(outs[it["name"]] for it in g)) for i, g in enumerate(units)
     )
     tok = recipe.tokenizer_source
     tok_dir = str(planner.ckpts[planner.reference].root) if tok in (None, "base") else str(open_checkpoint(tok).root)
     check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
     check_confined(Path(tok_dir), COPIED_FILES)
     phash = _plan_hash(recipe, work, shards, planner.ckpts)
+    if len(units) != len(groups):  # joined layers: resume's journal names units, so their boundaries are identity
+        phash = hashlib.sha256(f"{phash}\nunits {[len(u) for u in units]}".encode()).hexdigest()
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
                 tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
+
+
+def _batchable(it: dict) -> bool:
+    """Whether a planned tensor is a 2-D matrix of a whole-matrix method with a batched entry (engine.unit)."""
+    if it["op"] == COPY or len(it["shape"]) != 2:
+        return False
+    spec = methods.get(it["op"])
+    return not spec.chunkwise and spec.merge_batch is not None
+
+
+def _join_layers(groups: list[list[dict]], n: int) -> list[list[dict]]:
+    """Work units from the layout groups: up to `n` consecutive decoder-layer (vision-block) groups of one block
+    stack that hold batchable matrices become one unit; every other group stays a unit of its own. The shard
+    layout is made from the groups before this, so it, the tensor order and the output bytes do not depend on n;
+    a unit spanning two shards is fine (a shard is finalised once every unit touching it is done)."""
+    units: list[list[dict]] = []
+    run, run_len = None, 0
+    for g in groups:
+        key = group_key(g[0]["name"])
+        joinable = n > 1 and key[0] in (1, 5) and any(_batchable(it) for it in g)
+        if joinable and units and run == key[:2] and run_len < n:
+            units[-1] = units[-1] + g
+            run_len += 1
+        else:
+            units.append(list(g))
+            run, run_len = (key[:2] if joinable else None), 1
+    return units
+
+
+def _joined_label(g: list[dict]) -> str:
+    """`model.layers.4` for one layer, `model.layers.4-7` for a unit of joined layers."""
+    first, last = _unit_label(g[0]["name"]), group_key(g[-1]["name"])
+    return first if group_key(g[0]["name"]) == last else f"{first}-{last[2]}"
 
 
 def _unit_label(name: str) -> str:

@@ -1,7 +1,14 @@
 """Execute one work unit: stream every output tensor row-chunk by row-chunk through its method into the shard files.
 
 This is the only code that touches tensor data on the write side; Ray workers and the in-process path both call
-`run_unit`, so local and cluster runs share one code path. Memory is bounded by the chunk size, never by the tensor.
+`run_unit`, so local and cluster runs share one code path. Memory is bounded by the chunk size, never by the tensor
+(whole-matrix methods: by the matrix, see engine.executor.whole_tensor_bytes).
+
+Batching (METHODS.md "SVD methods": on GPU, same-shape matrices across layers and experts are batched): with
+batching on, the unit's whole-matrix tensors of one op, shape, input count and identical params (so per-layer
+gradients never mix) are grouped, in plan order, into batches whose summed memory estimate stays within a byte
+budget; each batch is one `merge_batch` call, computed when its first member is due and held (on CPU, in the
+output dtype) until each member's turn, so every tensor is still written and hashed in plan order.
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from engine.plan import COPY, OutputTensor, WorkUnit
 from engine.writer import partial_path, pwrite_all, write_unit_report
 
 _FP32 = 4
+# Byte budget of one batched call when none is given (and no worker memory budget bounds it, engine.executor):
+# the summed whole_tensor_bytes of its members. 8 GiB leaves room for the CUDA context and the caching allocator
+# on a 24 GB GPU; a single matrix above it is merged alone, as without batching (not measured on a GPU: none here).
+DEFAULT_SVD_BATCH_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,126 @@ def _reader(t: OutputTensor, chunk_bytes: int, device: str, check_finite: bool):
     return read
 
 
+def batching_on(device: str, svd_batch: Optional[bool]) -> bool:
+    """Whether a unit's same-shape whole-matrix tensors are merged in batched calls: `svd_batch` when given, else
+    only off the CPU (LAPACK loops over a batch on the CPU, so batching there buys nothing: jobs/bench_svd.py)."""
+    return device != "cpu" if svd_batch is None else bool(svd_batch)
+
+
+def batch_key(t: OutputTensor) -> Optional[tuple]:
+    """Tensors with equal keys may share one batched call; None for a tensor merged on its own (copies, chunk-wise
+    and reporting methods, methods without `merge_batch`, tensors that are not 2-D). The key holds the resolved
+    params, so tensors of layers with different gradient values never share a call."""
+    if t.op == COPY or len(t.shape) != 2:
+        return None
+    spec = methods.get(t.op)
+    if spec.chunkwise or spec.merge_batch is None or getattr(spec, "merge_with_report", None) is not None:
+        return None
+    return (t.op, t.shape, repr(t.params), len(t.inputs), t.base is not None)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tensors of one unit merged by one `merge_batch` call."""
+
+    members: tuple[int, ...]  # positions in the unit's tensor list, in plan order
+    nbytes: int  # summed engine.executor.whole_tensor_bytes of the members
+
+
+def plan_batches(tensors, max_bytes: int) -> list[Batch]:
+    """Group `tensors` (a unit's, in plan order) into batches of two or more with equal `batch_key` and a summed
+    memory estimate <= max_bytes, filled greedily in plan order; ordered by first member. Tensors in no batch are
+    merged alone exactly as without batching (a matrix above the budget is one of them)."""
+    from engine.executor import whole_tensor_bytes
+
+    if max_bytes <= 0:
+        raise ValueError(f"SVD batch budget must be positive, got {max_bytes} bytes")
+    done: list[tuple[list[int], int]] = []
+    open_: dict[tuple, tuple[list[int], int]] = {}
+    for i, t in enumerate(tensors):
+        key = batch_key(t)
+        if key is None:
+            continue
+        need = whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None)
+        members, used = open_.get(key, ([], 0))
+        if members and used + need > max_bytes:
+            done.append((members, used))
+            members, used = [], 0
+        open_[key] = (members + [i], used + need)
+    done.extend(open_.values())
+    return sorted((Batch(tuple(m), b) for m, b in done if len(m) > 1), key=lambda b: b.members[0])
+
+
+def batch_schedule(tensors, max_bytes: int) -> Iterator[tuple[tuple[int, ...], int]]:
+    """How `run_unit` computes `tensors` with batching, in order: (members, held) per computation -- a batch when
+    its first member is due, or one tensor alone -- where `held` is the output bytes of earlier batches still
+    waiting to be written at that moment (engine.executor's memory check adds it to the computation's need)."""
+    first = {b.members[0]: b for b in plan_batches(tensors, max_bytes)}
+    waiting: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        if i in waiting:
+            waiting.pop(i)
+            continue
+        yield (first[i].members if i in first else (i,)), sum(waiting.values())
+        if i in first:
+            waiting.update((j, tensors[j].nbytes) for j in first[i].members[1:])
+
+
+class _Batched:
+    """A unit's batched results: a batch is computed when its first member is due; its outputs wait (on CPU, in
+    the output dtype) until each member's turn to be written."""
+
+    def __init__(self, tensors, max_bytes: int, chunk_bytes: int, device: str, allow_nonfinite: bool):
+        self.tensors, self.chunk_bytes, self.device = tensors, chunk_bytes, device
+        self.allow_nonfinite = allow_nonfinite
+        self.of = {i: b for b in plan_batches(tensors, max_bytes) for i in b.members}
+        self.held: dict[int, torch.Tensor] = {}
+
+    def has(self, i: int) -> bool:
+        return i in self.of
+
+    def take(self, i: int) -> list[torch.Tensor]:
+        """Tensor i's output (one whole part, like a whole-matrix method's `_merge_tensor`)."""
+        if i not in self.held:
+            self._compute(self.of[i])
+        return [self.held.pop(i)]
+
+    def _compute(self, batch: Batch) -> None:
+        ts = [self.tensors[i] for i in batch.members]
+        spec, check = methods.get(ts[0].op), not self.allow_nonfinite
+        wholes = [Chunk(0, t.shape[0], 0) for t in ts]
+        inputs = [[_load(m, c, self.device, check) for m in t.inputs] for t, c in zip(ts, wholes)]
+        bases = [_load(t.base, c, self.device, check) if t.base is not None else None for t, c in zip(ts, wholes)]
+        infos = [TensorInfo(t.name, t.shape, t.layer, t.num_layers) for t in ts]
+        ys = spec.merge_batch(inputs, bases, infos, **dict(ts[0].params))
+        del inputs, bases
+        if len(ys) != len(ts):
+            raise RuntimeError(f"merge_method {ts[0].op!r}: merge_batch returned {len(ys)} tensors for a batch of "
+                               f"{len(ts)} ({ts[0].name!r} .. {ts[-1].name!r}); expected one per tensor")
+        for i, t, c, y in zip(batch.members, ts, wholes, ys):
+            _check_result(t, y, c, self.chunk_bytes, self.device, self.allow_nonfinite, None)
+            out = y.to(DTYPES[t.dtype][0]).cpu()
+            # a view of the batch's result would keep all of it alive while one member waits
+            self.held[i] = out.clone() if out._base is not None else out
+
+
+def _check_result(t: OutputTensor, y: torch.Tensor, c: Chunk, chunk_bytes: int, device: str,
+                  allow_nonfinite: bool, allowed: Optional[bool]) -> Optional[bool]:
+    """Refuse a non-finite result from finite inputs (RuntimeError naming the tensor and rows). `allowed` caches,
+    per tensor, whether --allow-nonfinite inputs hold NaN/Inf (None: not checked yet); returns it."""
+    if all_finite(y):
+        return allowed
+    if allowed is None:
+        allowed = allow_nonfinite and _inputs_nonfinite(_reader(t, chunk_bytes, device, False))
+    if not allowed:
+        raise RuntimeError(
+            f"merge_method {t.op!r} produced NaN/Inf for tensor {t.name!r} (rows {c.row_start}.."
+            f"{c.row_stop}) from finite inputs; check the method's parameters (e.g. weights summing to zero) "
+            "and the inputs' magnitudes (float32 overflow)"
+        )
+    return allowed
+
+
 def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinite: bool,
                   reports: Optional[list] = None) -> Iterator[torch.Tensor]:
     """Yield the output tensor's row chunks, already cast to the output dtype, on CPU. A whole-tensor method with
@@ -114,15 +245,7 @@ def _merge_tensor(t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinit
             reports.append(_report_entry(t, spec, rep))
         else:
             y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
-        if not all_finite(y):
-            if allowed is None:
-                allowed = allow_nonfinite and _inputs_nonfinite(_reader(t, chunk_bytes, device, False))
-            if not allowed:
-                raise RuntimeError(
-                    f"merge_method {t.op!r} produced NaN/Inf for tensor {t.name!r} (rows {c.row_start}.."
-                    f"{c.row_stop}) from finite inputs; check the method's parameters (e.g. weights summing to zero) "
-                    "and the inputs' magnitudes (float32 overflow)"
-                )
+        allowed = _check_result(t, y, c, chunk_bytes, device, allow_nonfinite, allowed)
         yield y.to(out_dtype).cpu()
 
 
@@ -151,25 +274,35 @@ def run_unit(
     allow_nonfinite: bool = False,
     worker: str = "",
     skip_shards: frozenset = frozenset(),
+    svd_batch: Optional[bool] = None,
+    svd_batch_bytes: Optional[int] = None,
 ) -> UnitResult:
     """Merge and write every tensor of `unit` into its shard's partial file; fsync before returning.
     Tensors in `skip_shards` (already finalised and verified, on resume) are not recomputed. Per-tensor reports of
-    reporting methods go to the state dir (engine.writer.write_unit_report), the results stay as they were."""
+    reporting methods go to the state dir (engine.writer.write_unit_report), the results stay as they were.
+    `svd_batch` (None: on off the CPU, `batching_on`) merges same-shape whole matrices in batched calls of at most
+    `svd_batch_bytes` estimated bytes (None: DEFAULT_SVD_BATCH_BYTES); the bytes written are the same up to float
+    rounding, the write order and hashing are unchanged."""
     t0 = time.perf_counter()
     fds: dict[int, int] = {}
     hashes: dict[int, "hashlib._Hash"] = {}
     reports: list[dict] = []
+    todo = [t for t in unit.tensors if plan_shards[t.shard].filename not in skip_shards]
+    batched = None
+    if batching_on(device, svd_batch):
+        budget = DEFAULT_SVD_BATCH_BYTES if svd_batch_bytes is None else svd_batch_bytes
+        batched = _Batched(todo, budget, chunk_bytes, device, allow_nonfinite)
     try:
-        for t in unit.tensors:
-            if plan_shards[t.shard].filename in skip_shards:
-                continue
+        for i, t in enumerate(todo):
             h = hashes.setdefault(t.shard, hashlib.sha256())
             path = partial_path(Path(out), plan_shards[t.shard].filename)
             fd = fds.get(t.shard)
             if fd is None:
                 fd = fds[t.shard] = os.open(path, os.O_WRONLY)
             offset = t.offset
-            for y in _merge_tensor(t, chunk_bytes, device, allow_nonfinite, reports):
+            parts = (batched.take(i) if batched is not None and batched.has(i)
+                     else _merge_tensor(t, chunk_bytes, device, allow_nonfinite, reports))
+            for y in parts:
                 data = memoryview(y.contiguous().reshape(-1).view(torch.uint8).numpy()) if y.numel() else memoryview(b"")
                 pwrite_all(fd, data, offset, f"{plan_shards[t.shard].filename} tensor {t.name!r}", str(path))
                 h.update(data)

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory-per-worker", default=None, help="per-worker memory budget for Ray (e.g. 8GB)")
     p.add_argument("--threads-per-worker", type=int, default=None,
                    help="torch threads per worker (default 1: streaming merges scale by workers, not threads)")
+    p.add_argument("--svd-batch-layers", type=int, default=None, metavar="N",
+                   help="consecutive decoder layers per work unit for SVD-family recipes, so their same-shape "
+                        "matrices share batched SVD calls (default 1 with --device cpu, 4 with cuda)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
@@ -47,22 +50,27 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
               address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
               shard_size: str | int = "5GB", chunk_mb: float = 64, max_memory_per_worker: Optional[str] = None,
               allow_nonfinite: bool = False, progress: bool = True, verify: bool = True,
-              fault: Optional[str] = None, threads_per_worker: Optional[int] = None) -> dict:
-    """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause."""
+              fault: Optional[str] = None, threads_per_worker: Optional[int] = None,
+              svd_batch_layers: Optional[int] = None, svd_batch: Optional[bool] = None) -> dict:
+    """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause.
+    `svd_batch_layers` None: engine.plan.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
+    or off (None: on off the CPU; see engine.executor.execute)."""
     from engine.executor import execute
-    from engine.plan import build_plan, parse_size
+    from engine.plan import SVD_BATCH_LAYERS, build_plan, parse_size
     from engine.recipe import load_recipe
     from engine.verify import verify_dir
 
     if chunk_mb <= 0:
         raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
     recipe = load_recipe(recipe_path)
-    plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path))
+    plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path),
+                      svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers)
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
         workers = default_workers(device)  # on a cluster, execute() sizes the pool from the cluster's resources
     summary = execute(plan, out, workers=workers, device=device, resume=resume, overwrite=overwrite,
                       chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
                       progress=progress, fault=fault, address=address, threads_per_worker=threads_per_worker,
+                      svd_batch=svd_batch,
                       memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None)
     if plan.notes:
         summary["notes"] = list(plan.notes)
@@ -91,7 +99,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             resume=args.resume, overwrite=args.overwrite, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
             max_memory_per_worker=args.max_memory_per_worker, allow_nonfinite=args.allow_nonfinite,
             progress=not args.no_progress, verify=not args.no_verify, fault=os.environ.get("SHARDMERGE_FAULT"),
-            threads_per_worker=args.threads_per_worker,
+            threads_per_worker=args.threads_per_worker, svd_batch_layers=args.svd_batch_layers,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"shardmerge merge: error: {exc}", file=sys.stderr)
