@@ -8,7 +8,11 @@ difference between the two results relative to the largest entry of the naive up
 
 Synthetic task vectors have a power-law spectrum (sigma_i ~ 1 / i, like fine-tuning updates) plus 1 % white noise;
 pure Gaussian updates (flat spectrum) are the worst case for randomized SVD and not what merges see.
-With --layers L > 1 our side runs the batched cores on (L, K, m, n) stacks, the naive side loops over layers.
+With --layers L > 1 the same-shape matrices of L layers are also merged in ONE batched call of the core on the
+(L, K, m, n) stack (what the engine does with batching on, engine.unit) and timed side by side with our per-matrix
+loop (one core call per layer, the engine without batching): columns batched_s, batch_x = ours_s / batched_s and
+batch_diff = the largest batched-vs-loop difference relative to the loop's largest entry. On the CPU LAPACK loops
+over a batch, so batch_x ~ 1 is expected there; the batch is meant for GPUs (one cuSOLVER/cuBLAS launch instead of L).
 """
 
 from __future__ import annotations
@@ -110,14 +114,33 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float,
     return time.perf_counter() - start, out
 
 
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
 def run(method: str, taus: torch.Tensor) -> dict:
-    """Time one method on (L, K, m, n) task vectors: ours (batched over layers) vs the naive per-matrix loop."""
-    warm = taus[:1, :, :8, :12]  # first LAPACK / cuSOLVER calls pay one-off set-up costs: not part of the timing
-    OURS[method](warm), NAIVE[method](warm[0])
-    ours_s, ours = _timed(lambda: OURS[method](taus), taus.device)
+    """Time one method on (L, K, m, n) task vectors: ours per matrix (one core call per layer), ours batched (one
+    call for all L layers, only when L > 1) and the naive per-matrix loop, side by side in this order."""
+    warm = taus[:2, :, :8, :12]  # first LAPACK / cuSOLVER calls pay one-off set-up costs: not part of the timing
+    OURS[method](warm), OURS[method](warm[0]), NAIVE[method](warm[0])
+    ours_s, ours = _timed(lambda: torch.stack([OURS[method](t) for t in taus]), taus.device)
+    row = {"method": method, "layers": taus.shape[0], "ours_s": ours_s, "batched_s": None, "batch_x": None,
+           "batch_diff": None}
+    if taus.shape[0] > 1:
+        batched_s, batched = _timed(lambda: OURS[method](taus), taus.device)
+        row.update(batched_s=batched_s, batch_x=ours_s / batched_s, batch_diff=_rel(batched, ours))
     naive_s, naive = _timed(lambda: torch.stack([NAIVE[method](t) for t in taus]), taus.device)
-    rel = float((ours - naive).abs().max() / naive.abs().max().clamp_min(1e-30))
-    return {"method": method, "ours_s": ours_s, "naive_s": naive_s, "ratio": naive_s / ours_s, "rel_diff": rel}
+    row.update(naive_s=naive_s, ratio=naive_s / ours_s, rel_diff=_rel(ours, naive))
+    return row
+
+
+def _line(row: dict) -> str:
+    def opt(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    return (f"{row['method']:<8} {row['ours_s']:9.3f} {opt(row['batched_s'], '9.3f'):>9} "
+            f"{opt(row['batch_x'], '7.2f'):>7} {row['naive_s']:9.3f} {row['ratio']:7.2f} {row['rel_diff']:9.2e} "
+            f"{opt(row['batch_diff'], '10.2e'):>10}")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -126,17 +149,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=None, help="override the row count")
     p.add_argument("--cols", type=int, default=None, help="override the column count")
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--layers", type=int, default=1, help="same-shape layers decomposed in one batch")
+    p.add_argument("--layers", type=int, default=1,
+                   help="same-shape layers: looped per matrix, and (L > 1) decomposed in one batched call")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; 1 = a merge worker's, and steady on a busy machine)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    if args.scale <= 0 or args.experts < 1 or args.layers < 1:
-        p.error("--scale must be > 0 and --experts, --layers >= 1")
+    if args.scale <= 0 or args.experts < 1 or args.layers < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--scale must be > 0 and --experts, --layers, --threads >= 1")
     return args
 
 
@@ -150,19 +176,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark and print one line per method. Returns the process exit code."""
     args = parse_args(argv)
     device = _device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     m = args.rows or max(1, round(BASE_SHAPE[0] * args.scale))
     n = args.cols or max(1, round(BASE_SHAPE[1] * args.scale))
     machine = print_machine()
     taus = synthetic_updates(args.layers, args.experts, m, n, args.seed).to(device)
     print(f"# svd bench: {args.layers} layer(s) x {args.experts} experts of {m} x {n} float32 on {device}, "
           f"{torch.get_num_threads()} CPU threads")
-    print(f"{'method':<8} {'ours_s':>9} {'naive_s':>9} {'ratio':>7} {'rel_diff':>9}")
+    print(f"{'method':<8} {'ours_s':>9} {'batched_s':>9} {'batch_x':>7} {'naive_s':>9} {'ratio':>7} "
+          f"{'rel_diff':>9} {'batch_diff':>10}")
     rows = []
     for method in args.methods.split(","):
         row = run(method, taus)
         rows.append(row)
-        print(f"{method:<8} {row['ours_s']:9.2f} {row['naive_s']:9.2f} {row['ratio']:7.2f} {row['rel_diff']:9.2e}",
-              flush=True)
+        print(_line(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "device": str(device), "shape": [m, n], "experts": args.experts,
