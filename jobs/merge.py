@@ -59,11 +59,13 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
     from engine.plan import SVD_BATCH_LAYERS, build_plan, parse_size
     from engine.recipe import load_recipe
     from engine.verify import verify_dir
+    from engine.writer import state_dir
 
     if chunk_mb <= 0:
         raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
     recipe = load_recipe(recipe_path)
     plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path),
+                      state=state_dir(Path(out)) if resume else None,
                       svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers)
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
         workers = default_workers(device)  # on a cluster, execute() sizes the pool from the cluster's resources
