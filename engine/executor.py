@@ -570,16 +570,11 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
     """Merge `plan` into `out`. workers=0 runs in this process; workers>=1 uses a Ray actor pool of that size;
     workers=None sizes the pool from the cluster (one per GPU, or one per CPU). A worker runs one torch thread unless
     `threads_per_worker` says otherwise. `svd_batch` forces batched SVD calls on or off (default: on off the CPU)
-    and `svd_batch_bytes` sets their budget (svd_batch_budget); both reach in-process workers only for now: Ray
-    workers batch by their device with the default budget."""
+    and `svd_batch_bytes` sets their budget (svd_batch_budget); in-process and Ray workers use the same budget."""
     out = Path(out).resolve()
     t0 = time.perf_counter()
     in_process = workers is not None and workers <= 0
-    if not in_process and (svd_batch is not None or svd_batch_bytes is not None):
-        raise ValueError(f"svd_batch={svd_batch} / svd_batch_bytes={svd_batch_bytes} apply to in-process merges "
-                         "(workers=0) only: Ray workers batch by their device (on with --device cuda, "
-                         f"{DEFAULT_SVD_BATCH_BYTES} bytes a batch); leave both unset or run with workers=0")
-    batch_bytes = svd_batch_budget(plan, device, svd_batch, svd_batch_bytes, memory_per_worker if in_process else None)
+    batch_bytes = svd_batch_budget(plan, device, svd_batch, svd_batch_bytes, memory_per_worker)
     check_memory_budget(plan, chunk_bytes, memory_per_worker, batch_bytes)
     state = open_output(plan, out, resume=resume, overwrite=overwrite)
     try:
@@ -597,7 +592,8 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
 
             summary.update(run_on_ray(drv, workers=workers, device=device, chunk_bytes=chunk_bytes,
                                       allow_nonfinite=allow_nonfinite, fault=fault, address=address,
-                                      memory_per_worker=memory_per_worker, threads=threads_per_worker))
+                                      memory_per_worker=memory_per_worker, threads=threads_per_worker,
+                                      svd_batch_bytes=batch_bytes))
         drv.finish()
     except WriteFailed as exc:  # disk full: the half-written temp file is not trusted; free its space
         if exc.path:

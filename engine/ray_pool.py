@@ -248,7 +248,8 @@ def placement_note(opts: dict, workers: int) -> Optional[str]:
     return placement_problem(opts, alive_nodes(), workers)
 
 
-def _start_worker(drv, opts: dict, device: str, chunk_bytes: int, allow_nonfinite: bool, fault, threads: int):
+def _start_worker(drv, opts: dict, device: str, chunk_bytes: int, allow_nonfinite: bool, fault, threads: int,
+                  svd_batch_bytes: Optional[int] = None):
     import ray
 
     from engine.worker import MergeWorker
@@ -256,13 +257,14 @@ def _start_worker(drv, opts: dict, device: str, chunk_bytes: int, allow_nonfinit
     actor_cls = ray.remote(MergeWorker)
     return actor_cls.options(**opts).remote(str(drv.out), drv.plan.shards, chunk_bytes=chunk_bytes, device=device,
                                             threads=threads, allow_nonfinite=allow_nonfinite, fault=fault,
-                                            inputs=drv.plan.inputs)
+                                            inputs=drv.plan.inputs, svd_batch_bytes=svd_batch_bytes)
 
 
 def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, allow_nonfinite: bool,
                fault: Optional[str], address: Optional[str], memory_per_worker: Optional[int],
-               threads: Optional[int] = None) -> dict:
-    """Run the driver's pending units on a Ray worker pool; returns pool statistics for the summary."""
+               threads: Optional[int] = None, svd_batch_bytes: Optional[int] = None) -> dict:
+    """Run the driver's pending units on a Ray worker pool; returns pool statistics for the summary.
+    `svd_batch_bytes`: the batched-SVD budget every worker uses (None: no batching; engine.executor.svd_batch_budget)."""
     import ray
 
     from engine.executor import (
@@ -284,7 +286,7 @@ def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, al
             print(f"shardmerge: warning: {problem}; waiting for resources", file=sys.stderr, flush=True)
 
         def spawn():
-            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or 1)
+            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or 1, svd_batch_bytes)
 
         pool = _Pool(drv, spawn, workers=workers, opts=opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
         try:

@@ -85,7 +85,8 @@ class MergeWorker:
     """Ray actor: merges work units into shard temp files and publishes finished shards."""
 
     def __init__(self, out: str, shards, *, chunk_bytes: int, device: str, threads: int,
-                 allow_nonfinite: bool = False, fault: Optional[str] = None, inputs: tuple[str, ...] = ()):
+                 allow_nonfinite: bool = False, fault: Optional[str] = None, inputs: tuple[str, ...] = (),
+                 svd_batch_bytes: Optional[int] = None):
         import torch
 
         from engine import methods
@@ -98,6 +99,7 @@ class MergeWorker:
             torch.cuda.init()
         self.out, self.shards, self.chunk_bytes = out, shards, chunk_bytes
         self.device, self.allow_nonfinite, self.inputs = device, allow_nonfinite, tuple(inputs)
+        self.svd_batch_bytes = svd_batch_bytes  # the driver's batched-SVD budget (None: batching off)
         self.fault = FaultInjector(fault)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.count = 0
@@ -120,7 +122,8 @@ class MergeWorker:
         self.fault.before_unit(self.count)
         t0 = time.perf_counter()
         res = run_unit(unit, self.shards, self.out, chunk_bytes=self.chunk_bytes, device=self.device,
-                       allow_nonfinite=self.allow_nonfinite, worker=self.name, skip_shards=skip_shards)
+                       allow_nonfinite=self.allow_nonfinite, worker=self.name, skip_shards=skip_shards,
+                       svd_batch=self.svd_batch_bytes is not None, svd_batch_bytes=self.svd_batch_bytes)
         self.busy_s += time.perf_counter() - t0
         self.fault.after_unit(self.count)
         self.count += 1

@@ -351,5 +351,29 @@ def test_batch_budget_from_the_worker_budget(family, tmp_path):
     check_memory_budget(plan, 64 << 20, mem, budget)  # the derived budget's batches fit the worker budget
     with pytest.raises(ValueError, match="svd_batch_bytes must be positive"):
         svd_batch_budget(plan, "cpu", True, 0, None)
-    with pytest.raises(ValueError, match=r"apply to in-process merges \(workers=0\) only"):
-        execute(plan, tmp_path / "ray", workers=1, svd_batch=True, progress=False)
+
+
+def test_ray_workers_get_the_drivers_batch_budget(family, tmp_path, monkeypatch):
+    """execute hands the same budget to the Ray pool that in-process runs use, and a MergeWorker passes it to
+    run_unit (batching on exactly when a budget is given)."""
+    import engine.ray_pool as rp
+    import engine.worker as wk
+
+    plan = _plan(family["cart"], 2)
+    seen = {}
+
+    def fake_pool(drv, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop after the hand-over")
+
+    monkeypatch.setattr(rp, "run_on_ray", fake_pool)
+    with pytest.raises(RuntimeError, match="stop after the hand-over"):
+        execute(plan, tmp_path / "ray", workers=1, svd_batch=True, svd_batch_bytes=4321, progress=False)
+    assert seen["svd_batch_bytes"] == 4321
+    calls = []
+    monkeypatch.setattr(wk, "run_unit", lambda *a, **kw: calls.append(kw))
+    for budget in (4321, None):
+        w = wk.MergeWorker(str(tmp_path), plan.shards, chunk_bytes=1 << 20, device="cpu", threads=1,
+                           svd_batch_bytes=budget)
+        w.run(plan.units[0])
+        assert (calls[-1]["svd_batch"], calls[-1]["svd_batch_bytes"]) == (budget is not None, budget)
