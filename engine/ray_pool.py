@@ -264,7 +264,7 @@ def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, al
                fault: Optional[str], address: Optional[str], memory_per_worker: Optional[int],
                threads: Optional[int] = None, svd_batch_bytes: Optional[int] = None) -> dict:
     """Run the driver's pending units on a Ray worker pool; returns pool statistics for the summary.
-    `svd_batch_bytes`: the batched-SVD budget every worker uses (None: no batching; engine.executor.svd_batch_budget)."""
+    `svd_batch_bytes`: the batched-SVD budget every worker uses (None: no batching; engine.memory.svd_batch_budget)."""
     import ray
 
     from engine.executor import (

@@ -2,7 +2,7 @@
 
 This is the only code that touches tensor data on the write side; Ray workers and the in-process path both call
 `run_unit`, so local and cluster runs share one code path. Memory is bounded by the chunk size, never by the tensor
-(whole-matrix methods: by the matrix, see engine.executor.whole_tensor_bytes).
+(whole-matrix methods: by the matrix, see engine.memory.whole_tensor_bytes).
 
 Batching (METHODS.md "SVD methods": on GPU, same-shape matrices across layers and experts are batched): with
 batching on, the unit's whole-matrix tensors of one op, shape, input count and identical params (so per-layer
@@ -29,7 +29,7 @@ from engine.plan import COPY, OutputTensor, WorkUnit
 from engine.writer import partial_path, pwrite_all, write_unit_report
 
 _FP32 = 4
-# Byte budget of one batched call when none is given (and no worker memory budget bounds it, engine.executor):
+# Byte budget of one batched call when none is given (and no worker memory budget bounds it, engine.memory):
 # the summed whole_tensor_bytes of its members. 8 GiB leaves room for the CUDA context and the caching allocator
 # on a 24 GB GPU; a single matrix above it is merged alone, as without batching (not measured on a GPU: none here).
 DEFAULT_SVD_BATCH_BYTES = 8 << 30
@@ -117,14 +117,14 @@ class Batch:
     """Tensors of one unit merged by one `merge_batch` call."""
 
     members: tuple[int, ...]  # positions in the unit's tensor list, in plan order
-    nbytes: int  # summed engine.executor.whole_tensor_bytes of the members
+    nbytes: int  # summed engine.memory.whole_tensor_bytes of the members
 
 
 def plan_batches(tensors, max_bytes: int) -> list[Batch]:
     """Group `tensors` (a unit's, in plan order) into batches of two or more with equal `batch_key` and a summed
     memory estimate <= max_bytes, filled greedily in plan order; ordered by first member. Tensors in no batch are
     merged alone exactly as without batching (a matrix above the budget is one of them)."""
-    from engine.executor import whole_tensor_bytes
+    from engine.memory import whole_tensor_bytes
 
     if max_bytes <= 0:
         raise ValueError(f"SVD batch budget must be positive, got {max_bytes} bytes")
@@ -147,7 +147,7 @@ def plan_batches(tensors, max_bytes: int) -> list[Batch]:
 def batch_schedule(tensors, max_bytes: int) -> Iterator[tuple[tuple[int, ...], int]]:
     """How `run_unit` computes `tensors` with batching, in order: (members, held) per computation -- a batch when
     its first member is due, or one tensor alone -- where `held` is the output bytes of earlier batches still
-    waiting to be written at that moment (engine.executor's memory check adds it to the computation's need)."""
+    waiting to be written at that moment (engine.memory.check_memory_budget adds it to the computation's need)."""
     first = {b.members[0]: b for b in plan_batches(tensors, max_bytes)}
     waiting: dict[int, int] = {}
     for i, t in enumerate(tensors):
