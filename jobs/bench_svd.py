@@ -118,7 +118,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def run(method: str, taus: torch.Tensor) -> dict:
+def run(method: str, taus: torch.Tensor, float64_reference: bool = False) -> dict:
     """Time one method on (L, K, m, n) task vectors: ours per matrix (one core call per layer), ours batched (one
     call for all L layers, only when L > 1) and the naive per-matrix loop, side by side in this order."""
     warm = taus[:2, :, :8, :12]  # first LAPACK / cuSOLVER calls pay one-off set-up costs: not part of the timing
@@ -130,7 +130,10 @@ def run(method: str, taus: torch.Tensor) -> dict:
         batched_s, batched = _timed(lambda: OURS[method](taus), taus.device)
         row.update(batched_s=batched_s, batch_x=ours_s / batched_s, batch_diff=_rel(batched, ours))
     naive_s, naive = _timed(lambda: torch.stack([NAIVE[method](t) for t in taus]), taus.device)
-    row.update(naive_s=naive_s, ratio=naive_s / ours_s, rel_diff=_rel(ours, naive))
+    row.update(naive_s=naive_s, ratio=naive_s / ours_s, rel_diff=_rel(ours, naive), ours_f64=None, naive_f64=None)
+    if float64_reference:  # untimed: which of the two float32 results is nearer the same method in float64
+        ref = torch.stack([NAIVE[method](t) for t in taus.double()])
+        row.update(ours_f64=_rel(ours.double(), ref), naive_f64=_rel(naive.double(), ref))
     return row
 
 
@@ -140,7 +143,8 @@ def _line(row: dict) -> str:
 
     return (f"{row['method']:<8} {row['ours_s']:9.3f} {opt(row['batched_s'], '9.3f'):>9} "
             f"{opt(row['batch_x'], '7.2f'):>7} {row['naive_s']:9.3f} {row['ratio']:7.2f} {row['rel_diff']:9.2e} "
-            f"{opt(row['batch_diff'], '10.2e'):>10}")
+            f"{opt(row['batch_diff'], '10.2e'):>10}" + (
+                f" {row['ours_f64']:9.2e} {row['naive_f64']:9.2e}" if row.get("ours_f64") is not None else ""))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -156,6 +160,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; 1 = a merge worker's, and steady on a busy machine)")
+    p.add_argument("--float64-reference", action="store_true",
+                   help="also run the naive loop in float64 (untimed) and print how far ours and the float32 naive "
+                        "result are from it (ours_f64, naive_f64): tells approximation error from ill-conditioning")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
@@ -185,10 +192,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"# svd bench: {args.layers} layer(s) x {args.experts} experts of {m} x {n} float32 on {device}, "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'method':<8} {'ours_s':>9} {'batched_s':>9} {'batch_x':>7} {'naive_s':>9} {'ratio':>7} "
-          f"{'rel_diff':>9} {'batch_diff':>10}")
+          f"{'rel_diff':>9} {'batch_diff':>10}" + (f" {'ours_f64':>9} {'naive_f64':>9}" if args.float64_reference
+                                                    else ""))
     rows = []
     for method in args.methods.split(","):
-        row = run(method, taus)
+        row = run(method, taus, args.float64_reference)
         rows.append(row)
         print(_line(row), flush=True)
     if args.json:

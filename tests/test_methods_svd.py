@@ -324,3 +324,7 @@ def test_bench_helper_runs_and_agrees_with_its_naive_loop(capsys):
     taus = bench_svd.synthetic_updates(2, 3, 24, 40, seed=0)
     for method in bench_svd.METHODS:
         assert bench_svd.run(method, taus)["rel_diff"] < 1e-4
+        row = bench_svd.run(method, taus, float64_reference=True)
+        assert row["ours_f64"] < 1e-4 and row["naive_f64"] < 1e-4  # float32 vs float64 on a well-posed input
+    assert bench_svd.main(["--rows", "24", "--cols", "40", "--methods", "tsv", "--float64-reference"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].split()[-2:] == ["ours_f64", "naive_f64"]
