@@ -28,21 +28,11 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 WEIGHTS = sf.PIVOT_SIGN_WEIGHTS
 
-# The one dtype -> (atol, rtol) table, keyed by the dtype of the compared (merged) tensor. The kernel computes in
-# float32 (half inputs are upcast exactly) and its output is float32, so only that row is used: interpreted, it
-# adds the same products in the same expert order as the reference (measured: equal); compiled, the GPU may fuse
-# lambda * C into the running sum (one rounding instead of two: a few ulp of the sum).
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (1e-2, 1e-2),
-}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    atol, rtol = TOL[expected.dtype]
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol)
+# The dtype -> (atol, rtol) table is tests/test_kernels.py's, keyed by the dtype of the compared (merged) tensor.
+# The kernel computes in float32 (half inputs are upcast exactly) and its output is float32, so only that row is
+# used: interpreted, it adds the same products in the same expert order as the reference (measured: equal);
+# compiled, the GPU may fuse lambda * C into the running sum (one rounding instead of two: a few ulp of the sum).
+from test_kernels import TOL, assert_close  # noqa: E402,F401
 
 
 def gen(seed: int) -> torch.Generator:
