@@ -375,6 +375,37 @@ def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Chec
     return _result(fp, experts, len(pairs), lay, pivot_sum, gain_sum)
 
 
+def run_calibration(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Checkpoint],
+                    experts: Sequence[str], pivot_ref: Optional[str], names: Sequence[str], fp: str, *,
+                    address: Optional[str] = None) -> Calibration:
+    """`calibrate` where `settings.where` says: in this process, or as a Ray task (one GPU when the cluster has
+    any; inputs on storage every node sees, as for the merge itself). `auto` sends it to the cluster only when the
+    merge runs on one (`address` / RAY_ADDRESS), this process sees no CUDA device and the cluster has GPUs."""
+    args = (settings, model_dir, ckpts, tuple(experts), pivot_ref, tuple(names), fp)
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    if settings.where == "driver" or (settings.where == "auto" and (not on_cluster or torch.cuda.is_available())):
+        return calibrate(*args)
+    import ray
+
+    from engine.ray_pool import _unwrap, alive_nodes, connect
+
+    started = connect(address)
+    try:
+        gpus = sum(n.get("GPU", 0) for n in alive_nodes())
+        if settings.where == "auto" and not gpus:
+            log.info("pivot: the cluster has no GPU; calibrating in the driver")
+            return calibrate(*args)
+        log.info("pivot: calibrating in a Ray task (%s)", "1 GPU" if gpus else "CPU")
+        task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1)(calibrate)
+        try:
+            return ray.get(task.remote(*args, progress=False))
+        except Exception as exc:  # a RayTaskError wraps the task's ValueError / RuntimeError
+            raise _unwrap(exc) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _result(fp, experts, n, lay: _Layers, pivot_sum, gain_sum) -> Calibration:
     layers, notes = {}, []
     K = len(experts)

@@ -30,7 +30,7 @@ from engine import methods
 from engine.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint, read_rows
 from engine.layout import Layout
 from engine.methods.pivot import PivotParams
-from engine.pivot_calibration import ARTIFACT, Calibration, calibrate, fingerprint
+from engine.pivot_calibration import ARTIFACT, Calibration, fingerprint, run_calibration
 from engine.recipe import Recipe
 from engine.recipe_checks import resolve_params
 
@@ -195,9 +195,11 @@ def _projector_counts(layout: Layout) -> int:
     return max(layers) + 1 if layers else 0
 
 
-def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None) -> tuple[PivotPlanner, list[dict], int]:
+def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None,
+                address: Optional[str] = None) -> tuple[PivotPlanner, list[dict], int]:
     """(planner, plan items in output order, language-model layer count) for a PivotMerge recipe; `state`: the
-    state dir of an output being resumed (a calibration saved there is reused when it matches)."""
+    state dir of an output being resumed (a calibration saved there is reused when it matches); `address`: the Ray
+    cluster the merge runs on (a calibration may run there, engine.pivot_calibration.run_calibration)."""
     from engine.plan import COPY, group_key, layout_of
 
     mode, pivot_ref = pivot_source(recipe, source)
@@ -220,7 +222,7 @@ def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None) ->
                      f"the experts; they are copied from {reference}")
     else:
         check_identical_backbones(ckpts, [reference] + [r for r in refs if r != reference], shared, source)
-    calib = _calibration(recipe, ckpts, experts, (mode, pivot_ref), projector, reference, source, state)
+    calib = _calibration(recipe, ckpts, experts, (mode, pivot_ref), projector, reference, source, state, address)
     if calib is not None:
         notes.extend(calib.notes)
     spec = methods.get("pivot")
@@ -246,7 +248,8 @@ def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None) ->
 
 
 def _calibration(recipe: Recipe, ckpts: dict[str, Checkpoint], experts: list[str], pivot: tuple,
-                 projector: list[str], reference: str, source: str, state: Optional[Path]) -> Optional[Calibration]:
+                 projector: list[str], reference: str, source: str, state: Optional[Path],
+                 address: Optional[str] = None) -> Optional[Calibration]:
     """The alignment gains of `calibration:`: read from a pivot_calibration.json, reused from the resumed output's
     state dir when its fingerprint matches (a re-run could differ in the last bits and change the plan), or computed
     (engine.pivot_calibration.calibrate)."""
@@ -272,4 +275,4 @@ def _calibration(recipe: Recipe, ckpts: dict[str, Checkpoint], experts: list[str
             log.info("pivot: calibration reused from the interrupted run (%d pairs)", found.pairs)
             return found
     log.info("pivot: calibrating on %s (up to %d pairs)", cal.path, cal.max_pairs)
-    return calibrate(cal, str(ckpts[reference].root), ckpts, experts, pivot_ref, projector, fp)
+    return run_calibration(cal, str(ckpts[reference].root), ckpts, experts, pivot_ref, projector, fp, address=address)

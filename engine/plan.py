@@ -357,9 +357,10 @@ SVD_BATCH_LAYERS = {"cpu": 1, "cuda": 4}
 
 
 def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "<recipe>",
-               state: Optional[Path] = None, svd_batch_layers: int = 1) -> Plan:
+               state: Optional[Path] = None, svd_batch_layers: int = 1, address: Optional[str] = None) -> Plan:
     """Plan a merge without reading tensor data (headers only; PivotMerge with a calibration set runs the
-    calibration, reusing a matching result saved in `state`, the state dir of an output being resumed).
+    calibration, reusing a matching result saved in `state`, the state dir of an output being resumed, possibly as
+    a task on the Ray cluster at `address`).
     `svd_batch_layers` = N puts N consecutive decoder layers (vision blocks) into one work unit where their tensors
     use a batchable whole-matrix method, so their same-shape matrices can share batched SVD calls (engine.unit);
     N = 1 is the plan as it always was."""
@@ -373,7 +374,7 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
     elif recipe.merge_method in ("pivot", "pivotmerge"):
         from engine.pivot_plan import pivot_items
 
-        planner, items, num_layers = pivot_items(recipe, source, state=state)
+        planner, items, num_layers = pivot_items(recipe, source, state=state, address=address)
     else:
         planner = _Planner(recipe, source)
         planner.check_architectures()

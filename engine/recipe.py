@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
@@ -66,7 +66,10 @@ class CalibrationRecipe(BaseModel):
     max_pairs: int = Field(default=256, gt=0)  # the first max_pairs rows, in file order
     image_column: str = ""  # "" = the first of image / image_bytes / img
     caption_column: str = ""  # "" = the first of caption / text / captions / sentence
-    device: str = "auto"  # auto = cuda when available, else cpu
+    device: str = "auto"  # auto = cuda when available (where it runs), else cpu
+    # where it runs: the driver process, a Ray task (1 GPU when the cluster has GPUs), or auto = a Ray task when the
+    # merge runs on a cluster (--address / RAY_ADDRESS) that has GPUs and the driver has none, else the driver
+    where: Literal["auto", "driver", "ray"] = "auto"
 
 
 class Recipe(BaseModel):

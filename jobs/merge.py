@@ -65,7 +65,7 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
         raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
     recipe = load_recipe(recipe_path)
     plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path),
-                      state=state_dir(Path(out)) if resume else None,
+                      state=state_dir(Path(out)) if resume else None, address=address,
                       svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers)
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
         workers = default_workers(device)  # on a cluster, execute() sizes the pool from the cluster's resources

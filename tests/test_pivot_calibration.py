@@ -259,7 +259,7 @@ def test_interrupted_merge_resumes_with_the_saved_calibration(llava, tmp_path, m
     """A merge that fails after its first unit keeps the calibration in its state dir; --resume plans with it
     (calibrate is not called again) and finishes with the same bytes as an uninterrupted merge."""
     import engine.executor as ex
-    import engine.pivot_plan as pp
+    import engine.pivot_calibration as pc
 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe(llava["experts"], llava["pairs"])))
     run_merge(tmp_path / "r.yaml", tmp_path / "clean", workers=0, progress=False)
@@ -276,8 +276,39 @@ def test_interrupted_merge_resumes_with_the_saved_calibration(llava, tmp_path, m
         run_merge(tmp_path / "r.yaml", tmp_path / "out", workers=0, progress=False)
     assert (state_dir(tmp_path / "out") / ARTIFACT).is_file()
     monkeypatch.setattr(ex, "run_unit", real)
-    monkeypatch.setattr(pp, "calibrate", lambda *a, **k: pytest.fail("calibration recomputed on --resume"))
+    monkeypatch.setattr(pc, "calibrate", lambda *a, **k: pytest.fail("calibration recomputed on --resume"))
     run_merge(tmp_path / "r.yaml", tmp_path / "out", workers=0, progress=False, resume=True)
     shards = lambda d: json.loads((d / MANIFEST).read_text())["shards"]  # noqa: E731
     assert shards(tmp_path / "out") == shards(tmp_path / "clean")
     assert (tmp_path / "out" / ARTIFACT).read_text() == (tmp_path / "clean" / ARTIFACT).read_text()
+
+
+def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkeypatch):
+    """where: ray runs the same calibration as a Ray task (CPU here: the embedded instance has no GPU); where: auto
+    off a cluster stays in the driver (no Ray started)."""
+    import ray
+
+    data = recipe(llava["experts"], llava["pairs"])
+    driver = plan_calibration(build_plan(parse_recipe(data)))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        remote = plan_calibration(build_plan(parse_recipe(
+            {**data, "calibration": {"path": str(llava["pairs"]), "where": "ray"}})))
+        bad = write_pairs(tmp_path / "bad.parquet", image=[png(0)], caption=[" "])
+        with pytest.raises(ValueError, match="row 0: caption ' ' is empty"):  # the task's error, unwrapped
+            build_plan(parse_recipe({**data, "calibration": {"path": str(bad), "where": "ray"}}))
+        with monkeypatch.context() as m:  # auto on a cluster without GPUs: calibrated in the driver, no task
+            m.setenv("RAY_ADDRESS", "auto")
+            m.setattr(ray, "remote", lambda *a, **k: pytest.fail("a task on a cluster without GPUs"))
+            assert plan_calibration(build_plan(parse_recipe(data))).layers == driver.layers
+    finally:
+        ray.shutdown()
+    assert remote.fingerprint != driver.fingerprint  # `where` is part of the settings
+    for layer, rec in driver.layers.items():
+        torch.testing.assert_close(torch.tensor(remote.layers[layer]["gains"]), torch.tensor(rec["gains"]),
+                                   **GAIN_TOL)
+    import engine.ray_pool as rp
+
+    monkeypatch.setattr(rp, "connect", lambda *a, **k: pytest.fail("Ray started off a cluster"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert plan_calibration(build_plan(parse_recipe(data))).layers == driver.layers
