@@ -488,3 +488,28 @@ def build_base_llm(
               max_shard_size=max_shard_size, tokenizer=False, **kw)
     write_mm_tokenizer(Path(out), mm_family)
     return Path(out)
+
+
+def derive_projector_expert(init: Path | str, out: Path | str, seed: int, scale: float = 0.05) -> Path:
+    """A copy of the MLLM dir `init` whose floating-point projector tensors (only) get a seeded update: a shared
+    direction (the same for every seed) plus an expert-specific one, so several experts agree on part of the shared
+    space and conflict elsewhere -- PivotMerge's setting (experts sharing the vision tower and the LLM)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.layout import classify
+
+    init, out = Path(init), Path(out)
+    shutil.copytree(init, out)
+    g, shared = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(1234)
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        names = [k for k, v in tensors.items()
+                 if (r := classify(k)) is not None and r.module == "projector" and v.is_floating_point()]
+        for k in names:
+            v = tensors[k]
+            tensors[k] = v + scale * (torch.randn(v.shape, generator=shared) + torch.randn(v.shape, generator=g))
+        if names:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    return out

@@ -1,5 +1,6 @@
 """`shardmerge demo`: on a fresh machine, build tiny random models locally (no downloads), merge them with TIES on an
-embedded local Ray, verify the output, load it with transformers and print a short summary.
+embedded local Ray, verify the output, load it with transformers and print a short summary; then the MLLM methods on
+tiny MLLMs: PivotMerge of three LLaVA experts' projectors with calibration gains, and the PlaM pipeline.
 
 Everything runs through the same code as a real merge (recipe → plan → Ray workers → verified HF directory).
 """
@@ -69,8 +70,54 @@ def run_demo(root: Path, workers: int = 2) -> dict:
         "logits_finite": bool(torch.isfinite(logits).all()),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    result.update(_pivot_part(root, workers))
     result.update(_mllm_part(root, workers))
     return result
+
+
+PIVOT_RECIPE = """\
+# PivotMerge of three tiny LLaVA experts that share the vision tower and LLM and differ in the projector
+merge_method: pivot
+models: [{a}, {b}, {c}]
+calibration: {pairs}        # image-caption pairs: per-layer alignment gains -> lambda
+parameters: {{pivot: mean, energy: 0.9, density: 0.2, temperature: 0.02, contribution: data}}
+dtype: float32
+"""
+
+
+def _pivot_part(root: Path, workers: int) -> dict:
+    """PivotMerge with a calibration set built on the fly (PNG images + captions in Parquet)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from engine.tiny_models import build_mllm, derive_projector_expert
+    from jobs.merge import run_merge
+
+    _step("PivotMerge of three tiny LLaVA experts' projectors, weighted by calibration gains")
+    base = root / "pivot"
+    init = build_mllm(base / "init", "llava", seed=0, num_layers=2)
+    experts = {c: derive_projector_expert(init, base / f"expert_{c}", seed=i) for i, c in enumerate("abc")}
+    images = []
+    for seed in range(6):
+        buf = io.BytesIO()
+        Image.fromarray((np.random.RandomState(seed).rand(48, 56, 3) * 255).astype("uint8")).save(buf, "PNG")
+        images.append(buf.getvalue())
+    captions = ["a red square", "two birds", "a cat", "a street sign", "blue water", "a tree"]
+    pq.write_table(pa.table({"image": images, "caption": captions}), base / "pairs.parquet")
+    recipe = base / "pivot.yaml"
+    recipe.write_text(PIVOT_RECIPE.format(pairs=base / "pairs.parquet", **experts))
+    s = run_merge(recipe, base / "merged", workers=workers, overwrite=True, progress=False)
+    AutoModelForImageTextToText.from_pretrained(base / "merged", trust_remote_code=False)
+    report = json.loads((base / "merged" / "pivot_report.json").read_text())
+    lam = {r["tensor"].rsplit(".", 2)[-2]: [round(x, 3) for x in r["lambda"]]
+           for r in report["tensors"] if r["kind"] == "svd"}
+    return {"pivot_merged_dir": str(base / "merged"), "pivot_verified": s.get("verified", False),
+            "pivot_lambda_per_layer": lam}
 
 
 def _mllm_part(root: Path, workers: int) -> dict:
@@ -93,7 +140,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     print("[demo] done:")
     print(json.dumps(result, indent=2))
-    return 0 if result["verified"] and result["logits_finite"] else 1
+    ok = result["verified"] and result["logits_finite"] and result.get("pivot_verified", True)
+    return 0 if ok and result.get("plam_verified", True) else 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,11 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from engine.layout import classify
 from engine.pivot_calibration import ARTIFACT, Calibration
 from engine.plan import build_plan
 from engine.recipe import parse_recipe
-from engine.tiny_models import build_mllm
+from engine.tiny_models import build_mllm, derive_projector_expert as derive
 from engine.verify import verify_dir
 from engine.writer import MANIFEST, state_dir
 from jobs.merge import run_merge
@@ -37,21 +34,6 @@ from jobs.merge import run_merge
 GAIN_TOL = {"atol": 2e-6, "rtol": 0.0}
 FAMILIES = [("llava", "legacy"), ("llava", "current"), ("qwen2_5_vl", "legacy"), ("qwen3_vl", "current")]
 MAIN_ROOTS = {"llava": "multi_modal_projector", "qwen2_5_vl": "visual.merger", "qwen3_vl": "visual.merger"}
-
-
-def derive(init: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
-    """A copy of `init` whose projector tensors (only) get a seeded update (shared part + expert part)."""
-    shutil.copytree(init, out)
-    g, shared = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(1234)
-    for f in sorted(out.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        names = [k for k, v in tensors.items() if classify(k).module == "projector" and v.is_floating_point()]
-        for k in names:
-            v = tensors[k]
-            tensors[k] = v + scale * (torch.randn(v.shape, generator=shared) + torch.randn(v.shape, generator=g))
-        if names:
-            save_file(tensors, str(f), metadata={"format": "pt"})
-    return out
 
 
 def png(seed: int, size=(56, 48)) -> bytes:

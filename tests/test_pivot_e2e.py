@@ -23,7 +23,7 @@ from engine.methods import pivot as pm
 from engine.methods.common import run_in_memory
 from engine.plan import COPY, build_plan
 from engine.recipe import parse_recipe
-from engine.tiny_models import build_mllm, mm_inputs
+from engine.tiny_models import build_mllm, derive_projector_expert, mm_inputs
 from engine.verify import verify_dir
 from jobs.merge import run_merge
 
@@ -33,22 +33,7 @@ CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
 TOL = {torch.float32: (0.0, 0.0), "logits": (1e-5, 1e-5)}
 
 
-def derive_expert(init: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
-    """A copy of `init` whose projector tensors (only) get a seeded update: a shared rank-2 direction plus an
-    expert-specific one, so the experts agree on part of the shared space and conflict elsewhere."""
-    shutil.copytree(init, out)
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.Generator().manual_seed(1234)
-    for f in sorted(out.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        if not any(k.startswith(PROJ) for k in tensors):
-            continue
-        for k, v in tensors.items():
-            if k.startswith(PROJ):
-                common = torch.randn(v.shape, generator=shared)
-                tensors[k] = v + scale * (common + torch.randn(v.shape, generator=g))
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    return out
+derive_expert = derive_projector_expert
 
 
 def disk(model_dir: Path) -> dict[str, torch.Tensor]:
