@@ -413,9 +413,7 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     tok_dir = str(planner.ckpts[planner.reference].root) if tok in (None, "base") else str(open_checkpoint(tok).root)
     check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
     check_confined(Path(tok_dir), COPIED_FILES)
-    phash = _plan_hash(recipe, work, shards, planner.ckpts)
-    if len(units) != len(groups):  # joined layers: resume's journal names units, so their boundaries are identity
-        phash = hashlib.sha256(f"{phash}\nunits {[len(u) for u in units]}".encode()).hexdigest()
+    phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
                 tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
@@ -459,7 +457,7 @@ def _unit_label(name: str) -> str:
     return f"{k[1]}.{k[2]}" if k[0] in (1, 5) else k[1]
 
 
-def _plan_hash(recipe: Recipe, units, shards, ckpts: dict[str, Checkpoint]) -> str:
+def _plan_hash(recipe: Recipe, units, shards, ckpts: dict[str, Checkpoint], *, joined: bool = False) -> str:
     """Identity of the output: engine version, recipe, layout, and every input file's identity (size, mtime)."""
     h = hashlib.sha256()
     h.update(f"shardmerge {engine.__version__}\n".encode())
@@ -474,4 +472,7 @@ def _plan_hash(recipe: Recipe, units, shards, ckpts: dict[str, Checkpoint]) -> s
     for f in files:
         st = os.stat(f)
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    if joined:  # layers joined into units (--svd-batch-layers): resume's journal names units, so their
+        # boundaries are part of the identity; plans without joined units keep the hash they always had
+        return hashlib.sha256(f"{h.hexdigest()}\nunits {[len(u.tensors) for u in units]}".encode()).hexdigest()
     return h.hexdigest()
