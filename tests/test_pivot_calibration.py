@@ -72,14 +72,18 @@ def plan_calibration(plan) -> Calibration:
 # ---------------------------------------------------------------- naive reference
 
 
-def naive_gains(experts, pairs_rows, family: str) -> dict[str, list[float]]:
-    """gains[layer] per expert, from full models and full image passes (no hooks, no functional_call)."""
+def naive_gains(experts, pairs_rows, family: str, init=None) -> dict[str, list[float]]:
+    """gains[layer] per expert, from full models and full image passes (no hooks, no functional_call); the pivot
+    is the experts' mean, or the projector of the `init` model dir."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     models = [AutoModelForImageTextToText.from_pretrained(str(e), dtype=torch.float32).eval() for e in experts]
     proj = [m.get_submodule("model." + MAIN_ROOTS[family]) for m in models]
     states = [{k: v.clone() for k, v in p.state_dict().items()} for p in proj]
     pivot = {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
+    if init is not None:
+        pivot = AutoModelForImageTextToText.from_pretrained(str(init), dtype=torch.float32).get_submodule(
+            "model." + MAIN_ROOTS[family]).state_dict()
     model, tok = models[0], AutoTokenizer.from_pretrained(str(experts[0]))
     ip = AutoImageProcessor.from_pretrained(str(experts[0]))
     prefix = "merger." if family.startswith("qwen") else ""
@@ -121,6 +125,20 @@ def test_gains_equal_the_naive_full_model_computation(tmp_path, family, naming):
     for t in plan.tensors():
         if t.op == "pivot":
             assert dict(t.params)["gain"] == cal.gains_for(t.name)
+
+
+def test_init_pivot_gains_equal_the_naive_computation(tmp_path):
+    """pivot: init -> the swaps go into the shared initialisation's projector (the experts' own tensors unchanged)."""
+    experts = experts_of(tmp_path, "llava", "current")
+    pairs = write_pairs(tmp_path / "pairs.parquet", n=2)
+    data = {**recipe(experts, pairs, pivot="init"), "init_model": str(tmp_path / "init")}
+    cal = plan_calibration(build_plan(parse_recipe(data)))
+    expected = naive_gains(experts, list(zip([png(i) for i in range(2)], CAPTIONS[:2])), "llava",
+                           init=tmp_path / "init")
+    mean = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs))))
+    for layer, want in expected.items():
+        torch.testing.assert_close(torch.tensor(cal.layers[layer]["gains"]), torch.tensor(want), **GAIN_TOL)
+        assert cal.layers[layer]["gains"] != mean.layers[layer]["gains"]  # another pivot, other gains
 
 
 def test_pivot_expert_has_zero_gain_everywhere(tmp_path):
