@@ -331,3 +331,10 @@ def close_cached_files() -> None:
     for fd in _FDS.values():
         os.close(fd)
     _FDS.clear()
+
+
+def files_identity(ckpts) -> bytes:
+    """`path:size:mtime_ns` of every file the checkpoints' tensors live in, sorted: what a plan hash (and a cached
+    calibration's fingerprint) takes as the inputs' identity without reading their data."""
+    stats = {f: os.stat(f) for f in sorted({m.file for c in ckpts for m in c.tensors.values()})}
+    return "".join(f"{f}:{st.st_size}:{st.st_mtime_ns}\n" for f, st in stats.items()).encode()

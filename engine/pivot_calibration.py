@@ -24,7 +24,6 @@ Bad input (missing column, undecodable image, empty caption, no pairs) is a Valu
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.checkpoint import Checkpoint, read_rows
+from engine.checkpoint import Checkpoint, files_identity, read_rows
 from engine.layout import classify
 from engine.recipe import CalibrationRecipe
 
@@ -92,9 +91,7 @@ def fingerprint(settings: CalibrationRecipe, experts: Sequence[str], pivot: str,
     with open(settings.path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    for f in sorted({m.file for c in ckpts.values() for m in c.tensors.values()}):
-        st = os.stat(f)
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(files_identity(ckpts.values()))
     return h.hexdigest()
 
 
@@ -151,11 +148,12 @@ def read_pairs(settings: CalibrationRecipe) -> list[tuple[int, bytes, str]]:
 
 
 def _decode(data: bytes, path: str, row: int):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from engine.probe.prompting import decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+        return decode_image(data)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: row {row}: image is not decodable ({type(exc).__name__}: {exc})") from None
 
@@ -196,15 +194,6 @@ def load_parts(model_dir: str, device: str):
     finally:
         hf_logging.set_verbosity(level)
     return model.to(device).eval()
-
-
-def image_processor(model_dir: str):
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=False)
-    except (ImportError, OSError, ValueError) as exc:
-        raise ValueError(f"{model_dir}: no usable image processor for calibration ({type(exc).__name__}: {exc})") from None
 
 
 def projector_roots(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -340,6 +329,8 @@ def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Chec
     """Run the calibration (see the module doc) and return the gains per projector layer."""
     from transformers import AutoTokenizer
 
+    from engine.probe.prompting import load_image_processor
+
     pairs = read_pairs(settings)
     device = resolve_device(settings.device)
     model = load_parts(model_dir, device)
@@ -348,7 +339,7 @@ def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Chec
     pivot_w, experts_w = projector_weights(ckpts, experts, pivot_ref, names)
     _load_pivot(model, roots, lay, pivot_w)
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    ip, embed = image_processor(model_dir), model.get_input_embeddings()
+    ip, embed = load_image_processor(model_dir), model.get_input_embeddings()
     dtype = next(embed.parameters()).dtype
     K = len(experts)
     pivot_sum: dict[str, float] = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any, Optional
 
 import engine
 from engine import methods
-from engine.checkpoint import DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, check_confined, open_checkpoint
+from engine.checkpoint import (DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, check_confined, files_identity,
+                               open_checkpoint)
 from engine.layout import Layout, TensorRole, classify
 from engine.recipe import ModuleRecipe, Recipe
 from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
@@ -468,10 +468,7 @@ def _plan_hash(recipe: Recipe, units, shards, ckpts: dict[str, Checkpoint], *, j
         for t in u.tensors:
             h.update(repr((t.name, t.op, t.params, [(m.name, m.file) for m in t.inputs],
                            t.base.name if t.base else None)).encode())
-    files = sorted({m.file for c in ckpts.values() for m in c.tensors.values()})
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(files_identity(ckpts.values()))
     if joined:  # layers joined into units (--svd-batch-layers): resume's journal names units, so their
         # boundaries are part of the identity; plans without joined units keep the hash they always had
         return hashlib.sha256(f"{h.hexdigest()}\nunits {[len(u.tensors) for u in units]}".encode()).hexdigest()

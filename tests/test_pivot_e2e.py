@@ -33,9 +33,6 @@ CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
 TOL = {torch.float32: (0.0, 0.0), "logits": (1e-5, 1e-5)}
 
 
-derive_expert = derive_projector_expert
-
-
 def disk(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
@@ -44,7 +41,7 @@ def disk(model_dir: Path) -> dict[str, torch.Tensor]:
 def llava(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pivot_e2e")
     init = build_mllm(root / "init", "llava", seed=0, num_layers=2)
-    experts = [derive_expert(init, root / f"expert_{c}", seed=i) for i, c in enumerate("abc")]
+    experts = [derive_projector_expert(init, root / f"expert_{c}", seed=i) for i, c in enumerate("abc")]
     return {"root": root, "init": init, "experts": experts, "tensors": [disk(e) for e in experts]}
 
 

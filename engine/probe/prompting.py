@@ -54,7 +54,8 @@ def prompt_text(sample: Sample) -> str:
     return "\n".join(parts)
 
 
-def _decode_image(data: bytes):
+def decode_image(data: bytes):
+    """PNG/JPEG bytes -> an RGB PIL image (the probe's samples, PivotMerge's calibration pairs)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
@@ -74,7 +75,7 @@ class Prompter:
         self.image_token_id = core.image_token_id(self.config)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         self.processor = self._processor()
-        self.image_processor = self.processor.image_processor if self.processor is not None else self._image_proc()
+        self.image_processor = self.processor.image_processor if self.processor is not None else load_image_processor(self.model_dir)
         if not self.tokenizer.chat_template:
             template = getattr(self.processor, "chat_template", None) or _template_file(self.model_dir)
             if not template:
@@ -91,14 +92,6 @@ class Prompter:
         except (ImportError, OSError, ValueError, TypeError, KeyError):
             return None  # Qwen-VL without torchvision, or no processor files: assembled by hand below
         return proc if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer") else None
-
-    def _image_proc(self):
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(str(self.model_dir), trust_remote_code=False)
-        except (ImportError, OSError, ValueError) as exc:
-            raise ValueError(f"{self.model_dir}: no usable image processor ({type(exc).__name__}: {exc})") from None
 
     def render(self, text: str) -> str:
         """The chat-templated prompt with one image placeholder, ending with the generation prompt."""
@@ -119,7 +112,7 @@ class Prompter:
     def encode(self, sample: Sample, *, text: Optional[str] = None) -> core.ProbeInputs:
         """Model inputs for the sample's image and prompt (batch 1, no padding)."""
         rendered = self.render(text if text is not None else prompt_text(sample))
-        image = _decode_image(sample.image)
+        image = decode_image(sample.image)
         if self.processor is not None:
             bos = self.tokenizer.bos_token
             kw = dict(add_special_tokens=False) if bos and rendered.startswith(bos) else {}
@@ -187,6 +180,17 @@ class Prompter:
         if gen.is_file():
             ids |= set(_as_list(json.loads(gen.read_text()).get("eos_token_id")))
         return sorted(i for i in ids if isinstance(i, int))
+
+
+def load_image_processor(model_dir: str | Path):
+    """The model dir's image processor (the PIL one where transformers' composite processor needs torchvision);
+    ValueError naming the dir when there is none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (ImportError, OSError, ValueError) as exc:
+        raise ValueError(f"{model_dir}: no usable image processor ({type(exc).__name__}: {exc})") from None
 
 
 def _template_file(model_dir: Path) -> Optional[str]:
