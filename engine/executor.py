@@ -22,6 +22,7 @@ from typing import Optional
 from engine.memory import (  # noqa: F401  (re-exported: the budget check is part of the executor's interface)
     WORKER_BASE_BYTES, check_memory_budget, svd_batch_budget, whole_tensor_bytes, worker_memory_floor,
 )
+from engine.output_dir import check_not_an_input, remove_previous
 from engine.plan import Plan
 from engine.unit import UnitResult, run_unit, unit_digest
 from engine.writer import (
@@ -42,6 +43,7 @@ class RunState:
     reused_shards: int = 0
     reused_units: int = 0
     lock_fd: Optional[int] = None  # held for the whole run
+    removed: list[str] = field(default_factory=list)  # what --overwrite deleted of a previous merge
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -123,12 +125,6 @@ def placement_problem(opts: dict, nodes: list[dict], workers: int) -> Optional[s
 # Output directory: fresh / overwrite / resume
 # ------------------------------------------------------------------------------------------------------------------
 
-def _our_files(out: Path) -> list[Path]:
-    names = {MANIFEST, INDEX, STATE_DIR, "README.md", "config.json"}
-    return [p for p in out.iterdir() if p.name in names or p.name.endswith("_report.json") or (
-        p.name.startswith("model-") and p.name.endswith(".safetensors"))]
-
-
 def _lock(out: Path) -> int:
     """Take the output directory's driver lock (flock: released by the kernel if this process dies)."""
     state_dir(out).mkdir(parents=True, exist_ok=True)
@@ -158,12 +154,14 @@ def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunS
     """Decide what to do with an existing output dir; on resume, re-verify and return what is reusable."""
     _writable_dir(out)
     manifest, journal = out / MANIFEST, Journal(out)
+    removed: list[str] = []
     if overwrite:
         fd = _lock(out) if journal.path.exists() else None  # never delete a live driver's state
-        for p in _our_files(out):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if fd is not None:
-            os.close(fd)
+        try:
+            removed = remove_previous(out)
+        finally:
+            if fd is not None:
+                os.close(fd)
     elif manifest.exists():
         old = _manifest_plan(manifest)
         if old != plan.plan_hash:
@@ -185,7 +183,7 @@ def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunS
     fd = _lock(out)
     shutil.rmtree(state_dir(out) / "tmp", ignore_errors=True)  # no journal vouches for any leftover temp shard
     journal.start(plan.plan_hash)
-    return RunState(lock_fd=fd)
+    return RunState(lock_fd=fd, removed=removed)
 
 
 def _manifest_plan(manifest: Path) -> Optional[str]:
@@ -424,12 +422,15 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
             overwrite: bool = False, chunk_bytes: int = 64 << 20, allow_nonfinite: bool = False,
             progress: bool = True, fault: Optional[str] = None, memory_per_worker: Optional[int] = None,
             address: Optional[str] = None, threads_per_worker: Optional[int] = None,
-            svd_batch: Optional[bool] = None, svd_batch_bytes: Optional[int] = None) -> dict:
+            svd_batch: Optional[bool] = None, svd_batch_bytes: Optional[int] = None,
+            protect: tuple = ()) -> dict:
     """Merge `plan` into `out`. workers=0 runs in this process; workers>=1 uses a Ray actor pool of that size;
     workers=None sizes the pool from the cluster (one per GPU, or one per CPU). A worker runs one torch thread unless
     `threads_per_worker` says otherwise. `svd_batch` forces batched SVD calls on or off (default: on off the CPU)
-    and `svd_batch_bytes` sets their budget (svd_batch_budget); in-process and Ray workers use the same budget."""
+    and `svd_batch_bytes` sets their budget (svd_batch_budget); in-process and Ray workers use the same budget.
+    `out` may not be or overlap an input, nor hold a file the merge reads (`protect`: e.g. the recipe file)."""
     out = Path(out).resolve()
+    check_not_an_input(plan, out, protect)
     t0 = time.perf_counter()
     in_process = workers is not None and workers <= 0
     batch_bytes = svd_batch_budget(plan, device, svd_batch, svd_batch_bytes, memory_per_worker)
@@ -441,7 +442,7 @@ def execute(plan: Plan, out: Path | str, *, workers: Optional[int] = 0, device: 
         drv = _Driver(plan, out, state, progress)
         summary = {"units": len(plan.units), "reused_units": state.reused_units, "reused_shards": state.reused_shards,
                    "units_run": len(drv.todo), "shards": len(plan.shards), "bytes": plan.total_bytes,
-                   "workers": workers}
+                   "workers": workers, **({"removed": state.removed} if state.removed else {})}
         if in_process:
             run_in_process(drv, chunk_bytes=chunk_bytes, device=device, allow_nonfinite=allow_nonfinite,
                            svd_batch_bytes=batch_bytes)

@@ -231,6 +231,8 @@ def write_reports(plan, out: Path) -> list[str]:
                 gathered.setdefault(e["report"], {})[e["tensor"]] = e
     order = {t.name: i for i, t in enumerate(plan.tensors())}
     written = []
+    if gathered:  # journaled before they exist, so --overwrite of a run cut short here knows them
+        Journal(out).append({"metadata": [f"{name}_report.json" for name in sorted(gathered)]})
     for name, entries in sorted(gathered.items()):
         dst = out / f"{name}_report.json"
         old = _old_report(dst, plan.plan_hash)
@@ -245,10 +247,22 @@ def write_reports(plan, out: Path) -> list[str]:
     return written
 
 
+def metadata_files(plan) -> list[str]:
+    """Every file besides the shards and the manifest that write_metadata may write (the manifest lists them, so
+    --overwrite removes exactly these): index, config, tokenizer/processor files, template, card, artifacts.
+    Method reports are added as write_reports learns their names."""
+    names = {INDEX, "config.json", "README.md", *COPIED_FILES, *(n for n, _ in getattr(plan, "artifacts", ()))}
+    if plan.recipe.chat_template:
+        names.add("chat_template.jinja")
+    return sorted(names)
+
+
 def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) -> None:
     """Index, config, tokenizer/processor files, model card, method reports, then the manifest (last: it marks
     completion)."""
     out = Path(out)
+    files = metadata_files(plan)
+    Journal(out).append({"metadata": files})  # so --overwrite knows them even if this step is cut short
     weight_map = {t.name: plan.shards[t.shard].filename for t in plan.tensors()}
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
@@ -265,7 +279,7 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
             text = Path(text).read_text()
         atomic_write(out / "chat_template.jinja", text.encode())
     atomic_write(out / "README.md", model_card(plan).encode())
-    write_reports(plan, out)
+    files = sorted({*files, *write_reports(plan, out)})
     for name, text in getattr(plan, "artifacts", ()):
         atomic_write(out / name, text.encode())
     manifest = {
@@ -274,6 +288,7 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
         "plan_hash": plan.plan_hash,
         "merge_method": plan.recipe.merge_method,
         "total_size": plan.total_bytes,
+        "files": files,
         "shards": [
             {"file": s.filename, "sha256": shard_hashes[s.filename][0], "size": shard_hashes[s.filename][1],
              "tensors": len(s.tensors)}

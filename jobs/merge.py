@@ -72,7 +72,7 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
     summary = execute(plan, out, workers=workers, device=device, resume=resume, overwrite=overwrite,
                       chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
                       progress=progress, fault=fault, address=address, threads_per_worker=threads_per_worker,
-                      svd_batch=svd_batch,
+                      svd_batch=svd_batch, protect=(recipe_path,),
                       memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None)
     if plan.notes:
         summary["notes"] = list(plan.notes)
