@@ -95,6 +95,9 @@ def check_confined(root: Path, names: Iterable[str]) -> None:
     """Each existing file of `names` in `root` resolves inside it (or the HF cache's blobs): copying a symlink that
     points elsewhere into the output would leak an arbitrary file."""
     for name in names:
+        if os.path.lexists(root / name) and not (root / name).exists():
+            raise ValueError(f"{root / name}: a broken symlink or a symlink loop; fix or remove it (this file would "
+                             "be copied into the output)")
         if (root / name).exists():
             _confine(root, name, str(root))
 
@@ -128,7 +131,7 @@ def parse_safetensors_header(path: Path | str) -> dict[str, TensorMeta]:
         if name == "__metadata__":
             continue
         metas[name] = _tensor_meta(path, name, entry, data_start, data_size)
-    _check_overlaps(path, metas.values())
+    _check_overlaps(path, metas.values(), data_start, size)
     return metas
 
 
@@ -159,34 +162,51 @@ def _tensor_meta(path: Path, name: str, entry, data_start: int, data_size: int) 
     return TensorMeta(name, str(path), dtype, tuple(shape), data_start + b, data_start + e)
 
 
-def _check_overlaps(path: Path, metas: Iterable[TensorMeta]) -> None:
+def _check_overlaps(path: Path, metas: Iterable[TensorMeta], data_start: int, size: int) -> None:
+    """No two non-empty tensors share bytes, and together they cover the data exactly: a hole between tensors or
+    bytes after the last one hold data no tensor names (the safetensors library refuses both, as does
+    transformers), so the file is damaged or not what its header says."""
     prev: Optional[TensorMeta] = None
+    covered, last = data_start, None
     for m in sorted(metas, key=lambda m: (m.begin, m.end)):
         if prev is not None and m.begin < prev.end and m.nbytes and prev.nbytes:
             raise ValueError(f"{path}: tensors {prev.name!r} and {m.name!r} overlap in the file")
+        if m.begin > covered:
+            after = f"after tensor {last.name!r}" if last is not None else "before the first tensor"
+            raise ValueError(f"{path}: tensor {m.name!r}: {m.begin - covered} byte(s) {after} belong to no tensor "
+                             "(a hole in the data); the file is damaged or its header is wrong")
+        if m.end > covered:
+            covered, last = m.end, m
         prev = m
+    if covered < size:
+        after = f"after the last tensor {last.name!r}" if last is not None else "and the header names no tensor"
+        raise ValueError(f"{path}: {size - covered} trailing byte(s) {after}; the file is damaged or its header "
+                         "is wrong")
 
 
 class Checkpoint:
     """An opened model: its directory, config and every tensor's metadata (no tensor data is read)."""
 
-    def __init__(self, ref: str, root: Path, tensors: dict[str, TensorMeta]):
+    def __init__(self, ref: str, root: Path, tensors: dict[str, TensorMeta], notes: tuple[str, ...] = ()):
         self.ref = ref
         self.root = root
         self.tensors = tensors
+        self.notes = notes  # accepted oddities worth a warning (e.g. a shard the index does not list)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r}, {len(self.tensors)} tensors)"
 
     @functools.cached_property
     def config(self) -> dict:
-        if not (self.root / "config.json").exists():
+        from engine.loaders import load_config, load_json_file
+
+        link = self.root / "config.json"
+        if not os.path.lexists(link):
             return {}
+        if not link.exists():
+            load_json_file(link, "config.json")  # raises: a broken symlink or a symlink loop
         path = _confine(self.root, "config.json", str(self.root))  # a symlink may not pull in files from elsewhere
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return load_config(path)
 
     def meta(self, name: str) -> TensorMeta:
         try:
@@ -237,8 +257,9 @@ def open_checkpoint(ref: str) -> Checkpoint:
     """Open a model dir or hub id: sharded or single-file safetensors, or (legacy) pytorch_model*.bin."""
     root = resolve_model_dir(str(ref))
     index = root / INDEX_NAME
-    if index.exists():
-        return Checkpoint(str(ref), root, _from_index(root, index))
+    if os.path.lexists(index):
+        tensors = _from_index(root, index)
+        return Checkpoint(str(ref), root, tensors, _unlisted_shards(root, index, tensors))
     if (root / SINGLE_NAME).exists():
         return Checkpoint(str(ref), root, parse_safetensors_header(_confine(root, SINGLE_NAME, str(root))))
     singles = sorted(root.glob("*.safetensors"))
@@ -256,12 +277,9 @@ def open_checkpoint(ref: str) -> Checkpoint:
 
 
 def _from_index(root: Path, index: Path) -> dict[str, TensorMeta]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: 'weight_map' is empty or not an object")
+    from engine.loaders import load_index
+
+    weight_map = load_index(index)
     headers: dict[str, dict[str, TensorMeta]] = {}
     for fname in sorted(set(weight_map.values())):
         if not isinstance(fname, str):
@@ -271,6 +289,7 @@ def _from_index(root: Path, index: Path) -> dict[str, TensorMeta]:
             first = next(n for n, f in weight_map.items() if f == fname)
             raise ValueError(f"{index}: names shard {fname!r} (for tensor {first!r}), which does not exist in {root}")
         headers[fname] = parse_safetensors_header(path)
+    _check_duplicates(index, headers)
     tensors = {}
     for name, fname in weight_map.items():
         if name not in headers[fname]:
@@ -284,6 +303,34 @@ def _from_index(root: Path, index: Path) -> dict[str, TensorMeta]:
                 "the index and the shards disagree"
             )
     return tensors
+
+
+def _check_duplicates(index: Path, headers: dict[str, dict[str, TensorMeta]]) -> None:
+    """A tensor held by two shards is ambiguous (which copy is the model?) even if the index picks one."""
+    seen: dict[str, str] = {}
+    for fname, metas in headers.items():
+        for name in metas:
+            if name in seen:
+                raise ValueError(f"{index.parent / fname}: tensor {name!r} is also in {index.parent / seen[name]}; "
+                                 "a tensor may live in one shard only (which copy is the model?)")
+            seen[name] = fname
+
+
+def _unlisted_shards(root: Path, index: Path, tensors: dict[str, TensorMeta]) -> tuple[str, ...]:
+    """Safetensors files in the model dir that the index does not name: ignored, as transformers ignores them
+    (a leftover of an earlier save), but reported."""
+    used = {Path(m.file).name for m in tensors.values()} | {Path(f).name for f in _index_files(index)}
+    extra = sorted(p.name for p in root.glob("*.safetensors") if p.name not in used)
+    if not extra:
+        return ()
+    return (f"{root}: {', '.join(extra[:5])} not listed in {index.name}; ignored (the index decides which shards "
+            "form the model)",)
+
+
+def _index_files(index: Path) -> set[str]:
+    from engine.loaders import load_index
+
+    return set(load_index(index).values())
 
 
 def read_rows(meta: TensorMeta, row_start: int, row_stop: int) -> torch.Tensor:

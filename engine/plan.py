@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ from engine.recipe import ModuleRecipe, Recipe
 from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
                                   resolve_params)
 from engine.writer import COPIED_FILES
+
+log = logging.getLogger("shardmerge.plan")
 
 COPY = "copy"  # op for tensors taken verbatim from one input
 FLOAT8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})  # quantized weights: their scales live in other tensors
@@ -198,6 +202,9 @@ class _Planner:
         self.ckpts: dict[str, Checkpoint] = {r: open_checkpoint(r) for r in refs}
         self.reference = recipe.mllm or recipe.base_model or recipe.model_refs[0]
         self.layout = layout_of(self.ckpts[self.reference])
+        for r, c in self.ckpts.items():  # every input's config must agree with its own tensors (layer count)
+            if r != self.reference:
+                layout_of(c)
         self.num_layers = self.layout.num_layers or _regex_layers(self.layout.names)
         self.modules: dict[str, ModuleRecipe] = {module_key(k): m for k, m in recipe.modules.items()}
         self._block_counts = _block_counts(self.layout)
@@ -416,7 +423,19 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
-                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
+                (*getattr(planner, "notes", ()), *input_notes(planner.ckpts)), tuple(getattr(planner, "artifacts", ())))
+
+
+def input_notes(ckpts: dict[str, Checkpoint]) -> tuple[str, ...]:
+    """What the inputs hold that is accepted but worth a warning (logged; also in the plan's notes and the model
+    card): shards the index does not list, a model dir without config.json."""
+    notes = [n for c in ckpts.values() for n in c.notes]
+    notes += [f"model {r}: {c.root} has no config.json; its layout is read from the tensor names" +
+              (" and the output gets no config.json (transformers needs one to load it)" if i == 0 else "")
+              for i, (r, c) in enumerate(ckpts.items()) if not os.path.lexists(c.root / "config.json")]
+    for n in notes:
+        log.warning("%s", n)
+    return tuple(notes)
 
 
 def _batchable(it: dict) -> bool:

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
 
 from engine.checkpoint import NAME_TO_CODE
@@ -189,11 +188,11 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
 
 
 def load_recipe(path: Path | str) -> Recipe:
+    """Read a recipe file (bounded, strict YAML: engine.loaders) and validate it."""
+    from engine.loaders import load_yaml_file
+
     path = Path(path)
     if not path.exists():
         raise ValueError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    data = load_yaml_file(path)
     return parse_recipe(data, source=str(path), base_dir=path.parent)
