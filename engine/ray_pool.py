@@ -260,6 +260,18 @@ def _start_worker(drv, opts: dict, device: str, chunk_bytes: int, allow_nonfinit
                                             inputs=drv.plan.inputs, svd_batch_bytes=svd_batch_bytes)
 
 
+def _python_sigterm() -> None:
+    """Give SIGTERM back to Python's handler (Ray's native crash handler takes it over at init and aborts the
+    process after it), so the driver stops like on Ctrl-C: workers cancelled, state kept for --resume."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
 def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, allow_nonfinite: bool,
                fault: Optional[str], address: Optional[str], memory_per_worker: Optional[int],
                threads: Optional[int] = None, svd_batch_bytes: Optional[int] = None) -> dict:
@@ -273,6 +285,7 @@ def run_on_ray(drv, *, workers: Optional[int], device: str, chunk_bytes: int, al
 
     embedded = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     started = connect(address, num_cpus=max(os.cpu_count() or 1, workers or 1) if embedded else None)
+    _python_sigterm()
     try:
         nodes = alive_nodes()
         if workers is None:

@@ -91,10 +91,68 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_from_args(args)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT (not an Exception: nothing may
+    swallow it on the way out)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this merge: the same recipe, --out and options, --resume instead of
+    --overwrite."""
+    import shlex
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["shardmerge", "merge", str(args.recipe), "--out", str(args.out)]
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help", "out", "resume", "overwrite"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        argv += [flag] if action.nargs == 0 else [flag, str(value)]
+    return shlex.join(argv + ["--resume"])
+
+
+def _interrupted(args: argparse.Namespace, name: str, code: int) -> int:
+    print(f"shardmerge merge: interrupted by {name}; the unfinished merge in {Path(args.out).resolve()} is kept. "
+          f"Continue it with: {resume_command(args)}", file=sys.stderr, flush=True)
+    return code
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    """Run a merge from parsed arguments; errors are one line and exit 2. SIGINT / SIGTERM stop the merge
+    (workers cancelled, the journal and temp shards left for --resume), print how to continue, and exit 130 /
+    143 without a traceback."""
     import logging
+    import signal
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return _interrupted(args, "SIGINT", 128 + signal.SIGINT)
+    except Terminated:
+        return _interrupted(args, "SIGTERM", 128 + signal.SIGTERM)
+    except SystemExit as exc:  # Ray's driver turns SIGTERM into sys.exit(SIGTERM) once it is initialised
+        if exc.code == signal.SIGTERM:
+            return _interrupted(args, "SIGTERM", 128 + signal.SIGTERM)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         summary = run_merge(
             args.recipe, args.out, workers=args.workers, device=args.device, address=args.address,

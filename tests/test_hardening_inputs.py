@@ -182,7 +182,7 @@ RECIPE_ROWS = {
         "bomb:\n" + BOMB + TA.replace("{{weight: 0.5}}\n  - model: {e2}",
                                       "{{weight: [{{filter: *l9, value: 1}}]}}\n  - model: {e2}"), "alias bomb"),
     "recursive_alias": _text_row(TA + "parameters: &p {{normalize: *p}}\n", "recursive YAML alias"),
-    "nested_too_deep": _text_row(TA + "parameters: {{lambda: " + "[" * 5000 + "]" * 5000 + "}}\n", "nested more"),
+    "nested_too_deep": _text_row(TA + "parameters: {{lambda: " + "[" * 1500 + "]" * 1500 + "}}\n", "nested more"),
     "python_object_tag": _text_row(TA + "parameters: !!python/object/apply:os.system [echo hi]\n",
                                    "YAML tag !!python/object/apply:os.system", "is not allowed"),
     "huge_weight": _text_row(TA.replace("{{weight: 0.5}}\n  - model: {e2}", "{{weight: 1" + "0" * 400 + "}}\n"
