@@ -222,9 +222,9 @@ class Checkpoint:
 def resolve_model_dir(ref: str) -> Path:
     """A local directory, or a hub id resolved through the local Hugging Face cache (HF_HUB_OFFLINE honoured)."""
     path = Path(ref).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: False for a name too long or unreadable, where Path raises OSError
         return path.resolve()
-    if path.exists():
+    if os.path.exists(path):
         raise ValueError(f"model {ref!r}: {path} is a file; expected a model directory or a hub id")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ValueError(f"model {ref!r}: directory {path} does not exist")

@@ -98,6 +98,21 @@ def _check_size(node: yaml.Node, path: Path) -> None:
     visit(node, 0)
 
 
+def _check_flow_depth(text: str, path: Path) -> None:
+    """PyYAML's scanner takes time quadratic in the nesting of flow brackets (`[[[[...`: 20 s at 2000 levels), so
+    unclosed brackets are counted on the raw text first. The count ignores quoting, so it is an upper bound on the
+    real nesting; the bound is loose (4 x MAX_DEPTH) so brackets inside strings never reach it in practice."""
+    depth = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > 4 * MAX_DEPTH:
+                raise ValueError(f"{path}: YAML nested more than {MAX_DEPTH} levels deep (more than "
+                                 f"{4 * MAX_DEPTH} unclosed brackets)")
+        elif ch in "]}" and depth:
+            depth -= 1
+
+
 def _mark_of(n: yaml.Node) -> str:
     return f" (line {n.start_mark.line + 1})" if n.start_mark is not None else ""
 
@@ -106,8 +121,10 @@ def load_yaml_file(path: Path | str, what: str = "recipe") -> Any:
     """The data of one YAML document, bounded (bytes, nodes after aliases, depth) and checked for numbers."""
     path = Path(path)
     text = read_text(path, what, MAX_RECIPE_BYTES)
-    loader = _RecipeLoader(text)
+    _check_flow_depth(text, path)
+    loader = None
     try:
+        loader = _RecipeLoader(text)  # the reader checks the characters here already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -117,12 +134,14 @@ def load_yaml_file(path: Path | str, what: str = "recipe") -> Any:
         raise ValueError(_yaml_message(path, exc)) from None
     except RecursionError:  # the composer recurses per level: refuse before Python's stack gives out
         raise ValueError(f"{path}: YAML nested more than {MAX_DEPTH} levels deep") from None
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an integer literal of more than 4300 digits
+    except Exception as exc:  # noqa: BLE001 - e.g. an int of more than 4300 digits, `!!timestamp 0.5`
+        # (PyYAML's constructors raise ValueError / AttributeError for such scalars)
         if str(exc).startswith(str(path)):
             raise
         raise ValueError(f"{path}: not valid YAML ({type(exc).__name__}: {str(exc)[:200]})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     check_numbers(data, str(path))
     return data
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -166,7 +167,7 @@ def _resolve(ref: Optional[str], base_dir: Path) -> Optional[str]:
     if ref is None or Path(ref).is_absolute():
         return ref
     cand = base_dir / ref
-    return str(cand.resolve()) if cand.exists() else ref
+    return str(cand.resolve()) if os.path.exists(cand) else ref  # os.path: False for a name too long, no OSError
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
