@@ -46,6 +46,10 @@ def slerp_coefs(gram: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def interpolation_t(weight, info: TensorInfo) -> float:
+    """t = w_2 / (w_1 + w_2), 0.5 when the weights sum to (nearly) zero."""
+    if len(weight) != 2:
+        raise ValueError(f"tensor {info.name!r}: nuslerp merges exactly 2 models besides the base, "
+                         f"got {len(weight)}")
     w = per_model("weight", weight, 2, info)
     total = w[0] + w[1]
     return 0.5 if abs(total) < 1e-6 else w[1] / total
