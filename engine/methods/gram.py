@@ -48,7 +48,7 @@ def gram_last_dim(vs: Sequence[torch.Tensor]) -> torch.Tensor:
     lead = tuple(vs[0].shape[:-1])
     flat = [v.to(torch.float64).reshape(-1, v.shape[-1] if v.dim() else 1) for v in vs]
     k = len(vs)
-    g = torch.zeros(flat[0].shape[0], k, k, dtype=torch.float64)
+    g = torch.zeros(flat[0].shape[0], k, k, dtype=torch.float64, device=flat[0].device)
     for i, j in _pairs(k):
         g[:, i, j] = g[:, j, i] = pairwise_rows(flat[i] * flat[j])
     return g.reshape(lead + (k, k))
@@ -63,4 +63,6 @@ def gram_columns(read: ChunkReader, vectors: Vectors) -> torch.Tensor:
         prods = torch.stack([torch.stack([vs[i] * vs[j] for j in range(k)], dim=-1) for i in range(k)], dim=-1)
         for row in prods.unbind(0):  # one row at a time: the same association for every chunking
             acc = row.clone() if acc is None else acc.add_(row)
-    return acc
+    if acc is None:
+        raise ValueError("gram_columns: no data to read")
+    return acc.cpu()

@@ -29,7 +29,7 @@ EPS = 1e-8
 
 @dataclass(frozen=True)
 class NuslerpStats:
-    coefs: Optional[torch.Tensor]  # (..., 2) float64: whole tensor (2,), per column (*shape[1:], 2); None per row
+    coefs: Optional[torch.Tensor]  # (..., 2) float64 on CPU: whole tensor (2,), per column (*shape[1:], 2); None per row
 
 
 def slerp_coefs(gram: torch.Tensor, t: float) -> torch.Tensor:
@@ -91,7 +91,7 @@ def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stat
         c = slerp_coefs(g, interpolation_t(weight, info)).to(torch.float32)
         out = (c[:, 0:1] * v1.reshape(rows) + c[:, 1:2] * v2.reshape(rows)).reshape(shape)
     else:
-        c = stats.coefs.to(torch.float32)
+        c = stats.coefs.to(device=v1.device, dtype=torch.float32)
         out = c[..., 0] * v1 + c[..., 1] * v2
     return out if base is None else base + out
 
