@@ -145,9 +145,9 @@ def test_model_card_names_the_method_from_its_spec():
 
 @pytest.mark.parametrize("recipe,match", [
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "b"}, {"model": "x"}]},
-     r"r\.yaml: models: merge_method 'model_stock' takes at least 2 input model\(s\) besides the base model, got 1"),
+     r"r\.yaml: models: merge_method 'model_stock' takes at least 2 input model\(s\), got 1 \(not counting the base model\)"),
     ({"merge_method": "nearswap", "base_model": "b", "parameters": {"t": 0.1},
-      "models": [{"model": "x"}, {"model": "y"}]}, r"'nearswap' takes 1 input model\(s\) besides the base model, got 2"),
+      "models": [{"model": "x"}, {"model": "y"}]}, r"'nearswap' takes 1 input model\(s\), got 2 \(not counting the base model\)"),
     ({"merge_method": "passthrough", "models": [{"model": "x"}, {"model": "y"}]}, r"'passthrough' takes 1 input"),
     ({"merge_method": "arcee_fusion", "models": [{"model": "x"}]}, r"base_model: merge_method 'arcee_fusion' needs"),
     ({"merge_method": "nuslerp", "models": [{"model": "x", "parameters": {"weight": 1}}]},
