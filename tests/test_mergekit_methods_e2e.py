@@ -72,6 +72,17 @@ def test_matches_mergekit_float32_and_chunk_sizes(case, llm_family, tmp_path):
     run_merge(recipe, tmp_path / "sm64", workers=0, shard_size="30KB", chunk_mb=64, progress=False)
     big = _load(tmp_path / "sm64")
     assert all(torch.equal(big[n], t) for n, t in ours.items()), case
+    _loads_and_runs(tmp_path / "sm")
+
+
+def _loads_and_runs(out: Path) -> None:
+    """transformers loads the merged checkpoint and its forward pass gives finite logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.arange(4, 16).reshape(1, 12)).logits
+    assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("case", sorted(RECIPES))
