@@ -205,3 +205,19 @@ def test_random_seed_feeds_della_and_dare_and_is_recorded(llm_family, tmp_path):
     assert (run_merge(ram, tmp_path / "ram1", workers=0, progress=False, random_seed=1)["plan_hash"]
             == run_merge(ram, tmp_path / "ram2", workers=0, progress=False, random_seed=2)["plan_hash"])
     assert json.loads((tmp_path / "ram1" / "shardmerge_manifest.json").read_text())
+
+
+def test_random_seed_reaches_the_module_whose_method_draws():
+    from engine.recipe import parse_recipe, with_random_seed
+
+    recipe = parse_recipe({
+        "merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"weight": 1.0}}],
+        "modules": {"language_model": {"merge_method": "della", "parameters": {"epsilon": 0.1}},
+                    "vision_tower": {"merge_method": "passthrough"}}}, source="r.yaml")
+    seeded = with_random_seed(recipe, 9, "r.yaml")
+    assert "random_seed" not in seeded.parameters  # ties draws nothing
+    assert seeded.modules["language_model"].parameters == {"epsilon": 0.1, "random_seed": 9}
+    assert seeded.modules["vision_tower"] == recipe.modules["vision_tower"]
+    assert seeded.hash() != recipe.hash() and with_random_seed(recipe, None) is recipe
+    with pytest.raises(ValueError, match="--random-seed must be an integer"):
+        with_random_seed(recipe, "9")

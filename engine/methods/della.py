@@ -93,7 +93,7 @@ def _check(params: dict, info: TensorInfo, n: int) -> tuple[tuple[float, ...], t
     for e, (d, eps) in enumerate(zip(density, epsilon)):
         if 0 < d < 1 and not (0 < d - eps and d + eps < 1):
             raise ValueError(
-                f"tensor {info.name!r}: model {e}: density {d!r} +/- epsilon {eps!r} must lie in (0, 1); "
+                f"tensor {info.name!r}: non-base model {e + 1} (models order): density {d!r} +/- epsilon {eps!r} must lie in (0, 1); "
                 f"lower epsilon below min(density, 1 - density)")
     return density, epsilon
 
