@@ -191,3 +191,14 @@ def test_della_vector_ranks_span_element_chunks():
                                      stats=stats, chunk=c, info=info, **params) for c in cs])
 
     assert torch.equal(run(7), run(300))
+
+
+def test_sce_variance_has_torch_var_bits():
+    from engine.methods.sce import _variance
+
+    for k, shape in ((2, (64, 48)), (3, (300,)), (5, (7, 6, 5))):
+        base, xs = models(shape, k, seed=k)
+        for data in (xs, [x.bfloat16().float() for x in xs]):  # continuous and bf16-grid task vectors
+            b = base.bfloat16().float() if data is not xs else base
+            want = torch.var(torch.stack([x - b for x in data]), dim=0, unbiased=False)
+            assert torch.equal(_variance(data, b), want)
