@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import check_inputs, combine_deltas, l1_scales, per_model
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from engine.methods.common import DENSITY, WEIGHT, check_inputs, combine_deltas, gta_params, l1_scales, per_model
 from kernels.philox import philox, stream_key
 
 
@@ -141,6 +141,9 @@ def _merge(consensus: bool):
     return merge
 
 
+EPSILON = Param("epsilon", default=0.15, per_model=True,
+                doc="half-width of the keep probabilities around density (density +/- epsilon within (0, 1))")
+
 for _name, _consensus in (("della", True), ("della_linear", False)):
     register(
         MethodSpec(
@@ -148,9 +151,12 @@ for _name, _consensus in (("della", True), ("della_linear", False)):
             merge=_merge(_consensus),
             prepare=prepare,
             needs_base=True,
-            per_model_params={"weight": None, "density": 1.0, "epsilon": 0.15},
-            global_params={"int8_mask": False, "normalize": _consensus, "rescale": True, "lambda": 1.0,
-                           "random_seed": 0},
+            params=(WEIGHT, DENSITY, EPSILON, *gta_params(normalize=_consensus, rescale=True),
+                    Param("random_seed", "int", 0, doc="key of the random drop masks (with tensor and model)")),
+            whole_tensor_stats="per model: with rescale, L1 norms of tau and of its kept entries; a 1-d tensor's "
+            "magnitude ranks (matrix rows are ranked inside each chunk; masks are keyed by flat index)",
+            reference="https://arxiv.org/abs/2406.11617",
+            mergekit_name=_name,
             doc=f"DELLA: keyed random drop with keep probability rising with |tau|'s rank in its row, L1 rescale, "
             f"then {'TIES sign consensus' if _consensus else 'weighted sum'}; mergekit parameters.",
         )

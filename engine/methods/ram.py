@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 from engine.methods.common import check_inputs
 
 
@@ -85,12 +85,17 @@ def _merge(plus: bool):
     return merge
 
 
+EPSILON = Param("epsilon", "float", 1e-5, lo=0, doc="an entry contributes where |tau| > epsilon")
+REFERENCE = "https://arxiv.org/abs/2601.13572"
+
 register(
     MethodSpec(
         name="ram",
         merge=_merge(False),
         needs_base=True,
-        global_params={"epsilon": 1e-5},
+        params=(EPSILON,),
+        reference=REFERENCE,
+        mergekit_name="ram",
         doc="RAM: per entry, the single contributing expert's tau whole, overlapping contributors averaged "
         "(|tau| > epsilon contributes); matches mergekit.",
     )
@@ -101,7 +106,11 @@ register(
         merge=_merge(True),
         prepare=prepare_plus,
         needs_base=True,
-        global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        params=(Param("r", "float", 0.1, doc="amplification rate of unique entries"),
+                Param("alpha", "float", 0.2, doc="upper clamp of the overlap / unique ratio"), EPSILON),
+        whole_tensor_stats="per model: counts of its contributing overlap and unique entries",
+        reference=REFERENCE,
+        mergekit_name="ramplus_tl",
         doc="RAM+ (tensor-local): RAM with each expert's unique entries amplified by 1 + r * clamp(overlap/unique, "
         "0, alpha) counted over the whole tensor; matches mergekit.",
     )

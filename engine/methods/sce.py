@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 from engine.methods.common import RowSum, check_inputs, numel_of
 from engine.methods.select import kth_largest_abs_streaming
 
@@ -153,7 +153,13 @@ SPEC = register(
         merge=merge,
         prepare=prepare,
         needs_base=True,
-        global_params={"int8_mask": False, "select_topk": 1.0},
+        params=(Param("select_topk", "float", 1.0, doc="fraction of the entries with the largest variance across "
+                      "models kept (>= 1: all, <= 0: none, the base is returned)"),
+                Param("int8_mask", "bool", False, doc="accepted for mergekit recipes; no numeric effect")),
+        whole_tensor_stats="the count of nonzero variances and the exact k-th largest one (k = select_topk * "
+        "count, ties cut by flat index); per model, the mean square of the selected tau",
+        reference="https://arxiv.org/abs/2408.07990",
+        mergekit_name="sce",
         doc="SCE: keep the top select_topk fraction of entries by variance across experts, weight experts by mean "
         "square, erase minority signs, weighted mean; matches mergekit.",
     )
