@@ -202,3 +202,17 @@ def test_sce_variance_has_torch_var_bits():
             b = base.bfloat16().float() if data is not xs else base
             want = torch.var(torch.stack([x - b for x in data]), dim=0, unbiased=False)
             assert torch.equal(_variance(data, b), want)
+
+
+def test_recipes_accept_mergekits_unbounded_values():
+    """mergekit bounds neither ramplus_tl's alpha/r nor sce's select_topk; a recipe with them is not refused."""
+    from engine.recipe import parse_recipe
+
+    for method, params in (("ramplus_tl", {"alpha": 2.5, "r": 1.5}), ("sce", {"select_topk": 1.5}),
+                           ("della", {"epsilon": 0.05, "random_seed": 3})):
+        models = [{"model": "e", "parameters": {"weight": 1.0, "density": 0.5}}] if method == "della" else ["e"]
+        parse_recipe({"merge_method": method, "base_model": "b", "models": models, "parameters": params},
+                     source="r.yaml")
+    with pytest.raises(ValueError, match=r"r.yaml: parameters.epsilon: epsilon must be >= 0, got -1"):
+        parse_recipe({"merge_method": "ram", "base_model": "b", "models": ["e"], "parameters": {"epsilon": -1}},
+                     source="r.yaml")
