@@ -48,17 +48,18 @@ def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tens
     """Population variance across experts of tau_k = theta_k - theta_0 (float32 taus, as mergekit forms them).
 
     Two passes in float64, rounded once to float32: the same bits as torch.var(dim=0, unbiased=False), which
-    accumulates in float64 on the CPU, at a fifth of its time (torch.var over a non-contiguous dim is slow);
+    accumulates in float64 on the CPU, at a fifth of its time (torch.var over a non-contiguous dim is slow), with
+    one float64 task vector alive at a time;
     prepare and merge both use this function, so their tie tests see identical values."""
-    taus = [(t - base).double() for t in tensors]
-    mean = taus[0].clone()
-    for x in taus[1:]:
-        mean.add_(x)
-    mean.div_(len(taus))
-    acc = (taus[0] - mean).square_()
-    for x in taus[1:]:
-        acc.add_((x - mean).square_())
-    return acc.div_(len(taus)).float()
+    tau = lambda t: (t - base).double()  # noqa: E731 - re-formed per pass: one float64 temporary at a time
+    mean = tau(tensors[0])
+    for t in tensors[1:]:
+        mean.add_(tau(t))
+    mean.div_(len(tensors))
+    acc = tau(tensors[0]).sub_(mean).square_()
+    for t in tensors[1:]:
+        acc.add_(tau(t).sub_(mean).square_())
+    return acc.div_(len(tensors)).float()
 
 
 def select_mask(stats: SceStats, chunk: Chunk, var: torch.Tensor) -> Optional[torch.Tensor]:
