@@ -23,7 +23,7 @@ from engine.probe.worker import ShardResult, WorkerSettings
 
 log = logging.getLogger(__name__)
 METRICS = {"accuracy": "correct", "logprob": "gold_logprob", "kl": "kl"}
-COLUMNS = ("benchmark", "row", "id", "category", "kind", "cut", "num_layers", "seq_len", "n_image_tokens",
+COLUMNS = ("benchmark", "row", "id", "group", "category", "kind", "cut", "num_layers", "seq_len", "n_image_tokens",
            "pred", "gold", "correct", "gold_logprob", "kl", "kl_vocab")
 
 
@@ -103,7 +103,7 @@ def rows_table(results: list[ShardResult]):
     import pyarrow as pa
 
     rows = sorted((r for res in results for r in res.rows), key=lambda r: (r["benchmark"], r["row"], r["cut"]))
-    schema = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()),
+    schema = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("group", pa.string()),
                         ("category", pa.string()), ("kind", pa.string()), ("cut", pa.int64()),
                         ("num_layers", pa.int64()), ("seq_len", pa.int64()), ("n_image_tokens", pa.int64()),
                         ("pred", pa.string()), ("gold", pa.string()), ("correct", pa.bool_()),
