@@ -4,7 +4,7 @@ shardmerge probe --model M --bench FILE_OR_DIR --out DIR [--workers N] [--metric
                  [--cuts all|0,4,8|0:28:2] [--path fast|exact] [--attention [--attention-sample ID]]
                  [--device auto|cpu|cuda] [--address ADDR] [--dtype auto|float32|bfloat16|float16]
                  [--limit N] [--format auto|ours|hf|tsv] [--rows-per-shard N] [--max-new-tokens N]
-                 [--bootstrap N] [--delta D] [--epsilon E] [--seed S] [--local]
+                 [--bootstrap N] [--delta D] [--epsilon E] [--seed S] [--pooling macro|samples] [--local]
 Writes DIR/probe.parquet, DIR/probe.json, DIR/probe.png (and focus.* with --attention).
 """
 
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.1, help="early stage: p(c) <= delta [0.1]")
     p.add_argument("--epsilon", type=float, default=0.05, help="plateau: p(c') >= 1 - epsilon after c* [0.05]")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed [0]")
+    p.add_argument("--pooling", choices=("macro", "samples"), default="macro",
+                   help="pooled curve: macro (each benchmark weighs the same) or samples [macro]")
     p.add_argument("--local", action="store_true", help="no Ray: one replica in this process")
     return p
 
@@ -74,7 +76,7 @@ def job_from_args(args: argparse.Namespace) -> ProbeJob:
     return ProbeJob(benches=tuple(args.bench), out=args.out, worker=worker, workers=args.workers,
                     metric=args.metric, fmt=args.format, rows_per_shard=args.rows_per_shard, limit=args.limit,
                     address=args.address, use_ray=not args.local, n_boot=args.bootstrap, delta=args.delta,
-                    epsilon=args.epsilon, seed=args.seed)
+                    epsilon=args.epsilon, seed=args.seed, pooling=args.pooling)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
