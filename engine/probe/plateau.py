@@ -121,7 +121,7 @@ def plateau_fit(curves: np.ndarray, increasing: bool, epsilon: float, *, wide: f
     k = m.shape[-1]
     tail = np.flip(np.cumsum(np.flip(m, axis=-1), axis=-1), axis=-1) / np.arange(k, 0, -1)  # mean(m[c..L])
     base, top = f[:, :1], f[:, -1:]
-    flat = (top - base)[:, 0] <= 0
+    flat = ((top - base)[:, 0] <= 0) | (m[:, -1] - m[:, 0] <= 0)  # no gain from the image in this direction
     star = np.argmax(f >= base + (1 - wide) * (top - base), axis=-1)
     rows = np.arange(m.shape[0])
     for _ in range(rounds):

@@ -195,6 +195,18 @@ def _group_bounds(path: Path, kind: str, n: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def in_split(sample: Sample, holdout: float, seed: int, side: str) -> bool:
+    """Seeded split by question group: a group goes to the held-out ("eval") side with probability `holdout`,
+    so the copies of a question or the questions of an image never straddle the two sides."""
+    import hashlib
+
+    if side not in ("probe", "eval"):
+        raise ValueError(f"split side must be 'probe' or 'eval', got {side!r}")
+    key = f"{seed}/{sample.benchmark}/{sample.group or sample.id}".encode()
+    held = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < holdout
+    return held if side == "eval" else not held
+
+
 def read_shard(shard: Shard) -> ReadResult:
     """The samples of one shard and its bad rows."""
     path = Path(shard.path)

@@ -29,6 +29,7 @@ class WorkerSettings:
     attention: bool = False  # per-sample attention focus (unmasked model)
     attention_sample: Optional[str] = None  # sample id for the heat map (None: the first sample)
     threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+    split: tuple = ()  # (holdout fraction, seed, "probe" | "eval"): probe only that side of a group split
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -77,7 +78,8 @@ class ShardProber:
         start = time.perf_counter()
         read = readers.read_shard(shard)
         rows, bad, focus_rows, heatmap = [], list(read.bad), [], None
-        for sample in read.samples:
+        samples = [s for s in read.samples if not self.settings.split or readers.in_split(s, *self.settings.split)]
+        for sample in samples:
             try:
                 rows.extend(scoring.score_sample(self.model, self.parts, self.prompter, sample, self.settings.score))
                 if self.settings.attention:
