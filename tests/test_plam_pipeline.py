@@ -73,6 +73,7 @@ def test_uninformative_probe_stops_before_the_merge(setup):
     assert (out / "probe" / "probe.json").exists() and not (out / "merged").exists()
 
 
+@pytest.mark.slow  # three merges and four probes, each a subprocess-started Ray job
 def test_weights_control_and_holdout_evaluation(setup):
     """--weights 0.9,0.3 merges the unnormalised form, the control rescales the MLLM by 1.2, and --holdout probes
     and evaluates disjoint question groups."""
