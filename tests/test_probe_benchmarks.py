@@ -149,7 +149,8 @@ def test_tsv_with_a_broken_line_is_an_error_naming_the_file(tmp_path):
 
 def test_mmmu_options_string_open_questions_and_multi_image_rows(tmp_path):
     cols = {"id": ["validation_Art_1", "validation_Art_2", "validation_Math_3"],
-            "question": ["<image 1> Which style is this?", "How many sides? <image 1>", "Compare <image 1> and <image 2>"],
+            "question": ["<image 1> Which style is this?", "How many sides? <image 1>",
+                         "Compare <image 1> and <image 2>"],
             "options": ["['Baroque', 'Gothic', 'Rococo']", "[]", "['same', 'different']"],
             "explanation": ["", "", ""], "img_type": ["['Paintings']"] * 3, "answer": ["B", "6", "A"],
             "topic_difficulty": ["Easy"] * 3, "question_type": ["multiple-choice", "open", "multiple-choice"],

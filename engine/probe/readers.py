@@ -10,7 +10,8 @@ Formats (detected by extension and columns):
   question, options (list, optional), answer, category, group (optional).
 - hf (any other .parquet): images as an `image` struct {bytes, path} (lmms-lab), a base64 string
   (HuggingFaceM4/MMBench), a list of structs (SEED-Bench), `image_1`..`image_7` (MMMU) or an `imageId` into an
-  image table (GQA: a Parquet file with `id` and `image` and no `question`, in the same or a sibling directory).
+  image table (GQA: a Parquet file with `id` and `image` and no `question`, in the same directory or a sibling
+  `*images*` one).
 - tsv (.tsv): VLMEvalKit: index, image (base64; a short number refers to another row's image, as in MMBench),
   question, hint, A/B/C/D..., answer, category; standard CSV quoting (VLMEvalKit writes every field quoted).
 
@@ -161,8 +162,10 @@ def plan_shards(benches: Iterable[str | Path], fmt: str = "auto", rows_per_shard
 
 
 def _image_tables(path: Path) -> tuple:
-    """Image tables for a question file whose rows name an imageId: in its directory or a sibling directory."""
-    candidates = sorted(path.parent.glob("*.parquet")) + sorted(path.parent.parent.glob("*/*.parquet"))
+    """Image tables for a question file whose rows name an imageId: in its directory or a sibling directory whose
+    name holds "images" (GQA: testdev_balanced_instructions/ beside testdev_balanced_images/)."""
+    siblings = [d for d in sorted(path.parent.parent.iterdir()) if d.is_dir() and "images" in d.name.lower()]
+    candidates = sorted(path.parent.glob("*.parquet")) + [p for d in siblings for p in sorted(d.glob("*.parquet"))]
     found = tuple(dict.fromkeys(str(p) for p in candidates if p != path and is_image_table(p)))
     if not found:
         raise ValueError(f"{path}: rows refer to images by imageId but no image table (a Parquet file with `id` and "

@@ -193,7 +193,8 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
         "bad_rows": {"count": len(bad), "rows": bad},
         "settings": {"benches": [str(b) for b in job.benches], "workers": job.workers, "device": device,
                      "format": job.fmt, "rows_per_shard": job.rows_per_shard, "limit": job.limit,
-                     "bootstrap": job.n_boot, "pooling": job.pooling, "delta": job.delta, "epsilon": job.epsilon, "seed": job.seed,
+                     "bootstrap": job.n_boot, "pooling": job.pooling, "delta": job.delta, "epsilon": job.epsilon,
+                     "seed": job.seed,
                      "ci_level": plateau.CI_LEVEL, "worker": worker},
         "seconds": round(seconds, 3),
     }
