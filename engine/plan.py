@@ -25,6 +25,7 @@ from engine import methods
 from engine.checkpoint import (DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, check_confined, files_identity,
                                open_checkpoint)
 from engine.layout import Layout, TensorRole, classify
+from engine.lora import open_model
 from engine.recipe import ModuleRecipe, Recipe
 from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
                                   resolve_params)
@@ -99,6 +100,8 @@ class Plan:
     # (file name, text) written into the output dir beside the reports and into the state dir at the start of a
     # run, so --resume can reuse them (e.g. PivotMerge's calibration gains, engine.pivot_calibration)
     artifacts: tuple[tuple[str, str], ...] = field(default=())
+    # (dotted config.json key, value) set in the output's config.json, e.g. the vocabulary size of a built tokenizer
+    config_updates: tuple[tuple[str, Any], ...] = field(default=())
 
     @property
     def total_bytes(self) -> int:
@@ -195,7 +198,7 @@ class _Planner:
         self.source = source
         self.spec = methods.get(recipe.merge_method)
         refs = list(dict.fromkeys(recipe.model_refs + ([recipe.base_model] if recipe.base_model else [])))
-        self.ckpts: dict[str, Checkpoint] = {r: open_checkpoint(r) for r in refs}
+        self.ckpts: dict[str, Checkpoint] = {r: open_model(r) for r in refs}
         self.reference = recipe.mllm or recipe.base_model or recipe.model_refs[0]
         self.layout = layout_of(self.ckpts[self.reference])
         self.num_layers = self.layout.num_layers or _regex_layers(self.layout.names)
@@ -224,11 +227,24 @@ class _Planner:
             base = None
         return tuple(metas), base
 
+    def vocab_inputs(self, inputs: tuple, base: Optional[TensorMeta], spec) -> tuple[tuple, Optional[TensorMeta]]:
+        """A vocabulary tensor's inputs (and base) in the output vocabulary's row order (engine.vocab)."""
+        from engine.vocab import gather_inputs
+
+        refs = input_models(self.recipe, spec) + ([self.recipe.base_model] if base is not None else [])
+        metas = dict(zip(refs, list(inputs) + ([base] if base is not None else [])))
+        tok = self.recipe.tokenizer
+        g = gather_inputs(self.vocab, list(metas), metas, self.recipe.base_model, tok.tokens if tok else {},
+                          tok.pad_to_multiple_of if tok else None, self.vocab.vocabs, self.source)
+        return tuple(g[r] for r in refs[:len(inputs)]), (g[refs[-1]] if base is not None else None)
+
     def _same_meta(self, ref: str, name: str, ref_meta: TensorMeta) -> TensorMeta:
         """`name` in model `ref`, which must match the reference model's shape and dtype."""
         m = self.ckpts[ref].tensors.get(name)
         if m is None:
             raise ValueError(f"{self.source}: model {ref} has no tensor {name!r} (present in {self.reference})")
+        if getattr(self, "vocab", None) is not None and name in self.vocab_names:
+            ref_meta = m  # different vocabulary sizes are aligned by the row gather
         if m.shape != ref_meta.shape:
             raise ValueError(
                 f"{self.source}: tensor {name!r}: shape {list(m.shape)} in model {ref} differs from "
@@ -250,6 +266,32 @@ class _Planner:
                     f"{self.source}: model {r} has tensor(s) {extra[:5]} that {self.reference} lacks; "
                     "the models do not share one architecture"
                 )
+
+    def tokenizer_kind(self) -> Optional[str]:
+        """The recipe's tokenizer source (`tokenizer.source` or `tokenizer_source`), None without either."""
+        return self.recipe.tokenizer.source if self.recipe.tokenizer is not None else self.recipe.tokenizer_source
+
+    def plan_vocabulary(self) -> None:
+        """With a tokenizer setting, the output vocabulary and each input's row order (engine.vocab); without
+        one, the inputs must share a vocabulary size."""
+        from engine.vocab import build_vocab, check_same_vocab, vocab_tensor_names
+
+        self.vocab, self.vocab_names = None, frozenset()
+        kind = self.tokenizer_kind()
+        if kind is None:
+            check_same_vocab(self.ckpts, group_key, self.source)
+            return
+        tok = self.recipe.tokenizer
+        src = None if kind in ("base", "union") else self._tokenizer_ckpt(kind)
+        vp = build_vocab(kind if src is None else "model", self.ckpts, list(self.ckpts), self.reference, src,
+                         list(tok.tokens) if tok else [], group_key, self.source)
+        if vp.identity and not (tok and (tok.pad_to_multiple_of or any(e.force for e in tok.tokens.values()))):
+            return  # every input already in the output's order: plain reads, the plan as without the setting
+        self.vocab = vp
+        self.vocab_names = frozenset(vocab_tensor_names(self.ckpts[self.reference], group_key))
+
+    def _tokenizer_ckpt(self, ref: str) -> Checkpoint:
+        return self.ckpts[ref] if ref in self.ckpts else open_model(ref)
 
     def check_modules_used(self) -> None:
         """A `modules:` entry whose module has no tensor in the reference model would be silently ignored."""
@@ -287,6 +329,9 @@ class _Planner:
         spec = methods.get(module.merge_method) if module is not None else self.spec
         settings = module_settings(self.recipe, module) if module is not None else None
         inputs, base = self.inputs_for(name, spec)
+        if getattr(self, "vocab", None) is not None and name in self.vocab_names:
+            inputs, base = self.vocab_inputs(inputs, base, spec)
+            common["shape"] = inputs[0].shape
         params = resolve_params(self.recipe, spec, name, self._t(role, layer), settings)
         return dict(common, dtype=out_dtype, op=spec.name, inputs=inputs, base=base,
                     params=tuple(sorted(params.items())))
@@ -380,6 +425,7 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         planner.check_architectures()
         planner.check_tensor_sets()
         planner.check_modules_used()
+        planner.plan_vocabulary()
         num_layers = planner.num_layers
         names = sorted(planner.ckpts[planner.reference].tensors, key=lambda n: (group_key(n), n))
         items = [planner.tensor(n, num_layers) for n in names]
@@ -409,14 +455,53 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     work = tuple(
         WorkUnit(i, _joined_label(g), tuple(outs[it["name"]] for it in g)) for i, g in enumerate(units)
     )
-    tok = recipe.tokenizer_source
-    tok_dir = str(planner.ckpts[planner.reference].root) if tok in (None, "base") else str(open_checkpoint(tok).root)
+    tok = planner.tokenizer_kind() if isinstance(planner, _Planner) else recipe.tokenizer_source
+    tok_dir = (str(planner.ckpts[planner.reference].root) if tok in (None, "base", "union")
+               else str(planner._tokenizer_ckpt(tok).root if isinstance(planner, _Planner) else open_checkpoint(tok).root))
     check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
     check_confined(Path(tok_dir), COPIED_FILES)
+    artifacts, updates = _tokenizer_outputs(recipe, planner, getattr(planner, "source", "<recipe>"))
     phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
+    if artifacts or updates:  # what the inputs' file identities do not cover: the built tokenizer's files
+        phash = hashlib.sha256(f"{phash}\n{repr((artifacts, updates))}\n{_gather_identity(work)}".encode()).hexdigest()
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
-                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
+                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())) + artifacts,
+                updates)
+
+
+def _tokenizer_outputs(recipe: Recipe, planner, source: str) -> tuple[tuple, tuple]:
+    """Files the output gets instead of the tokenizer source's (a built tokenizer, a resolved chat template) and
+    the config.json keys they change (the vocabulary size)."""
+    from engine.chat_templates import resolve_chat_template
+    from engine.vocab import padded
+
+    files: dict[str, str] = {}
+    updates = ()
+    vp = getattr(planner, "vocab", None)
+    if vp is not None:
+        files.update(vp.files)
+        tok = recipe.tokenizer
+        rows = padded(vp.rows, tok.pad_to_multiple_of if tok else None)
+        cfg = planner.ckpts[planner.reference].config
+        key = "vocab_size" if "vocab_size" in cfg or "text_config" not in cfg else "text_config.vocab_size"
+        updates = ((key, rows),)
+    roots = [str(c.root) for c in planner.ckpts.values()]
+    text = resolve_chat_template(recipe.chat_template, roots, source)
+    if text is not None:
+        files["chat_template.jinja"] = text
+    return tuple(sorted(files.items())), updates
+
+
+def _gather_identity(units) -> str:
+    """Digest of every row-gathered input's row map and fills (engine.gather)."""
+    h = hashlib.sha256()
+    for u in units:
+        for t in u.tensors:
+            for m in (*t.inputs, t.base):
+                if m is not None and hasattr(m, "row_map"):
+                    h.update(t.name.encode() + m.row_map + repr(m.fills).encode())
+    return h.hexdigest()
 
 
 def _batchable(it: dict) -> bool:
