@@ -128,3 +128,74 @@ def test_different_vocab_sizes_without_tokenizer_setting_is_a_planning_error(voc
     with pytest.raises(ValueError, match=r"r.yaml: the models have different vocabulary sizes: .*b \(130\).*"
                                          r"a \(128\).*tokenizer_source: union"):
         build_plan(recipe, source="r.yaml")
+
+
+def test_tokenizer_section_force_zero_pad_and_byte_identity(vocab_models, tmp_path):
+    """`tokens:` (a forced model source, kind: zero, a new token) and pad_to_multiple_of against mergekit; the
+    gathered merge is byte-identical across chunk sizes and worker counts."""
+    from transformers import AutoTokenizer
+
+    text = TA.format(**vocab_models) + (
+        "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n"
+        f"    <tool>:\n      source: {vocab_models['c']}\n      force: true\n"
+        "    <img>:\n      source: {kind: zero}\n"
+        f"    <new>:\n      source: {{kind: model_token, model: {vocab_models['b']}, token: w9}}\n")
+    (tmp_path / "r.yaml").write_text(text)
+    _mergekit(text, tmp_path / "mk")
+    outs = []
+    for i, (chunk, workers) in enumerate([(0.001, 0), (64, 0), (0.002, 2)]):
+        run_merge(tmp_path / "r.yaml", tmp_path / f"sm{i}", workers=workers, shard_size="30KB", chunk_mb=chunk,
+                  progress=False)
+        outs.append({p.name: p.read_bytes() for p in sorted((tmp_path / f"sm{i}").glob("*.safetensors"))})
+    assert outs[0] == outs[1] == outs[2]
+    ours, theirs = _tensors(tmp_path / "sm0"), _tensors(tmp_path / "mk")
+    tok, mk_tok = AutoTokenizer.from_pretrained(tmp_path / "sm0"), AutoTokenizer.from_pretrained(tmp_path / "mk")
+    assert set(tok.get_vocab()) == set(mk_tok.get_vocab()) and len(tok) == 132
+    order = sorted(tok.get_vocab())
+    assert ours["model.embed_tokens.weight"].shape[0] == theirs["model.embed_tokens.weight"].shape[0] == 136
+    pad_o = {n: ours[n][132:] for n in VOCAB_TENSORS}
+    pad_t = {n: theirs[n][132:] for n in VOCAB_TENSORS}
+    _close(_by_token(ours, tok, order) | {f"{n}.pad": pad_o[n] for n in VOCAB_TENSORS},
+           _by_token(theirs, mk_tok, order) | {f"{n}.pad": pad_t[n] for n in VOCAB_TENSORS}, "tokens")
+    emb = ours["model.embed_tokens.weight"]
+    b_emb = _tensors(vocab_models["b"])["model.embed_tokens.weight"]
+    assert torch.equal(emb[tok.convert_tokens_to_ids("<new>")], b_emb[9])  # every input took b's row of w9
+    c_emb = _tensors(vocab_models["c"])["model.embed_tokens.weight"]
+    c_tok = AutoTokenizer.from_pretrained(vocab_models["c"])
+    assert torch.equal(emb[tok.convert_tokens_to_ids("<tool>")], c_emb[c_tok.convert_tokens_to_ids("<tool>")])
+    import json
+    assert json.loads((tmp_path / "sm0" / "config.json").read_text())["vocab_size"] == 136
+
+
+CONV = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": " hello "}, {"role": "user", "content": "bye"}]
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "llama3", "mistral", "auto"])
+def test_named_chat_templates_render_like_mergekit(name, vocab_models, tmp_path):
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+    from transformers import AutoTokenizer
+
+    text = TA.format(**vocab_models) + f"tokenizer_source: union\nchat_template: {name}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    run_merge(tmp_path / "r.yaml", tmp_path / "sm", workers=0, shard_size="30KB", progress=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sm")
+    if name == "auto":  # every input ships the tiny tokenizer's template
+        want = AutoTokenizer.from_pretrained(vocab_models["a"]).chat_template.strip()
+        assert tok.chat_template == want
+        return
+    ref = importlib.resources.files(chat_templates).joinpath(name + ".jinja").read_text()
+    for gen in (True, False):
+        got = tok.apply_chat_template(CONV, tokenize=False, add_generation_prompt=gen)
+        assert got == tok.apply_chat_template(CONV, chat_template=ref, tokenize=False, add_generation_prompt=gen)
+        assert name not in got or name == "chatml" and "im_start" in got
+
+
+def test_unknown_chat_template_name_is_a_recipe_error(vocab_models):
+    from engine.recipe import parse_recipe
+
+    with pytest.raises(ValueError, match=r"r.yaml: chat_template: 'chatmll' is not a template name \(auto, alpaca"):
+        parse_recipe({"merge_method": "linear", "models": [{"model": str(vocab_models["a"]),
+                      "parameters": {"weight": 1}}], "chat_template": "chatmll"}, source="r.yaml")
