@@ -5,6 +5,7 @@ no whole-tensor copy, nothing materialised on disk."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -107,3 +108,14 @@ class LoraMeta(TensorMeta):
 
 def _whole(meta: TensorMeta) -> torch.Tensor:
     return read_rows(meta, 0, meta.rows)
+
+
+def gather_identity(units) -> str:
+    """Digest of every row-gathered input's row map and fills (engine.gather)."""
+    h = hashlib.sha256()
+    for u in units:
+        for t in u.tensors:
+            for m in (*t.inputs, t.base):
+                if m is not None and hasattr(m, "row_map"):
+                    h.update(t.name.encode() + m.row_map + repr(m.fills).encode())
+    return h.hexdigest()

@@ -25,6 +25,7 @@ from engine import methods
 from engine.checkpoint import (DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, check_confined, files_identity,
                                open_checkpoint)
 from engine.layout import Layout, TensorRole, classify
+from engine.gather import gather_identity
 from engine.lora import open_model
 from engine.recipe import ModuleRecipe, Recipe
 from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
@@ -204,6 +205,7 @@ class _Planner:
         self.num_layers = self.layout.num_layers or _regex_layers(self.layout.names)
         self.modules: dict[str, ModuleRecipe] = {module_key(k): m for k, m in recipe.modules.items()}
         self._block_counts = _block_counts(self.layout)
+        self.vocab, self.vocab_names = None, frozenset()  # set by plan_vocabulary (engine.vocab)
 
     def check_architectures(self) -> None:
         ref_cfg = self.ckpts[self.reference].config
@@ -243,7 +245,7 @@ class _Planner:
         m = self.ckpts[ref].tensors.get(name)
         if m is None:
             raise ValueError(f"{self.source}: model {ref} has no tensor {name!r} (present in {self.reference})")
-        if getattr(self, "vocab", None) is not None and name in self.vocab_names:
+        if self.vocab is not None and name in self.vocab_names:
             ref_meta = m  # different vocabulary sizes are aligned by the row gather
         if m.shape != ref_meta.shape:
             raise ValueError(
@@ -274,21 +276,12 @@ class _Planner:
     def plan_vocabulary(self) -> None:
         """With a tokenizer setting, the output vocabulary and each input's row order (engine.vocab); without
         one, the inputs must share a vocabulary size."""
-        from engine.vocab import build_vocab, check_same_vocab, vocab_tensor_names
+        from engine.vocab import plan_vocabulary
 
-        self.vocab, self.vocab_names = None, frozenset()
         kind = self.tokenizer_kind()
-        if kind is None:
-            check_same_vocab(self.ckpts, group_key, self.source)
-            return
-        tok = self.recipe.tokenizer
-        src = None if kind in ("base", "union") else self._tokenizer_ckpt(kind)
-        vp = build_vocab(kind if src is None else "model", self.ckpts, list(self.ckpts), self.reference, src,
-                         list(tok.tokens) if tok else [], group_key, self.source)
-        if vp.identity and not (tok and (tok.pad_to_multiple_of or any(e.force for e in tok.tokens.values()))):
-            return  # every input already in the output's order: plain reads, the plan as without the setting
-        self.vocab = vp
-        self.vocab_names = frozenset(vocab_tensor_names(self.ckpts[self.reference], group_key))
+        src = None if kind in (None, "base", "union") else self._tokenizer_ckpt(kind)
+        self.vocab, self.vocab_names = plan_vocabulary(self.recipe, kind, self.ckpts, self.reference, src,
+                                                       group_key, self.source)
 
     def _tokenizer_ckpt(self, ref: str) -> Checkpoint:
         return self.ckpts[ref] if ref in self.ckpts else open_model(ref)
@@ -329,7 +322,7 @@ class _Planner:
         spec = methods.get(module.merge_method) if module is not None else self.spec
         settings = module_settings(self.recipe, module) if module is not None else None
         inputs, base = self.inputs_for(name, spec)
-        if getattr(self, "vocab", None) is not None and name in self.vocab_names:
+        if self.vocab is not None and name in self.vocab_names:
             inputs, base = self.vocab_inputs(inputs, base, spec)
             common["shape"] = inputs[0].shape
         params = resolve_params(self.recipe, spec, name, self._t(role, layer), settings)
@@ -455,53 +448,33 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     work = tuple(
         WorkUnit(i, _joined_label(g), tuple(outs[it["name"]] for it in g)) for i, g in enumerate(units)
     )
-    tok = planner.tokenizer_kind() if isinstance(planner, _Planner) else recipe.tokenizer_source
-    tok_dir = (str(planner.ckpts[planner.reference].root) if tok in (None, "base", "union")
-               else str(planner._tokenizer_ckpt(tok).root if isinstance(planner, _Planner) else open_checkpoint(tok).root))
+    tok_dir = _tokenizer_dir(recipe, planner)
     check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
     check_confined(Path(tok_dir), COPIED_FILES)
-    artifacts, updates = _tokenizer_outputs(recipe, planner, getattr(planner, "source", "<recipe>"))
+    from engine.vocab import tokenizer_outputs
+
+    artifacts, updates = tokenizer_outputs(recipe, planner, getattr(planner, "source", "<recipe>"))
     phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
     if artifacts or updates:  # what the inputs' file identities do not cover: the built tokenizer's files
-        phash = hashlib.sha256(f"{phash}\n{repr((artifacts, updates))}\n{_gather_identity(work)}".encode()).hexdigest()
+        phash = hashlib.sha256(f"{phash}\n{repr((artifacts, updates))}\n{gather_identity(work)}".encode()).hexdigest()
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
                 tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())) + artifacts,
                 updates)
 
 
-def _tokenizer_outputs(recipe: Recipe, planner, source: str) -> tuple[tuple, tuple]:
-    """Files the output gets instead of the tokenizer source's (a built tokenizer, a resolved chat template) and
-    the config.json keys they change (the vocabulary size)."""
-    from engine.chat_templates import resolve_chat_template
-    from engine.vocab import padded
-
-    files: dict[str, str] = {}
-    updates = ()
-    vp = getattr(planner, "vocab", None)
-    if vp is not None:
-        files.update(vp.files)
-        tok = recipe.tokenizer
-        rows = padded(vp.rows, tok.pad_to_multiple_of if tok else None)
-        cfg = planner.ckpts[planner.reference].config
-        key = "vocab_size" if "vocab_size" in cfg or "text_config" not in cfg else "text_config.vocab_size"
-        updates = ((key, rows),)
-    roots = [str(c.root) for c in planner.ckpts.values()]
-    text = resolve_chat_template(recipe.chat_template, roots, source)
-    if text is not None:
-        files["chat_template.jinja"] = text
-    return tuple(sorted(files.items())), updates
-
-
-def _gather_identity(units) -> str:
-    """Digest of every row-gathered input's row map and fills (engine.gather)."""
-    h = hashlib.sha256()
-    for u in units:
-        for t in u.tensors:
-            for m in (*t.inputs, t.base):
-                if m is not None and hasattr(m, "row_map"):
-                    h.update(t.name.encode() + m.row_map + repr(m.fills).encode())
-    return h.hexdigest()
+def _tokenizer_dir(recipe: Recipe, planner) -> str:
+    """The model dir whose tokenizer/processor files the output gets (a built tokenizer's files replace them)."""
+    if not isinstance(planner, _Planner):
+        if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
+            raise ValueError(f"{getattr(planner, 'source', '<recipe>')}: tokenizer: merge_method "
+                             f"{recipe.merge_method!r} keeps its reference model's vocabulary; tokenizer_source: "
+                             "union and the tokenizer: section apply to the other methods (use base or a model)")
+        tok = recipe.tokenizer_source
+        return str(planner.ckpts[planner.reference].root if tok in (None, "base") else open_checkpoint(tok).root)
+    tok = planner.tokenizer_kind()
+    return str(planner.ckpts[planner.reference].root if tok in (None, "base", "union")
+               else planner._tokenizer_ckpt(tok).root)
 
 
 def _batchable(it: dict) -> bool:

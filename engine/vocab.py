@@ -199,3 +199,40 @@ def gather_inputs(vp: VocabPlan, models: list[str], metas: dict, base: Optional[
         row_map += [PAD] * (rows - vp.rows)
         out[m] = gathered(metas[m], row_map, tuple(fills), donors, vp.rows)
     return out
+
+
+def plan_vocabulary(recipe, kind: Optional[str], ckpts: dict, reference: str, source_ckpt: Optional[Checkpoint],
+                    group_key, where: str) -> tuple[Optional[VocabPlan], frozenset]:
+    """The vocabulary plan of a recipe (None when the inputs are read as they are) and the vocabulary tensors'
+    names; without a tokenizer setting (`kind` None) the inputs must share a vocabulary size."""
+    if kind is None:
+        check_same_vocab(ckpts, group_key, where)
+        return None, frozenset()
+    tok = recipe.tokenizer
+    vp = build_vocab(kind if source_ckpt is None else "model", ckpts, list(ckpts), reference, source_ckpt,
+                     list(tok.tokens) if tok else [], group_key, where)
+    if vp.identity and not (tok and (tok.pad_to_multiple_of or any(e.force for e in tok.tokens.values()))):
+        return None, frozenset()  # every input already in the output's order: plain reads, the plan as without it
+    return vp, frozenset(vocab_tensor_names(ckpts[reference], group_key))
+
+
+def tokenizer_outputs(recipe, planner, source: str) -> tuple[tuple, tuple]:
+    """Files the output gets instead of the tokenizer source's (a built tokenizer, a resolved chat template) and
+    the config.json keys they change (the vocabulary size)."""
+    from engine.chat_templates import resolve_chat_template
+
+    files: dict[str, str] = {}
+    updates = ()
+    vp = getattr(planner, "vocab", None)
+    if vp is not None:
+        files.update(vp.files)
+        tok = recipe.tokenizer
+        rows = padded(vp.rows, tok.pad_to_multiple_of if tok else None)
+        cfg = planner.ckpts[planner.reference].config
+        key = "vocab_size" if "vocab_size" in cfg or "text_config" not in cfg else "text_config.vocab_size"
+        updates = ((key, rows),)
+    roots = [str(c.root) for c in planner.ckpts.values()]
+    text = resolve_chat_template(recipe.chat_template, roots, source)
+    if text is not None:
+        files["chat_template.jinja"] = text
+    return tuple(sorted(files.items())), updates

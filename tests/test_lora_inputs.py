@@ -84,3 +84,28 @@ def test_adapter_targeting_a_missing_tensor_is_an_error(lora_models, tmp_path):
                                          r"'model.layers.0.self_attn.x_proj.weight', which the base model"):
         run_merge(tmp_path / "r.yaml", tmp_path / "out", workers=0, progress=False)
     assert not (tmp_path / "out" / "shardmerge_manifest.json").exists()
+
+
+def test_model_reference_at_revision_resolves_from_the_local_cache(tmp_path, monkeypatch):
+    """mergekit's `org/model@revision`: a tag or commit found in the local HF cache; an absent one is an error
+    naming the id and the revision, and nothing is downloaded."""
+    from safetensors.torch import save_file
+
+    from engine.checkpoint import open_checkpoint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    save_file({"w": torch.ones(2, 2)}, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for ref in ("org/tiny@v1", f"org/tiny@{commit}"):
+        assert open_checkpoint(ref).root == snap
+    with pytest.raises(ValueError, match=r"model 'org/tiny@v2': not a local directory and not in the local Hugging "
+                                         r"Face cache at revision 'v2'"):
+        open_checkpoint("org/tiny@v2")
+    with pytest.raises(ValueError, match=r"expected org/model or org/model@revision"):
+        open_checkpoint("org/tiny@a@b")
