@@ -206,6 +206,9 @@ def resolve_model_dir(ref: str) -> Path:
         return path.resolve()
     if path.exists():
         raise ValueError(f"model {ref!r}: {path} is a file; expected a model directory or a hub id")
+    if "+" in ref:
+        raise ValueError(f"model {ref!r}: a base+adapter (LoRA) reference is read as a merge input of models: / "
+                         "base_model; here a model directory or hub id is needed")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ValueError(f"model {ref!r}: directory {path} does not exist")
     repo, _, revision = ref.partition("@")  # mergekit's org/model@revision (a branch, tag or commit)

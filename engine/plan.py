@@ -231,14 +231,16 @@ class _Planner:
 
     def vocab_inputs(self, inputs: tuple, base: Optional[TensorMeta], spec) -> tuple[tuple, Optional[TensorMeta]]:
         """A vocabulary tensor's inputs (and base) in the output vocabulary's row order (engine.vocab)."""
+        refs = input_models(self.recipe, spec) + ([self.recipe.base_model] if base is not None else [])
+        g = self._gather(dict(zip(refs, list(inputs) + ([base] if base is not None else []))))
+        return tuple(g[r] for r in refs[:len(inputs)]), (g[refs[-1]] if base is not None else None)
+
+    def _gather(self, metas: dict) -> dict:
         from engine.vocab import gather_inputs
 
-        refs = input_models(self.recipe, spec) + ([self.recipe.base_model] if base is not None else [])
-        metas = dict(zip(refs, list(inputs) + ([base] if base is not None else [])))
         tok = self.recipe.tokenizer
-        g = gather_inputs(self.vocab, list(metas), metas, self.recipe.base_model, tok.tokens if tok else {},
-                          tok.pad_to_multiple_of if tok else None, self.vocab.vocabs, self.source)
-        return tuple(g[r] for r in refs[:len(inputs)]), (g[refs[-1]] if base is not None else None)
+        return gather_inputs(self.vocab, list(metas), metas, self.recipe.base_model, tok.tokens if tok else {},
+                             tok.pad_to_multiple_of if tok else None, self.vocab.vocabs, self.source)
 
     def _same_meta(self, ref: str, name: str, ref_meta: TensorMeta) -> TensorMeta:
         """`name` in model `ref`, which must match the reference model's shape and dtype."""
@@ -317,7 +319,11 @@ class _Planner:
         if ref_meta.dtype not in FLOAT_CODES:
             return dict(common, dtype=ref_meta.dtype, op=COPY, inputs=(ref_meta,), base=None, params=())
         if module is not None and module.merge_method == PASSTHROUGH:
-            src = self._same_meta(passthrough_source(self.recipe, module), name, ref_meta)
+            src_ref = passthrough_source(self.recipe, module)
+            src = self._same_meta(src_ref, name, ref_meta)
+            if self.vocab is not None and name in self.vocab_names:  # copied in the output's vocabulary order
+                src = self._gather({src_ref: src})[src_ref]
+                common["shape"] = src.shape
             return dict(common, dtype=out_dtype, op=COPY, inputs=(src,), base=None, params=())
         spec = methods.get(module.merge_method) if module is not None else self.spec
         settings = module_settings(self.recipe, module) if module is not None else None
