@@ -32,8 +32,10 @@ def energy_cut(S, rho):
     return int((frac < rho - 1e-12).sum()) + 1
 
 
-def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperature=1.0, beta=1.0):
-    """Steps 1-5 of METHODS.md, in float64 with full SVDs (expert-energy sign vote, disjoint-mean residuals)."""
+def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperature=1.0, beta=1.0,
+              sign_weight="count", standardize=True):
+    """Steps 1-5 of METHODS.md, in float64 with full SVDs (count or expert-energy sign vote, disjoint-mean
+    residuals, softmax of the standardised or raw contributions)."""
     X = torch.stack([e.double() for e in experts])
     P = X.mean(0) if pivot == "mean" else base.double()
     D = X - P
@@ -42,7 +44,7 @@ def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperatu
     _, Sv, Vh = torch.linalg.svd(torch.cat(list(D), dim=0), full_matrices=False)
     Us, Vs = U[:, :energy_cut(Su, energy)], Vh[:energy_cut(Sv, energy)].T
     C = torch.stack([Us.T @ d @ Vs for d in D])
-    E = (C**2).sum(dim=(1, 2))
+    E = (C**2).sum(dim=(1, 2)) if sign_weight == "expert_energy" else torch.ones(K, dtype=torch.float64)
     elected = sum(E[k] * torch.sign(C[k]) for k in range(K)).sign()
     Cf = torch.where(torch.sign(C) * elected > 0, C, torch.zeros_like(C))
     R = torch.stack([d - Us @ c @ Vs.T for d, c in zip(D, C)])
@@ -56,6 +58,8 @@ def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperatu
     T = torch.stack(trimmed)
     Rm = T.sum(0) / (T != 0).sum(0).clamp_min(1)
     a = torch.tensor([float((C[k] ** 2).sum() / (D[k] ** 2).sum()) for k in range(K)], dtype=torch.float64)
+    if standardize:  # z = (a - mean) / max(population std, floor)
+        a = (a - a.mean()) / max(float(((a - a.mean()) ** 2).mean().sqrt()), pm.SPREAD_FLOOR * float(a.abs().mean()))
     lam = torch.softmax(a / temperature, 0)
     return P + beta * (Us @ (lam[:, None, None] * Cf).sum(0) @ Vs.T + Rm), lam
 
@@ -66,11 +70,15 @@ def random_experts(m, n, K, seed, scale=0.1):
     return base, [base + scale * torch.randn(m, n, generator=g) for _ in range(K)]
 
 
+OLD_DEFAULTS = dict(sign_weight="expert_energy", standardize=False)  # the reconstruction's first defaults
+
+
+@pytest.mark.parametrize("rules", [{}, OLD_DEFAULTS])
 @pytest.mark.parametrize("mode", ["mean", "init"])
 @pytest.mark.parametrize("m,n,K", [(20, 30, 3), (32, 24, 4)])
-def test_matches_dense_oracle(mode, m, n, K):
+def test_matches_dense_oracle(mode, m, n, K, rules):
     base, ex = random_experts(m, n, K, seed=1)
-    params = dict(energy=0.8, density=0.3, temperature=0.5, beta=1.2)
+    params = dict(energy=0.8, density=0.3, temperature=0.5, beta=1.2, **rules)
     merged, report = pm.pivot_merge(ex, base if mode == "init" else None, pivot=mode, **params)
     expected, lam = ref_pivot(ex, base, pivot=mode, **params)
     assert_matches(merged, expected)
@@ -127,7 +135,7 @@ def planted(scale3):
 
 def test_planted_sign_conflict_is_filtered():
     base, P, ex = planted(-0.5)
-    merged, report = pm.pivot_merge(ex, base, pivot="init", energy=1.0)
+    merged, report = pm.pivot_merge(ex, base, pivot="init", energy=1.0, **OLD_DEFAULTS)
     # C_3 = -0.5 C exactly: every nonzero entry of expert 3 is outvoted (energy 1 + 1 vs 0.25) and zeroed;
     # a_k = 1 (all in the shared space) -> lambda = 1/3 each -> W = init + (P + P + 0) / 3
     assert_matches(merged, base.double() + 2 / 3 * P.double())
@@ -153,8 +161,8 @@ def test_sign_election_closed_form():
 
 def test_sign_vote_is_weighted_by_expert_energy():
     base, P, ex = planted(-3.0)  # one strong expert against two weak ones
-    by_energy, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0)
-    by_count, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0, sign_weight="count")
+    by_energy, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0, **OLD_DEFAULTS)
+    by_count, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0, sign_weight="count", standardize=False)
     assert_matches(by_energy, base.double() - P.double())  # 9 > 1 + 1: expert 3 wins, lambda 1/3
     assert_matches(by_count, base.double() + 2 / 3 * P.double())  # 2 votes > 1
 
@@ -177,7 +185,8 @@ def test_layer_weights_sum_to_one_and_follow_gains():
         assert_matches(lam.float(), torch.exp(a / T) / torch.exp(a / T).sum(0))
     base, ex = random_experts(10, 14, 3, seed=8)
     gains = (0.2, -0.1, 0.5)
-    _, report = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains, temperature=0.5)
+    _, report = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains, temperature=0.5,
+                               standardize=False)
     g = torch.tensor(gains, dtype=torch.float64)
     assert_matches(torch.tensor(report["lambda"]), torch.softmax(g / 0.5, 0))
     assert report["contribution"] == pytest.approx(list(gains))
