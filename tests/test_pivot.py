@@ -246,3 +246,74 @@ def test_fixed_rank_and_require_identical():
     assert torch.equal(pm.require_identical([same, same.clone()]), same)
     with pytest.raises(ValueError, match="vision.*expert 1 differs"):
         pm.require_identical([same, same + 1e-3], TensorInfo("vision.blocks.0.weight", (4,)))
+
+
+def planted_consensus(K, dissenter, m=24, n=32, seed=0, noise=0.05):
+    """K experts around W0: all but one at W0 + P (the consensus), `dissenter` at W0 - P, each plus small noise."""
+    g = gen(seed)
+    W0, P = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+    eps = noise * float(P.norm()) / math.sqrt(m * n)
+    ex = [W0 + (-P if k == dissenter else P) + eps * torch.randn(m, n, generator=g) for k in range(K)]
+    return W0, P, ex
+
+
+@pytest.mark.parametrize("K", range(2, 9))
+def test_defaults_keep_the_consensus(K):
+    """With the default (majority) vote, the merge lands closer to the agreeing experts than their plain average,
+    for every dissenter position, around a mean pivot and around the shared init; with K = 2 there is no majority
+    and the mean pivot reduces to the plain average (documented)."""
+    for pos in range(K):
+        W0, P, ex = planted_consensus(K, pos, seed=K * 10 + pos)
+        consensus, avg = W0 + P, torch.stack(ex).mean(0)
+        d_avg = float((avg - consensus).norm() / P.norm())
+        d_mean = float((pm.pivot_merge(ex)[0] - consensus).norm() / P.norm())
+        d_init = float((pm.pivot_merge(ex, W0, pivot="init")[0] - consensus).norm() / P.norm())
+        if K == 2:
+            assert d_mean == pytest.approx(d_avg, rel=1e-5)
+            continue
+        assert d_mean < 0.7 * d_avg and d_init < d_avg, (K, pos, d_mean, d_init, d_avg)
+        # the old defaults (expert-energy vote, raw softmax) land on the dissenter's side of the average
+        old = float((pm.pivot_merge(ex, **OLD_DEFAULTS)[0] - consensus).norm() / P.norm())
+        assert old > d_avg
+
+
+def test_lambda_follows_planted_contributions():
+    base, ex = random_experts(10, 14, 3, seed=8)
+    for gains in ((0.010, 0.012, 0.011), (0.2, -0.1, 0.5), (1e-3, 3e-3, 2e-3)):
+        _, rep = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains)
+        g = torch.tensor(gains, dtype=torch.float64)
+        z = (g - g.mean()) / g.std(unbiased=False)
+        assert_matches(torch.tensor(rep["lambda"]), torch.softmax(z, 0))  # T = 1 on z: scale-free
+        assert max(rep["lambda"]) > 0.5 and rep["lambda"].index(max(rep["lambda"])) == int(g.argmax())
+        _, raw = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains, standardize=False)
+        assert max(raw["lambda"]) - min(raw["lambda"]) < max(rep["lambda"]) - min(rep["lambda"])
+    # equal contributions (up to rounding) keep lambda uniform
+    _, rep = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=(0.3, 0.3 + 1e-9, 0.3))
+    assert_matches(torch.tensor(rep["lambda"]), torch.full((3,), 1 / 3, dtype=torch.float64))
+    for bad in ({"spread_floor": 0.0}, {"standardize": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pm.pivot_merge(ex, base, pivot="init", **bad)
+
+
+@pytest.mark.parametrize("mode", ["mean", "init"])
+def test_bias_follows_its_weight_lambda(mode):
+    g = gen(13)
+    w0, b0 = torch.randn(12, 9, generator=g), torch.randn(12, generator=g)
+    ws = [w0 + s * torch.randn(12, 9, generator=g) for s in (0.1, 0.3, 1.0)]  # unequal shared shares
+    bs = [b0 + torch.randn(12, generator=g) for _ in range(3)]
+    base_w, base_b = (w0, b0) if mode == "init" else (None, None)
+    _, wrep = pm.pivot_merge(ws, base_w, pivot=mode)
+    stack = torch.stack(ws)
+    pivot_w = stack.mean(0) if mode == "mean" else w0
+    merged, brep = pm.pivot_merge(bs, base_b, pivot=mode, layer_weight=(stack, pivot_w))
+    lam = torch.tensor(wrep["lambda"], dtype=torch.float64)
+    pb = torch.stack(bs).double().mean(0) if mode == "mean" else b0.double()
+    assert brep["kind"] == "bias" and brep["lambda"] == pytest.approx(wrep["lambda"], abs=1e-7)
+    assert_matches(merged, pb + (lam[:, None] * (torch.stack(bs).double() - pb)).sum(0))
+    assert float(lam.max() - lam.min()) > 0.05  # not the plain mean
+    # the registered entry splits the trailing weight inputs off the same way (the plan's layout)
+    spec = methods.get("pivot")
+    extra = ws + ([w0] if mode == "init" else [])
+    out = spec.merge(bs + extra, base_b, info=TensorInfo("multi_modal_projector.linear_1.bias", (12,)),
+                     gain=(pm.NO_GAIN,) * 3, pivot=mode, weight_inputs=len(extra))
+    assert torch.equal(out, merged)
