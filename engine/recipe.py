@@ -91,6 +91,7 @@ class Recipe(BaseModel):
     init_model: Optional[str] = None
     calibration: Optional[CalibrationRecipe] = None  # a bare string = {path: <string>}
     allow_different_backbones: bool = False
+    allow_unaligned: bool = False  # pivot: skip the shared-initialisation check of the experts' projectors
 
     @field_validator("calibration", mode="before")
     @classmethod

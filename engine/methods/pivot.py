@@ -47,7 +47,7 @@ NOISE_RTOL = 10.0  # |C| <= this * max(m, n) * eps32 * max|C| is rounding noise:
 TIE_RTOL = 1e-5  # |vote sum| at most this fraction of sum |votes| is a tie (float32 rounding of exact ties)
 NO_GAIN = float("nan")  # per-model `gain` default: "not given" (only contribution: data needs gains)
 NO_SCALE = float("nan")  # `scale` default: "not given" (beta applies)
-SPREAD_FLOOR = 0.02  # contributions whose std over experts is below this fraction of their mean |a| count as ~equal
+SPREAD_FLOOR = 0.05  # contributions whose std over experts is below this fraction of their mean |a| count as ~equal
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def standardized(contribution: torch.Tensor, spread_floor: float = SPREAD_FLOOR,
     """z = (a - mean) / max(std, spread_floor * mean |a|) over experts (`dim`, population std): the contributions on
     a scale where a softmax at T = 1 follows them. Raw contributions live in [0, 1] (data-free) or are score
     differences of ~1e-3..1e-1 (data), so softmax(a) is near uniform whatever they say. The relative floor keeps
-    rounding-level differences between equal contributions (std ~1e-7 of a ~1) from being blown up into decisive
+    differences of a few per cent, and rounding-level ones between equal contributions (std ~1e-7 of a ~1), from being blown up into decisive
     weights; all-zero contributions give z = 0 (uniform lambda)."""
     a = contribution.double()
     centred = a - a.mean(dim=dim, keepdim=True)
@@ -300,7 +300,8 @@ def _small_tensor(stack, pivot, p: PivotParams, report: dict, gains, layer_weigh
         return pivot + p.factor * deltas.mean(dim=0), {**report, "kind": "averaged"}
     lam = lam.to(deltas.dtype)
     merged = pivot + p.factor * (lam.reshape(-1, *([1] * (deltas.dim() - 1))) * deltas).sum(dim=0)
-    return merged, {**report, "kind": "bias", "contribution": [float(x) for x in a],
+    summary = f"follows its layer's lambda [{', '.join(f'{x:.3f}' for x in lam)}]"
+    return merged, {**report, "kind": "bias", "summary": summary, "contribution": [float(x) for x in a],
                     "contribution_z": [float(x) for x in z], "lambda": [float(x) for x in lam]}
 
 
