@@ -63,6 +63,11 @@ def recipe(experts, pairs, **params) -> dict:
             "parameters": {"pivot": "mean", "contribution": "data", "temperature": 0.05, **params}}
 
 
+def cosine(pairs: Path) -> dict:
+    """The calibration mapping with the matched-cosine score (what the naive reference computes)."""
+    return {"path": str(pairs), "score": "cosine"}
+
+
 def plan_calibration(plan) -> Calibration:
     (name, text), = plan.artifacts
     assert name == ARTIFACT
@@ -114,7 +119,7 @@ def naive_gains(experts, pairs_rows, family: str, init=None) -> dict[str, list[f
 def test_gains_equal_the_naive_full_model_computation(tmp_path, family, naming):
     experts = experts_of(tmp_path, family, naming)
     pairs = write_pairs(tmp_path / "pairs.parquet", n=3)
-    plan = build_plan(parse_recipe(recipe(experts, pairs)))
+    plan = build_plan(parse_recipe(recipe(experts, pairs, calibration=cosine(pairs))))
     cal = plan_calibration(plan)
     expected = naive_gains(experts, list(zip([png(i) for i in range(3)], CAPTIONS[:3])), family)
     assert cal.pairs == 3 and set(expected) <= set(cal.layers)
@@ -131,11 +136,11 @@ def test_init_pivot_gains_equal_the_naive_computation(tmp_path):
     """pivot: init -> the swaps go into the shared initialisation's projector (the experts' own tensors unchanged)."""
     experts = experts_of(tmp_path, "llava", "current")
     pairs = write_pairs(tmp_path / "pairs.parquet", n=2)
-    data = {**recipe(experts, pairs, pivot="init"), "init_model": str(tmp_path / "init")}
+    data = {**recipe(experts, pairs, pivot="init", calibration=cosine(pairs)), "init_model": str(tmp_path / "init")}
     cal = plan_calibration(build_plan(parse_recipe(data)))
     expected = naive_gains(experts, list(zip([png(i) for i in range(2)], CAPTIONS[:2])), "llava",
                            init=tmp_path / "init")
-    mean = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs))))
+    mean = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, calibration=cosine(pairs)))))
     for layer, want in expected.items():
         torch.testing.assert_close(torch.tensor(cal.layers[layer]["gains"]), torch.tensor(want), **GAIN_TOL)
         assert cal.layers[layer]["gains"] != mean.layers[layer]["gains"]  # another pivot, other gains
@@ -146,7 +151,8 @@ def test_pivot_expert_has_zero_gain_everywhere(tmp_path):
     layer, deepstack mergers included (Qwen3-VL)."""
     experts = experts_of(tmp_path, "qwen3_vl", "current")
     pairs = write_pairs(tmp_path / "pairs.parquet", n=2)
-    cal = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, pivot="model:expert_a"))))
+    cal = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, pivot="model:expert_a",
+                                                          calibration=cosine(pairs)))))
     assert any(layer.startswith("deepstack_merger_list.") for layer in cal.layers)
     for layer, rec in cal.layers.items():
         assert rec["gains"][0] == 0.0, layer
@@ -163,7 +169,7 @@ def llava(tmp_path_factory) -> dict:
 def test_merge_with_calibration_end_to_end(llava, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    data = recipe(llava["experts"], llava["pairs"], temperature=0.02)
+    data = recipe(llava["experts"], llava["pairs"], temperature=0.02, standardize=False)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     run_merge(tmp_path / "r.yaml", out, workers=0, progress=False)

@@ -240,6 +240,22 @@ def alignment_score(image_features: torch.Tensor, caption_embeddings: torch.Tens
                                                  pool(caption_embeddings, caption_mask), dim=-1)
 
 
+def contrastive_scores(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+    """Per-pair contrastive alignment of pooled image features (N, d) with pooled caption embeddings (N, d):
+    cos(f_i, g_i) - mean_{j != i} cos(f_i, g_j), the matched caption against every mismatched one of the batch (the
+    expectation over shuffled captions). An offset common to all captions (the gap between the image-feature and
+    the token-embedding distributions) cancels; what is left is how much closer an image lies to its own caption."""
+    N = image.shape[0]
+    if N < 2 or caption.shape != image.shape:
+        raise ValueError(f"contrastive_scores needs N >= 2 matched (N, d) rows, got {tuple(image.shape)} and "
+                         f"{tuple(caption.shape)}")
+    f = torch.nn.functional.normalize(image.double(), dim=-1)
+    g = torch.nn.functional.normalize(caption.double(), dim=-1)
+    sim = f @ g.T
+    matched = sim.diagonal()
+    return matched - (sim.sum(dim=1) - matched) / (N - 1)
+
+
 def alignment_gains(swapped_scores: torch.Tensor, pivot_scores: torch.Tensor) -> torch.Tensor:
     """a_{k, l} = mean over pairs of score(pivot projector with expert k's layer l) - score(pivot projector).
 
