@@ -5,14 +5,17 @@ Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "
    (`model:<name>`, the engine passes that expert as `base`); Delta_k = W_k - W_pivot.
 2. shared space: U_s = top left singular vectors of [Delta_1 ... Delta_K] holding a fraction `energy` [0.9] of
    the energy, V_s likewise from the vertical stack; C_k = U_s^T Delta_k V_s.
-3. filtering: a sign per entry of C elected across experts, each expert's sign vote weighted by its energy in
-   the shared space ||C_k||^2 (`sign_weight`); minority-sign entries (and exact ties) are zeroed; residuals
+3. filtering: a sign per entry of C elected across experts by majority (`sign_weight: count`; energy-weighted
+   votes are options -- around a mean pivot they let a lone dissenter win); minority-sign entries (and exact
+   ties) are zeroed; residuals
    R_k = Delta_k - U_s C_k V_s^T keep their top `density` [0.2] fraction by magnitude, merged by disjoint mean.
-4. weights lambda_k = softmax_k(a_k / T) [T = 1], a_k = ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`, alias
+4. weights lambda_k = softmax_k(z_k / T) [T = 1], z_k = a_k standardised per layer (`standardize`), a_k =
+   ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`, alias
    `data_free`) or precomputed alignment gains (`contribution: data`, per-model parameter `gain`).
 5. W = W_pivot + beta * (U_s (sum_k lambda_k C~_k) V_s^T + merged residual) [beta = 1; `scale` is the recipe
    name of the same factor (issue 6's recipe form), give one of the two].
-0-D/1-D tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
+A layer's bias: b_pivot + beta * sum_k lambda_k Delta b_k with its weight's lambda (`layer_weight`); other 0-D/1-D
+tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
 
 `pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
 tensor only and the spec's `merge_with_report` (a ReportingMethodSpec) returns both, which engine.unit uses to
