@@ -20,33 +20,19 @@ WORKER_BASE_BYTES = 512 << 20
 
 
 def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool) -> int:
-    """Estimated peak working memory of a whole-matrix method (SVD family, pivot) on one m x n tensor of K inputs.
-
-    Data: the K (+ base) float32 inputs as read, their stack, the task vectors / deltas, the result and its
-    output-dtype copy: D = 4 m n (3 K + base + 2). Decompositions (engine.methods.rsvd; the float64 Gram path is
-    the largest): an a x b matrix (a <= b) holds its float64 copy, factors and their float32 copies (~24 a b) and
-    the float64 Gram matrix, eigenvectors and eigh workspace (~40 a^2) -- less when few triplets are kept.
-    tsv / iso_c / cart decompose the K m x n task matrices in one batched call: D + K (16 m n + 32 min(m, n)^2);
-    iso_cts adds the common space of their sum and the polar factors: K + 2 such terms. pivot keeps full spectra
-    of the horizontal (m x K n) and vertical (K m x n) stacks, plus the stacked copy: D + 4 K m n + the sum over
-    both stacks of (24 a b + 40 a^2) -- summed although they run one after the other, because the allocator does
-    not hand the first one's pages back in time (with the max, a measured peak came within 1 % of the estimate).
-    Measured peaks (K = 3, CPU, 500 x 3000 to 1280 x 2048) are 0.43-0.76 of this estimate (docs/pivot_recipe.md,
-    tests/test_svd_budget.py).
+    """Estimated peak working memory of a whole-matrix method on one tensor of K inputs: the method's own
+    estimate (`MethodSpec.memory`; the SVD family's in engine.methods.svd.svd_memory, pivot's in
+    engine.methods.pivot.pivot_memory), else its data alone (engine.methods.base.whole_data_bytes: the K (+ base)
+    float32 inputs, their stack, the task vectors, the result and its output-dtype copy).
+    Measured peaks (K = 3, CPU, 500 x 3000 to 1280 x 2048) are 0.43-0.76 of the SVD/pivot estimates
+    (docs/pivot_recipe.md, tests/test_svd_budget.py).
     """
-    m = shape[0] if shape else 1
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    k = max(1, n_inputs)
-    data = 4 * m * n * (3 * k + (1 if has_base else 0) + 2)
-    if len(shape) < 2:  # 0-D/1-D: averaged, no decomposition
-        return data
-    if op in ("pivot", "pivotmerge"):
-        stacks = [sorted((m, k * n)), sorted((k * m, n))]
-        return data + 4 * k * m * n + sum(24 * a * b + 40 * a * a for a, b in stacks)
-    decompositions = k + 2 if op == "iso_cts" else k  # iso_cts: + the sum's common space + its polar factors
-    return data + decompositions * (16 * m * n + 32 * min(m, n) ** 2)
+    from engine import methods
+    from engine.methods.base import whole_data_bytes
+
+    spec = methods.get(op)
+    estimate = spec.memory or whole_data_bytes
+    return estimate(tuple(shape), n_inputs, has_base)
 
 
 def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:

@@ -6,17 +6,11 @@ per-model parameters as tuples aligned with the method's inputs, global paramete
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 from engine import methods
 from engine.methods.base import MethodSpec
 from engine.recipe import Condition, ModuleRecipe, PairWeights, Recipe
-
-# Parameters that are fractions: 0 < value <= 1; interpolation factors: 0 <= value <= 1; gamma: 0 <= value < 1.
-_FRACTIONS = {"density", "energy", "rank_fraction"}
-_UNIT_INTERVAL = {"t", "alpha"}
-
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     """A setting's value for one tensor: filters by substring, numeric lists interpolate over t = layer/(L-1)."""
@@ -40,29 +34,6 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     return setting
 
 
-def _check_value(name: str, value: Any, default: Any, where: str) -> None:
-    if value is None:
-        return
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
-    if name in _FRACTIONS and not 0 < value <= 1:
-        raise ValueError(f"{where}: {name} must be in (0, 1], got {value!r}")
-    if name in _UNIT_INTERVAL and not 0 <= value <= 1:
-        raise ValueError(f"{where}: {name} must be in [0, 1], got {value!r}")
-    if name == "gamma" and not 0 <= value < 1:
-        raise ValueError(f"{where}: gamma must be in [0, 1), got {value!r}")
-
-
 def _leaf_values(setting: Any) -> list[Any]:
     if isinstance(setting, Condition):
         return _leaf_values(setting.value)
@@ -71,8 +42,11 @@ def _leaf_values(setting: Any) -> list[Any]:
     return [setting]
 
 
-def _check_settings(spec: MethodSpec, settings: dict, where: str, per_model_only: bool) -> None:
-    known = dict(spec.per_model_params) if per_model_only else {**spec.global_params, **spec.per_model_params}
+def _check_settings(spec: MethodSpec, settings: dict, where: str, per_model_only: bool,
+                    n_models: Optional[int] = None) -> None:
+    """Every key is a parameter the spec declares (per-model ones only, under models[].parameters) and every
+    value a filter or gradient can produce is valid for its declaration (Param.check)."""
+    known = {p.name: p for p in spec.params if p.per_model or not per_model_only}
     for key, setting in settings.items():
         if key not in known:
             raise ValueError(
@@ -80,7 +54,7 @@ def _check_settings(spec: MethodSpec, settings: dict, where: str, per_model_only
                 f"known: {', '.join(sorted(known)) or '(none)'}"
             )
         for v in _leaf_values(setting):
-            _check_value(key, v, known[key], f"{where}.{key}")
+            known[key].check(v, f"{where}.{key}", n_models)
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
@@ -89,7 +63,7 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         spec = methods.get(recipe.merge_method)
     except ValueError as exc:
         raise ValueError(f"{source}: merge_method: {exc}") from None
-    if recipe.calibration is not None and recipe.merge_method not in ("pivot", "pivotmerge"):
+    if recipe.calibration is not None and spec.name != "pivot":
         raise ValueError(f"{source}: calibration: only used by merge_method pivot (contribution: data); remove it")
     if recipe.merge_method == "plam":
         check_plam_recipe(recipe, source)
@@ -99,12 +73,14 @@ def check_recipe(recipe: Recipe, source: str) -> None:
     if spec.needs_base and not recipe.base_model and recipe.merge_method != "pivot":
         raise ValueError(f"{source}: base_model: merge_method {spec.name!r} needs a base_model")
     _check_model_count(recipe, spec, f"{source}: models")
-    _check_settings(spec, recipe.parameters, f"{source}: parameters", per_model_only=False)
+    n = len(input_models(recipe, spec))
+    _check_settings(spec, recipe.parameters, f"{source}: parameters", per_model_only=False, n_models=n)
     module_specs = check_modules(recipe, source)
     for i, m in enumerate(recipe.models):
         for key, setting in m.parameters.items():  # a per-model key may serve a module's method only
             owner = next((s for s in [spec, *module_specs] if key in s.per_model_params), spec)
-            _check_settings(owner, {key: setting}, f"{source}: models[{i}].parameters", per_model_only=True)
+            _check_settings(owner, {key: setting}, f"{source}: models[{i}].parameters", per_model_only=True,
+                            n_models=len(input_models(recipe, owner)))
     for key, default in {**spec.global_params}.items():
         if default is None and key not in recipe.parameters:
             raise ValueError(f"{source}: parameters.{key}: required by merge_method {spec.name!r}")
@@ -169,7 +145,8 @@ def check_modules(recipe: Recipe, source: str) -> list[MethodSpec]:
         if mspec.needs_base and not recipe.base_model:
             raise ValueError(f"{where}.merge_method: {mspec.name!r} needs a base_model")
         _check_model_count(recipe, mspec, f"{where}.merge_method")
-        _check_settings(mspec, mod.parameters, f"{where}.parameters", per_model_only=False)
+        _check_settings(mspec, mod.parameters, f"{where}.parameters", per_model_only=False,
+                        n_models=len(input_models(recipe, mspec)))
         for key, default in mspec.global_params.items():
             if default is None and key not in mod.parameters and key not in recipe.parameters:
                 raise ValueError(f"{where}.parameters.{key}: required by merge_method {mspec.name!r}")
@@ -289,11 +266,12 @@ def _check_plam_coefficients(params: dict, where: str) -> None:
         raise ValueError(f"{where}.weights: expected {{mllm: <number>, base: <number>}}, got {params['weights']!r}")
     if ("weights_mllm" in params) != ("weights_base" in params):
         raise ValueError(f"{where}: weights_mllm and weights_base go together")
+    spec = methods.get("plam")
     for key in ("alpha", "weights_mllm", "weights_base"):
         if key in params:
             for v in _leaf_values(params[key]):
-                _check_value(key, v, 0.0, f"{where}.{key}")
+                spec.param(key).check(v, f"{where}.{key}")
     if "weights" in params:
         for side in ("mllm", "base"):
             for v in _leaf_values(getattr(params["weights"], side)):
-                _check_value("weights", v, 0.0, f"{where}.weights.{side}")
+                spec.param(f"weights_{side}").check(v, f"{where}.weights.{side}")

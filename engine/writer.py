@@ -181,11 +181,16 @@ def _config_with_dtype(src: Path, out_dtype: Optional[str]) -> bytes:
 
 
 def model_card(plan) -> str:
+    """README.md of the output: inputs, the method's section from its spec (engine.methods.catalog), the recipe
+    and the plan hash."""
+    from engine.methods.catalog import card_section
+
     recipe_yaml = json.dumps(plan.recipe.model_dump(mode="json", exclude_defaults=True), indent=2)
     return (
         "---\ntags:\n- merge\n- shardmerge\n---\n"
         f"# Merged model\n\nProduced by shardmerge {engine.__version__} with `{plan.recipe.merge_method}`.\n\n"
         f"Inputs:\n" + "".join(f"- `{r}`\n" for r in plan.recipe.model_refs)
+        + f"\n{card_section(plan.recipe.merge_method)}"
         + f"\n## Recipe\n\n```json\n{recipe_yaml}\n```\n\nPlan hash: `{plan.plan_hash}`\n"
         + ("\n## Notes\n\n" + "".join(f"- {n}\n" for n in plan.notes) if plan.notes else "")
     )

@@ -211,14 +211,33 @@ def test_bad_inputs_raise_value_error_naming_the_tensor():
         svd.merge_tsv([a, a], None, info=info)
     with pytest.raises(ValueError, match="up_proj.*expert 1 has shape"):
         svd.merge_iso_c([a, torch.zeros(4, 5)], a, info=info)
-    with pytest.raises(ValueError, match="3 dimensions"):
-        svd.merge_cart([torch.zeros(2, 2, 2)] * 2, None, info=info)
     with pytest.raises(ValueError, match="rank_fraction"):
         svd.merge_tsv([a, a], a, info=info, rank_fraction=0.0)
     with pytest.raises(ValueError, match="float32"):
         svd.merge_iso_c([a.double(), a.double()], a.double(), info=info)
     with pytest.raises(ValueError, match="svd_path"):
         svd.merge_cart([a, a], None, info=info, svd_path="fast")
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts", "cart"])
+def test_nd_weights_merge_as_their_out_by_rest_matrix(name):
+    """A 4-D conv weight (a vision tower's patch embedding, out x in x kh x kw) is merged as the matrix
+    (out, in*kh*kw) and reshaped back, through `merge` and through `merge_batch` alike."""
+    spec = methods.get(name)
+    shape = (6, 3, 2, 2)
+    ex = [torch.randn(shape, generator=gen(40 + k)) for k in range(3)]
+    base = torch.randn(shape, generator=gen(49))
+    as_mat = [t.reshape(6, 12) for t in ex]
+    info = TensorInfo(name="vision_tower.patch_embedding.weight", shape=shape)
+    want = spec.merge(as_mat, base.reshape(6, 12), info=TensorInfo(name=info.name, shape=(6, 12)))
+    got = spec.merge(ex, base, info=info)
+    assert got.shape == shape
+    torch.testing.assert_close(got, want.reshape(shape), rtol=0, atol=0)
+    assert not torch.allclose(got, base + torch.stack(ex).sub(base).mean(0))  # not the flat average
+    batched = spec.merge_batch([ex, ex], [base, base], [info, info])
+    for y in batched:
+        assert y.shape == shape
+        torch.testing.assert_close(y, got, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- truncated SVD paths

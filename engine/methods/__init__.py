@@ -1,34 +1,43 @@
-"""Registry of merge methods by name. Each method lives in its own module and registers itself on import."""
+"""Registry of merge methods by name.
+
+Each method lives in its own module under engine/methods/ and registers its MethodSpec(s) on import. The modules
+are discovered (every module of this package is imported on first lookup), so adding a method is adding one file.
+A module that fails to import is an error (never a method that silently vanishes), and so is a module outside
+HELPER_MODULES that registers nothing. Aliases are declared once, on the spec (`MethodSpec.aliases`).
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import sys
 
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 
-_REGISTRY: dict[str, MethodSpec] = {}
+_REGISTRY: dict[str, MethodSpec] = {}  # canonical name -> spec
+_ALIASES: dict[str, str] = {}  # alias -> canonical name
+_REGISTERED_BY: dict[str, set[str]] = {}  # module name -> the names it registered
 
-# Modules imported on first lookup; each calls register() at import time.
-_MODULES = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare",
-    "slerp",
-    "breadcrumbs",
-    "svd",
-    "pivot",
-    "plam",
-)
+# Modules of this package that hold shared code, not methods.
+HELPER_MODULES = frozenset({"base", "common", "select", "rsvd", "catalog"})
 _loaded = False
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method; a second method under the same name is a programming error."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"merge method {spec.name!r} is already registered")
+    """Add a method and its aliases; a name taken twice is a programming error."""
+    for name in (spec.name, *spec.aliases):
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"merge method name {name!r} is already registered")
     _REGISTRY[spec.name] = spec
+    _REGISTERED_BY.setdefault(sys._getframe(1).f_globals.get("__name__", ""), set()).add(spec.name)
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
     return spec
+
+
+def method_modules() -> list[str]:
+    """The method modules of this package (every module but the helpers), sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in HELPER_MODULES)
 
 
 def _load_all() -> None:
@@ -36,27 +45,40 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"engine.methods.{mod}")
-        except ModuleNotFoundError as exc:  # a method module not written yet
-            if exc.name != f"engine.methods.{mod}":
-                raise
+    for mod in method_modules():
+        importlib.import_module(f"engine.methods.{mod}")
+    for mod in method_modules():
+        if not _REGISTERED_BY.get(f"engine.methods.{mod}"):
+            raise ImportError(f"engine/methods/{mod}.py registered no merge method; a method module calls "
+                              "engine.methods.register(MethodSpec(...)), shared code belongs in HELPER_MODULES")
+
+
+def canonical(name: str) -> str:
+    """The canonical method name of a name or alias (unknown names are returned as given)."""
+    _load_all()
+    return _ALIASES.get(name, name)
 
 
 def get(name: str) -> MethodSpec:
     _load_all()
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[_ALIASES.get(name, name)]
     except KeyError:
         raise ValueError(
-            f"unknown merge_method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}"
+            f"unknown merge_method {name!r}; known methods: {', '.join(names(aliases=True))}"
         ) from None
 
 
-def names() -> list[str]:
+def names(aliases: bool = False) -> list[str]:
+    """Canonical method names, sorted (with their aliases too when `aliases`)."""
     _load_all()
-    return sorted(_REGISTRY)
+    return sorted(list(_REGISTRY) + (list(_ALIASES) if aliases else []))
 
 
-__all__ = ["Chunk", "ChunkReader", "MethodSpec", "TensorInfo", "get", "names", "register"]
+def specs() -> list[MethodSpec]:
+    """Every registered spec, sorted by name."""
+    return [_REGISTRY[n] for n in names()]
+
+
+__all__ = ["Chunk", "ChunkReader", "MethodSpec", "Param", "TensorInfo", "canonical", "get", "names", "register",
+           "specs"]

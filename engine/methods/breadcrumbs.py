@@ -12,10 +12,13 @@ rescale [false], lambda [1.0], int8_mask [false] (no numeric effect, as in merge
 from __future__ import annotations
 
 from engine.methods import register
-from engine.methods.base import ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import SparsifyStats, check_fraction, per_model, prepare_magnitude, windowed_merge
+from engine.methods.base import ChunkReader, MethodSpec, Param, TensorInfo
+from engine.methods.common import (DENSITY, WEIGHT, SparsifyStats, check_fraction, gta_params, per_model,
+                                   prepare_magnitude, windowed_merge)
 
 BREADCRUMBS_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
+GAMMA = Param("gamma", default=0.01, per_model=True, lo=0, hi=1, hi_open=True,
+              doc="fraction of the largest |tau| entries dropped as outliers")
 
 
 def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
@@ -35,8 +38,11 @@ for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
             merge=windowed_merge(_name, consensus=_consensus),
             prepare=prepare,
             needs_base=True,
-            per_model_params={"weight": None, "density": 1.0, "gamma": 0.01},
-            global_params=dict(BREADCRUMBS_GLOBALS),
+            params=(WEIGHT, DENSITY, GAMMA, *gta_params(normalize=False)),
+            whole_tensor_stats="per model: the |tau| window bounds (ranks gamma * numel and (gamma + density) * "
+            "numel from the top); with rescale, L1 norms of tau and of its kept entries",
+            reference="https://arxiv.org/abs/2312.06795",
+            mergekit_name=_name,
             doc=f"Model Breadcrumbs{' with TIES sign consensus' if _consensus else ''}: drop the gamma largest "
             "and keep the next density fraction of |tau| per expert; matches mergekit.",
         )

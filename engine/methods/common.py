@@ -21,12 +21,29 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 from engine.methods.select import kth_largest_abs_streaming
 from kernels._util import use_triton
 from kernels.interpolate import interpolate
 
 RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor: no rescale when either L1 norm is below this
+
+
+# ----------------------------------------------------------------------------------------------- declarations
+MERGEKIT_URL = "https://github.com/arcee-ai/mergekit/blob/v0.1.5/docs/merge_methods.md"
+WEIGHT = Param("weight", per_model=True, doc="the model's weight in the sum")
+DENSITY = Param("density", default=1.0, per_model=True, lo=0, lo_open=True, hi=1,
+                doc="fraction of the task vector's entries kept (1 = all)")
+
+
+def gta_params(normalize: bool, rescale: bool = False) -> tuple[Param, ...]:
+    """mergekit's generalized task arithmetic globals (normalize default differs per method)."""
+    return (
+        Param("normalize", "bool", normalize, doc="divide by the sum of the (agreeing) weights"),
+        Param("rescale", "bool", rescale, doc="rescale kept entries to the task vector's L1 norm"),
+        Param("lambda", "float", 1.0, doc="scale of the merged task vector"),
+        Param("int8_mask", "bool", False, doc="accepted for mergekit recipes; no numeric effect"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- checks

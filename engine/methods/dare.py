@@ -22,12 +22,15 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 from engine.methods.common import (
+    DENSITY,
+    WEIGHT,
     check_fraction,
     check_inputs,
     combine_deltas,
     fused_merge,
+    gta_params,
     l1_scales,
     on_kernel_device,
     per_model,
@@ -134,8 +137,14 @@ for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):
             merge=_merge(_consensus),
             prepare=prepare,
             needs_base=True,
-            per_model_params={"weight": None, "density": 1.0},
-            global_params=dict(DARE_GLOBALS),
+            params=(WEIGHT, DENSITY, *gta_params(normalize=False, rescale=True),
+                    Param("random_seed", "int", 0, doc="key of the random drop masks (with tensor and model)"),
+                    Param("rescale_rule", "str", "inverse_density", choices=RESCALE_RULES,
+                          doc="1/density (DARE paper) or mergekit's L1-norm ratio")),
+            whole_tensor_stats="with rescale_rule l1: L1 norms of tau and of its kept entries (else none: the "
+            "masks are keyed by flat index)",
+            reference="https://arxiv.org/abs/2311.03099",
+            mergekit_name=_name,
             doc=f"DARE: keyed random drop of tau entries (keep prob. density), rescale, then "
             f"{'TIES sign consensus' if _consensus else 'weighted sum'}; mergekit parameters.",
         )

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, TensorInfo
-from engine.methods.common import check_inputs, fused_merge, on_kernel_device, per_model
+from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo
+from engine.methods.common import WEIGHT, check_inputs, fused_merge, on_kernel_device, per_model
 
 
 def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
@@ -54,10 +54,11 @@ SPEC = register(
         name="linear",
         merge=merge,
         needs_base=False,
-        per_model_params={"weight": None},
-        global_params={"normalize": True},
+        params=(WEIGHT, Param("normalize", "bool", True, doc="divide by the sum of the weights")),
         base_is_input=True,
         min_models=1,
+        reference="https://arxiv.org/abs/2203.05482",
+        mergekit_name="linear",
         doc="Weighted average sum_k w_k theta_k / sum_k w_k (normalize) of all inputs; matches mergekit linear.",
     )
 )

@@ -18,7 +18,7 @@ A layer's bias: b_pivot + beta * sum_k lambda_k Delta b_k with its weight's lamb
 tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
 
 `pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
-tensor only and the spec's `merge_with_report` (a ReportingMethodSpec) returns both, which engine.unit uses to
+tensor only and the spec's `merge_with_report` returns both, which engine.unit uses to
 collect the per-layer report. Registered as `pivot` (the recipe form, planned by engine.pivot_plan) and, for the
 callers written before the rename, `pivotmerge`.
 
@@ -38,8 +38,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, TensorInfo
-from engine.methods.rsvd import DEFAULT_SEED, energy_rank, truncated_svd
+from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo, matrix_shape, whole_data_bytes
+from engine.methods.rsvd import DEFAULT_SEED, PATHS, energy_rank, truncated_svd
 from engine.methods.svd import _where, stack_inputs, svd_options
 from kernels._util import use_triton
 from kernels.svd_filter import pivot_filter_coords, triton_available
@@ -411,24 +411,50 @@ def merge_pivot_report(tensors, base, *, stats=None, chunk: Optional[Chunk] = No
     return pivot_merge(tensors, base, gains=gain, info=info, layer_weight=layer_weight, **params)
 
 
-@dataclass(frozen=True)
-class ReportingMethodSpec(MethodSpec):
-    """A MethodSpec whose method also reports per tensor: engine.unit calls `merge_with_report` (same arguments
-    as `merge`, returns (tensor, JSON-able dict)) and the writer gathers the dicts into `<report>_report.json`."""
+_DOCS = {
+    "pivot": "mean | init | model:<name>: the reference point W_pivot",
+    "energy": "energy fraction kept by the shared bases",
+    "rank": "> 0: fixed shared rank on both sides instead of the energy rule",
+    "density": "fraction of each residual's entries kept (by magnitude)",
+    "sign_weight": "an expert's vote in the sign election",
+    "temperature": "T of the softmax over experts",
+    "beta": "scale of the merged update",
+    "scale": "the recipe name of beta (give one of them)",
+    "contribution": "shared / data_free (data-free weights) or data (calibrated gains)",
+    "svd_path": "decomposition path (engine.methods.rsvd)",
+    "seed": "seed of randomized decompositions",
+}
+_RANGES = {"energy": dict(lo=0, lo_open=True, hi=1), "rank": dict(lo=0), "density": dict(lo=0, lo_open=True, hi=1),
+           "temperature": dict(lo=0, lo_open=True), "sign_weight": dict(choices=SIGN_WEIGHTS),
+           "contribution": dict(choices=CONTRIBUTIONS), "svd_path": dict(choices=PATHS)}
 
-    merge_with_report: Optional[Callable[..., tuple[torch.Tensor, dict]]] = None
-    report: str = ""
+
+def _params() -> tuple[Param, ...]:
+    """PivotParams' fields as declared parameters (kind from the default), plus the per-model `gain`."""
+    kinds = {bool: "bool", str: "str", int: "int", float: "float"}
+    out = [Param("gain", default=NO_GAIN, per_model=True, doc="precomputed alignment gain (contribution: data)")]
+    for name, default in asdict(PivotParams()).items():
+        out.append(Param(name, kinds[type(default)], default, doc=_DOCS[name], **_RANGES.get(name, {})))
+    return tuple(out)
 
 
-def _spec(name: str, doc: str) -> ReportingMethodSpec:
-    return ReportingMethodSpec(
-        name=name, merge=merge_pivot, needs_base=False, chunkwise=False,
-        per_model_params={"gain": NO_GAIN},
-        global_params={k: v for k, v in asdict(PivotParams()).items()},
-        doc=doc, merge_with_report=merge_pivot_report, report="pivot",
-    )
+def pivot_memory(shape: tuple, n_inputs: int, has_base: bool) -> int:
+    """Peak bytes of one projector merge: the data, the stacked copy and full spectra of the horizontal
+    (m x K n) and vertical (K m x n) stacks (24 a b + 40 a^2 each, a <= b; see engine.memory), summed although
+    they run one after the other, because the allocator does not hand the first one's pages back in time."""
+    data = whole_data_bytes(shape, n_inputs, has_base)
+    if len(shape) < 2:
+        return data
+    m, n = matrix_shape(shape)
+    k = max(1, n_inputs)
+    stacks = [sorted((m, k * n)), sorted((k * m, n))]
+    return data + 4 * k * m * n + sum(24 * a * b + 40 * a * a for a, b in stacks)
 
 
-register(_spec("pivot", "PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around "
-                        "a pivot; projector-only recipe form (engine.pivot_plan)."))
-register(_spec("pivotmerge", "Alias of `pivot` (the name before the recipe form existed)."))
+register(MethodSpec(
+    name="pivot", merge=merge_pivot, needs_base=False, chunkwise=False, params=_params(),
+    doc="PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around a pivot; "
+        "projector-only recipe form (engine.pivot_plan).",
+    merge_with_report=merge_pivot_report, report="pivot", memory=pivot_memory,
+    reference="https://arxiv.org/abs/2604.22823", aliases=("pivotmerge",),
+))

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo
 from engine.methods.common import check_inputs
 
 DEFAULT_ALPHA = 0.1
@@ -68,7 +68,11 @@ SPEC = register(
         name="plam",
         merge=merge,
         needs_base=False,
-        global_params={"alpha": AUTO, "weights_mllm": AUTO, "weights_base": AUTO},
+        params=(Param("alpha", default=AUTO, lo=0, hi=1, doc=f"W = (1 - alpha) W_mllm + alpha W_base [{DEFAULT_ALPHA}]"),
+                Param("weights_mllm", default=AUTO, doc="a of W = a W_mllm + b W_base (with weights_base)"),
+                Param("weights_base", default=AUTO, doc="b of W = a W_mllm + b W_base (with weights_mllm)")),
+        base="unused",
+        reference="https://arxiv.org/abs/2601.07645",
         min_models=2,
         max_models=2,
         doc="PlaM: W = (1-alpha) W_mllm + alpha W_base [alpha 0.1], or a W_mllm + b W_base with "

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 from engine.methods.common import RowSum, check_inputs
 
 DOT_THRESHOLD = 0.9995
@@ -88,9 +88,12 @@ SPEC = register(
         merge=merge,
         prepare=prepare,
         needs_base=True,
-        global_params={"t": None},
+        params=(Param("t", lo=0, hi=1, doc="interpolation factor: 0 = base, 1 = the other model"),),
         min_models=1,
         max_models=1,
+        whole_tensor_stats="the norms of base and other and their dot product",
+        reference="https://en.wikipedia.org/wiki/Slerp",
+        mergekit_name="slerp",
         doc="Spherical interpolation base -> other by t over the whole tensor, lerp when nearly colinear; "
         "matches mergekit slerp.",
     )

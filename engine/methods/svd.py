@@ -6,7 +6,11 @@ averaged as each paper's reference code does:
 - task-vector methods (tsv, iso_c, iso_cts): theta = theta_0 + alpha * mean_k(tau_k)  -- the authors apply the
   same alpha to the averaged 1-D task vectors as to the 2-D update;
 - cart: theta = mean_k(theta_k), which is exactly CART's formula at full rank (sum_k (theta_k - mean) = 0).
-Tensors with more than 2 dimensions are refused (ValueError): restrict the method to 2-D weights with a filter.
+Tensors with more than 2 dimensions (a vision tower's conv patch embedding (out, in, kh, kw)) are merged as the
+matrix (out, in * kh * kw) and reshaped back: a convolution is exactly that matrix applied to unfolded patches
+(conv = unfold + matmul with W.reshape(out, -1)), so the method's spectral rule acts on the linear map the
+weight is. (FusionBench and the authors' code average such tensors instead; averaging would make the method's
+result on them a plain task-arithmetic mean, a different method for one weight of the model.)
 
 The `*_update` cores take leading batch dimensions (..., K, m, n) so the engine can stack same-shape weights of
 several layers and decompose them in one batched call (the GPU path): each method registers a `merge_batch` that
@@ -24,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, TensorInfo
+from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo, matrix_shape, whole_data_bytes
 from engine.methods.rsvd import DEFAULT_SEED, PATHS, drop_small_triplets, polar_factor, truncated_svd_batched
 
 
@@ -72,12 +76,18 @@ def check_inputs(
             )
         if t.dtype != torch.float32:
             raise ValueError(f"{method}: {_where(info)}: {label} has dtype {t.dtype}; expected float32")
-    if len(ref) > 2:
-        raise ValueError(
-            f"{method}: {_where(info)}: shape {ref} has {len(ref)} dimensions; SVD methods merge 2-D weights and "
-            "average 0-D/1-D tensors. Restrict the method to 2-D weights with a name filter."
-        )
     return ref
+
+
+def as_matrices(stack: torch.Tensor, base: Optional[torch.Tensor], lead: int) -> tuple:
+    """View N-D weights (lead dims, then dim 0 of the weight, then the rest) as matrices (..., out, rest)."""
+    shape = tuple(stack.shape[lead:])
+    if len(shape) <= 2:
+        return stack, base
+    m = shape[0]
+    x = stack.reshape(tuple(stack.shape[:lead]) + (m, -1))
+    b = None if base is None else base.reshape(tuple(base.shape[:lead - 1]) + (m, -1))
+    return x, b
 
 
 def stack_batch(
@@ -316,7 +326,9 @@ def merge_tsv(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info:
     _check_positive("tsv", info, "rank_fraction", rank_fraction, upper=len(tensors))
     if stack.dim() < 3:
         return _mean_1d(stack, base, alpha)
-    return _tsv_2d(stack, base, info, alpha=alpha, rank_fraction=rank_fraction, svd_path=svd_path, seed=seed)
+    x, b = as_matrices(stack, base, lead=1)
+    out = _tsv_2d(x, b, info, alpha=alpha, rank_fraction=rank_fraction, svd_path=svd_path, seed=seed)
+    return out.reshape(stack.shape[1:])
 
 
 def merge_iso_c(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
@@ -325,7 +337,9 @@ def merge_iso_c(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, inf
     stack = stack_inputs("iso_c", tensors, base, info, needs_base=True)
     if stack.dim() < 3:
         return _mean_1d(stack, base, alpha)
-    return _iso_c_2d(stack, base, info, alpha=alpha)
+    x, b = as_matrices(stack, base, lead=1)
+    out = _iso_c_2d(x, b, info, alpha=alpha)
+    return out.reshape(stack.shape[1:])
 
 
 def merge_iso_cts(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
@@ -336,8 +350,10 @@ def merge_iso_cts(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, i
     _check_positive("iso_cts", info, "common_fraction", common_fraction, upper=1.0)
     if stack.dim() < 3:
         return _mean_1d(stack, base, alpha)
-    return _iso_cts_2d(stack, base, info, alpha=alpha, common_fraction=common_fraction, svd_path=svd_path,
+    x, b = as_matrices(stack, base, lead=1)
+    out = _iso_cts_2d(x, b, info, alpha=alpha, common_fraction=common_fraction, svd_path=svd_path,
                        seed=seed)
+    return out.reshape(stack.shape[1:])
 
 
 def merge_cart(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
@@ -348,7 +364,9 @@ def merge_cart(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info
     _check_positive("cart", info, "rank_fraction", rank_fraction, upper=1.0)
     if stack.dim() < 3:
         return _mean_1d(stack, None, 1.0)
-    return _cart_2d(stack, None, info, rank_fraction=rank_fraction, svd_path=svd_path, seed=seed, **params)
+    x, b = as_matrices(stack, None, lead=1)
+    out = _cart_2d(x, None, info, rank_fraction=rank_fraction, svd_path=svd_path, seed=seed, **params)
+    return out.reshape(stack.shape[1:])
 
 
 def _batch_entry(method: str, merge, formula, needs_base: bool):
@@ -362,36 +380,64 @@ def _batch_entry(method: str, merge, formula, needs_base: bool):
         if inputs and inputs[0] and inputs[0][0].dim() < 2:
             return [merge(xs, b, info=i, **params) for xs, b, i in zip(inputs, bases, infos)]
         x, base = stack_batch(method, inputs, bases, infos, needs_base=needs_base)
-        return list(formula(x, base, infos[0], **params).unbind(0))
+        shape = tuple(x.shape[2:])
+        x, base = as_matrices(x, base, lead=2)
+        return [y.reshape(shape) for y in formula(x, base, infos[0], **params).unbind(0)]
 
     merge_batch.__name__ = f"merge_{method}_batch"
     merge_batch.__doc__ = f"{method} on B same-shape tensors with one batched decomposition (MethodSpec.merge_batch)."
     return merge_batch
 
 
-_SVD_PARAMS = {"svd_path": "auto", "seed": DEFAULT_SEED}
+def svd_memory(extra: int):
+    """Whole-matrix estimate of a method that decomposes the K task matrices in one batched call (+ `extra` more
+    decompositions of the matrix's size): the data (whole_data_bytes) + (K + extra) (16 m n + 32 min(m, n)^2).
+    An a x b decomposition (a <= b, float64 Gram path, the largest) holds its float64 copy, factors and their
+    float32 copies (~24 a b) and the Gram matrix, eigenvectors and eigh workspace (~40 a^2), less when few
+    triplets are kept. N-D weights count as their (out, rest) matrix; 0-D/1-D tensors only hold data."""
+    def estimate(shape: tuple, n_inputs: int, has_base: bool) -> int:
+        data = whole_data_bytes(shape, n_inputs, has_base)
+        if len(shape) < 2:
+            return data
+        m, n = matrix_shape(shape)
+        return data + (max(1, n_inputs) + extra) * (16 * m * n + 32 * min(m, n) ** 2)
+    return estimate
+
+
+ALPHA = Param("alpha", default=1.0, doc="scale of the merged task vector (the papers tune it, e.g. 1.0-2.0)")
+SVD_PATH = Param("svd_path", "str", "auto", choices=PATHS, doc="decomposition path (engine.methods.rsvd)")
+SEED = Param("seed", "int", DEFAULT_SEED, doc="seed of randomized decompositions")
+_MATRIX_RULE = "whole matrix (N-D weights as (out, rest); 0-D/1-D averaged)"
 
 register(MethodSpec(
     name="tsv", merge=merge_tsv, needs_base=True, chunkwise=False,
-    global_params={"alpha": 1.0, "rank_fraction": 1.0, **_SVD_PARAMS},
+    params=(ALPHA, Param("rank_fraction", default=1.0, lo=0, lo_open=True, hi_models=True,
+                         doc="per-task rank = rank_fraction * min(m, n) / K; K = every task at full rank"),
+            SVD_PATH, SEED),
     doc="Task Singular Vectors (arXiv 2412.00081): per-task top r/K triplets, orthogonalised U and V.",
     merge_batch=_batch_entry("tsv", merge_tsv, _tsv_2d, needs_base=True),
+    memory=svd_memory(0), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2412.00081",
 ))
 register(MethodSpec(
-    name="iso_c", merge=merge_iso_c, needs_base=True, chunkwise=False,
-    global_params={"alpha": 1.0},
+    name="iso_c", merge=merge_iso_c, needs_base=True, chunkwise=False, params=(ALPHA,),
     doc="Iso-C (arXiv 2502.04959): sum of task vectors with its spectrum flattened to the mean.",
     merge_batch=_batch_entry("iso_c", merge_iso_c, _iso_c_2d, needs_base=True),
+    memory=svd_memory(0), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2502.04959",
 ))
 register(MethodSpec(
     name="iso_cts", merge=merge_iso_cts, needs_base=True, chunkwise=False,
-    global_params={"alpha": 1.0, "common_fraction": 0.8, **_SVD_PARAMS},
+    params=(ALPHA, Param("common_fraction", default=0.8, lo=0, lo_open=True, hi=1,
+                         doc="fraction of the rank given to the common subspace"), SVD_PATH, SEED),
     doc="Iso-CTS (arXiv 2502.04959): common subspace + task-specific residual directions, isotropic spectrum.",
     merge_batch=_batch_entry("iso_cts", merge_iso_cts, _iso_cts_2d, needs_base=True),
+    memory=svd_memory(2), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2502.04959",
 ))
 register(MethodSpec(
-    name="cart", merge=merge_cart, needs_base=False, chunkwise=False,
-    global_params={"lambda": 1.0, "rank_fraction": 0.08, **_SVD_PARAMS},
+    name="cart", merge=merge_cart, needs_base=False, base="unused", chunkwise=False,
+    params=(Param("lambda", default=1.0, doc="scale of the low-rank centred task vectors"),
+            Param("rank_fraction", default=0.08, lo=0, lo_open=True, hi=1, doc="rank = rank_fraction * min(m, n)"),
+            SVD_PATH, SEED),
     doc="CART (arXiv 2412.12153): experts' mean + lambda * sum of rank-k centred task vectors.",
     merge_batch=_batch_entry("cart", merge_cart, _cart_2d, needs_base=False),
+    memory=svd_memory(0), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2412.12153",
 ))

@@ -15,9 +15,12 @@ import torch
 from engine.methods import register
 from engine.methods.base import Chunk, MethodSpec, TensorInfo
 from engine.methods.common import (
+    DENSITY,
+    WEIGHT,
     check_fraction,
     check_inputs,
     combine_deltas,
+    gta_params,
     fused_merge,
     on_kernel_device,
     per_model,
@@ -44,8 +47,9 @@ SPEC = register(
         name="task_arithmetic",
         merge=merge,
         needs_base=True,
-        per_model_params={"weight": None, "density": 1.0},
-        global_params=dict(GTA_GLOBALS),
+        params=(WEIGHT, DENSITY, *gta_params(normalize=False)),
+        reference="https://arxiv.org/abs/2212.04089",
+        mergekit_name="task_arithmetic",
         doc="theta_0 + lambda * sum_k w_k (theta_k - theta_0); matches mergekit task_arithmetic.",
     )
 )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from engine.methods import register
 from engine.methods.base import ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import SparsifyStats, check_fraction, per_model, prepare_magnitude, windowed_merge
+from engine.methods.common import (DENSITY, WEIGHT, SparsifyStats, check_fraction, gta_params, per_model,
+                                   prepare_magnitude, windowed_merge)
 
 TIES_GLOBALS = {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0}
 
@@ -35,8 +36,11 @@ SPEC = register(
         merge=merge,
         prepare=prepare,
         needs_base=True,
-        per_model_params={"weight": None, "density": 1.0},
-        global_params=dict(TIES_GLOBALS),
+        params=(WEIGHT, DENSITY, *gta_params(normalize=True)),
+        whole_tensor_stats="per model: the k-th largest |tau| (k = density * numel); with rescale, L1 norms of tau "
+        "and of its kept entries",
+        reference="https://arxiv.org/abs/2306.01708",
+        mergekit_name="ties",
         doc="TIES: top-density |tau| per expert, sign election by weighted sum, disjoint mean; matches mergekit.",
     )
 )
