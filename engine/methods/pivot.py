@@ -417,7 +417,9 @@ _DOCS = {
     "rank": "> 0: fixed shared rank on both sides instead of the energy rule",
     "density": "fraction of each residual's entries kept (by magnitude)",
     "sign_weight": "an expert's vote in the sign election",
-    "temperature": "T of the softmax over experts",
+    "temperature": "T of the softmax over experts (of the standardised contributions by default)",
+    "standardize": "softmax of the contributions standardised per layer across experts (false: raw a / T)",
+    "spread_floor": "relative spread (std / mean |a|) below which contributions count as nearly equal",
     "beta": "scale of the merged update",
     "scale": "the recipe name of beta (give one of them)",
     "contribution": "shared / data_free (data-free weights) or data (calibrated gains)",
@@ -425,7 +427,7 @@ _DOCS = {
     "seed": "seed of randomized decompositions",
 }
 _RANGES = {"energy": dict(lo=0, lo_open=True, hi=1), "rank": dict(lo=0), "density": dict(lo=0, lo_open=True, hi=1),
-           "temperature": dict(lo=0, lo_open=True), "sign_weight": dict(choices=SIGN_WEIGHTS),
+           "temperature": dict(lo=0, lo_open=True), "spread_floor": dict(lo=0, lo_open=True), "sign_weight": dict(choices=SIGN_WEIGHTS),
            "contribution": dict(choices=CONTRIBUTIONS), "svd_path": dict(choices=PATHS)}
 
 
