@@ -201,8 +201,8 @@ def standardized(contribution: torch.Tensor, spread_floor: float = SPREAD_FLOOR,
     """z = (a - mean) / max(std, spread_floor * mean |a|) over experts (`dim`, population std): the contributions on
     a scale where a softmax at T = 1 follows them. Raw contributions live in [0, 1] (data-free) or are score
     differences of ~1e-3..1e-1 (data), so softmax(a) is near uniform whatever they say. The relative floor keeps
-    differences of a few per cent, and rounding-level ones between equal contributions (std ~1e-7 of a ~1), from being blown up into decisive
-    weights; all-zero contributions give z = 0 (uniform lambda)."""
+    differences of a few per cent, and rounding-level ones between equal contributions (std ~1e-7 of a ~1),
+    from being blown up into decisive weights; all-zero contributions give z = 0 (uniform lambda)."""
     a = contribution.double()
     centred = a - a.mean(dim=dim, keepdim=True)
     floor = (spread_floor * a.abs().mean(dim=dim, keepdim=True)).clamp_min(1e-30)
@@ -427,7 +427,8 @@ _DOCS = {
     "seed": "seed of randomized decompositions",
 }
 _RANGES = {"energy": dict(lo=0, lo_open=True, hi=1), "rank": dict(lo=0), "density": dict(lo=0, lo_open=True, hi=1),
-           "temperature": dict(lo=0, lo_open=True), "spread_floor": dict(lo=0, lo_open=True), "sign_weight": dict(choices=SIGN_WEIGHTS),
+           "temperature": dict(lo=0, lo_open=True), "spread_floor": dict(lo=0, lo_open=True),
+           "sign_weight": dict(choices=SIGN_WEIGHTS),
            "contribution": dict(choices=CONTRIBUTIONS), "svd_path": dict(choices=PATHS)}
 
 
