@@ -202,3 +202,37 @@ def load_recipe(path: Path | str) -> Recipe:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({exc})") from None
     return parse_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def with_random_seed(recipe: Recipe, seed: Optional[int], source: str = "<recipe>") -> Recipe:
+    """The recipe with `--random-seed` applied: `random_seed` set for every method of the recipe that draws keyed
+    randomness (those declaring a `random_seed` parameter: DARE, DELLA), at the top level or in the module that uses
+    it, so the plan hash and the model card record it. A recipe that already sets a different `random_seed` there
+    is an error (two seeds for one merge). Methods without randomness ignore it, as mergekit's deterministic
+    methods ignore its --random-seed."""
+    if seed is None:
+        return recipe
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"--random-seed must be an integer, got {seed!r}")
+    from engine import methods
+
+    def seeded(method: str, params: dict, where: str) -> Optional[dict]:
+        if method == "passthrough" or "random_seed" not in methods.get(method).global_params:
+            return None
+        given = params.get("random_seed")
+        if given is not None and given != seed:
+            raise ValueError(f"{source}: {where}.random_seed is {given!r} but --random-seed is {seed}; "
+                             "give the seed in one place")
+        return {**params, "random_seed": seed}
+
+    upd: dict[str, Any] = {}
+    top = seeded(recipe.merge_method, recipe.parameters, "parameters")
+    if top is not None:
+        upd["parameters"] = top
+    modules = {}
+    for name, mod in recipe.modules.items():
+        own = seeded(mod.merge_method, mod.parameters, f"modules.{name}.parameters")
+        modules[name] = mod if own is None else mod.model_copy(update={"parameters": own})
+    if modules:
+        upd["modules"] = modules
+    return recipe.model_copy(update=upd) if upd else recipe

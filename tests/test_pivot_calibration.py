@@ -296,7 +296,9 @@ def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkey
 
     data = recipe(llava["experts"], llava["pairs"])
     driver = plan_calibration(build_plan(parse_recipe(data)))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from engine.ray_pool import connect
+
+    connect(num_cpus=2)  # as the merge does: a fresh local instance even with a `ray start` cluster on the machine
     try:
         remote = plan_calibration(build_plan(parse_recipe(
             {**data, "calibration": {"path": str(llava["pairs"]), "where": "ray"}})))
