@@ -64,7 +64,11 @@ class CalibrationRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str
-    max_pairs: int = Field(default=256, gt=0)  # the first max_pairs rows, in file order
+    max_pairs: int = Field(default=256, gt=0)  # rows sampled (seeded, kept in file order); all when fewer
+    seed: int = 0  # which rows are sampled when the file has more than max_pairs
+    # contrastive: matched-caption cosine minus the mean mismatched-caption cosine per image; cosine: the matched
+    # cosine alone (dominated by the offset between image features and caption embeddings)
+    score: Literal["contrastive", "cosine"] = "contrastive"
     image_column: str = ""  # "" = the first of image / image_bytes / img
     caption_column: str = ""  # "" = the first of caption / text / captions / sentence
     device: str = "auto"  # auto = cuda when available (where it runs), else cpu
@@ -128,6 +132,7 @@ class Recipe(BaseModel):
     init_model: Optional[str] = None
     calibration: Optional[CalibrationRecipe] = None  # a bare string = {path: <string>}
     allow_different_backbones: bool = False
+    allow_unaligned: bool = False  # pivot: skip the shared-initialisation check of the experts' projectors
 
     @field_validator("calibration", mode="before")
     @classmethod
