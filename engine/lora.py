@@ -9,8 +9,8 @@ ones. What the engine cannot reproduce exactly (DoRA, trained biases, other PEFT
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -26,14 +26,14 @@ _LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$|^(.*)\.(lora_embedding_
 def is_adapter_dir(ref: str) -> bool:
     """A local directory holding a PEFT adapter and no model weights of its own."""
     p = Path(ref).expanduser()
-    return (p / ADAPTER_CONFIG).is_file() and not any(p.glob("model*.safetensors"))
+    return os.path.isfile(p / ADAPTER_CONFIG) and not any(p.glob("model*.safetensors"))  # os.path: no OSError
 
 
 def open_model(ref: str) -> Checkpoint:
     """open_checkpoint, plus LoRA references: `base+adapter`, or an adapter dir (its base from
     adapter_config.json's base_model_name_or_path)."""
     ref = str(ref)
-    if "+" in ref and not Path(ref).expanduser().exists():
+    if "+" in ref and not os.path.exists(Path(ref).expanduser()):
         base_ref, _, adapter_ref = ref.partition("+")
         if "+" in adapter_ref:
             raise ValueError(f"model {ref!r}: expected base+adapter with one '+', got {ref.count('+')}")
@@ -52,10 +52,11 @@ def _adapter_config(root: Path, ref: str) -> dict:
     path = root / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"adapter {ref!r}: {root} has no {ADAPTER_CONFIG}; is this a PEFT LoRA adapter?")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    from engine.loaders import load_json_file
+
+    cfg = load_json_file(path, ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: {ADAPTER_CONFIG} must be a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters are")
     if cfg.get("use_dora"):

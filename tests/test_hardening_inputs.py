@@ -227,7 +227,10 @@ def test_yaml_1_1_exponent_spelling_is_a_number(llm_family, tmp_path):
     big = load_recipe(_recipe(tmp_path, llm_family, TA.replace("weight: 0.5}}\n  - model: {e2}",
                                                                 "weight: 1.0e38}}\n  - model: {e2}")))
     assert big.models[0].parameters["weight"] == 1.0e38
-    assert load_recipe(_recipe(tmp_path, llm_family, TA + "chat_template: 1e3x\n")).chat_template == "1e3x"
+    from engine.loaders import load_yaml_file
+
+    (tmp_path / "s.yaml").write_text("a: 1e3x\nb: 1e3\nc: e3\n")
+    assert load_yaml_file(tmp_path / "s.yaml") == {"a": "1e3x", "b": 1000.0, "c": "e3"}  # only whole numbers
 
 
 def test_recipe_size_is_bounded(llm_family, tmp_path, capsys, monkeypatch):
