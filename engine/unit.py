@@ -44,7 +44,7 @@ class UnitResult:
     worker: str = ""
 
 
-_ALLOCATOR_TUNED = False
+_ALLOCATOR_TUNED: Optional[bool] = None  # None: not tried yet in this process
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -59,10 +59,12 @@ def tune_allocator() -> bool:
     handed back between chunks. SHARDMERGE_MALLOC=default, or glibc's own MALLOC_MMAP_THRESHOLD_ /
     MALLOC_TRIM_THRESHOLD_ in the environment (the user's choice wins), leave glibc's settings alone."""
     global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or os.environ.get("SHARDMERGE_MALLOC") == "default" or any(
-            v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    if _ALLOCATOR_TUNED is not None:
         return _ALLOCATOR_TUNED
-    _ALLOCATOR_TUNED = True
+    _ALLOCATOR_TUNED = False
+    if os.environ.get("SHARDMERGE_MALLOC") == "default" or any(
+            v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
     try:
         import ctypes
 
@@ -70,6 +72,7 @@ def tune_allocator() -> bool:
         ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         ok = False
+    _ALLOCATOR_TUNED = ok
     return ok
 
 
