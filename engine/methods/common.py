@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.select import rank_streaming
+from engine.methods.select import keep_in_window, rank_streaming
 from kernels._util import use_triton
 from kernels.interpolate import interpolate
 
@@ -215,41 +215,13 @@ def select_windows(read: ChunkReader, ks: Sequence[Optional[tuple[int, Optional[
     return tuple(windows)
 
 
-def _tie_cut(mag: torch.Tensor, value: float, strict: torch.Tensor, start: Optional[int], stop: Optional[int]):
-    """`strict` (the entries strictly inside the bound) plus the entries with mag == value at flat chunk positions
-    in [start, stop) (None: open end)."""
-    ties = (mag == value).reshape(-1)
-    if start:
-        ties[:start] = False
-    if stop is not None:
-        ties[stop:] = False
-    return strict | ties.reshape(mag.shape)
-
-
 def window_mask(tau: torch.Tensor, window: Window, elem_offset: int = 0) -> Optional[torch.Tensor]:
     """Boolean keep mask of tau (a chunk starting at flat index `elem_offset`) for a window (None: keep all)."""
     if window.keeps_all:
         return None
     if window.drop_all:
         return torch.zeros_like(tau, dtype=torch.bool)
-    mag = tau.abs()
-    size = mag.numel()
-    last = None if window.lo_last is None else window.lo_last - elem_offset
-    if last is None or last >= size - 1:
-        keep = mag >= window.lo
-    elif last < 0:
-        keep = mag > window.lo
-    else:
-        keep = _tie_cut(mag, window.lo, mag > window.lo, None, last + 1)
-    if window.hi is not None:
-        first = None if window.hi_first is None else window.hi_first - elem_offset
-        if first is None or first <= 0:
-            keep &= mag <= window.hi
-        elif first >= size:
-            keep &= mag < window.hi
-        else:
-            keep &= _tie_cut(mag, window.hi, mag < window.hi, first, None)
-    return keep
+    return keep_in_window(tau.abs(), window.lo, window.hi, window.lo_last, window.hi_first, elem_offset)
 
 
 MaskFn = Callable[[int, Chunk, torch.Tensor], Optional[torch.Tensor]]

@@ -213,6 +213,40 @@ def kth_largest_abs_streaming(
     return [[r.value for r in row] for row in _select(read, ks, label)]
 
 
+def _with_ties(mag: torch.Tensor, value: float, strict: torch.Tensor, start: Optional[int], stop: Optional[int]):
+    """`strict` plus the entries with mag == value at flat chunk positions [start, stop) (None: open end)."""
+    ties = (mag == value).reshape(-1)
+    if start:
+        ties[:start] = False
+    if stop is not None:
+        ties[stop:] = False
+    return strict | ties.reshape(mag.shape)
+
+
+def keep_in_window(mag: torch.Tensor, lo: float, hi: Optional[float], lo_last: Optional[int],
+                   hi_first: Optional[int], elem_offset: int = 0) -> torch.Tensor:
+    """Keep mask of a chunk of magnitudes (flat positions from `elem_offset`) for the window lo <= mag <= hi, where
+    of the entries equal to lo only those at flat index <= lo_last, and of those equal to hi only those at flat
+    index >= hi_first, are kept (None: all of them): the exact top-k cuts of `rank_streaming`."""
+    size = mag.numel()
+    last = None if lo_last is None else lo_last - elem_offset
+    if last is None or last >= size - 1:
+        keep = mag >= lo
+    elif last < 0:
+        keep = mag > lo
+    else:
+        keep = _with_ties(mag, lo, mag > lo, None, last + 1)
+    if hi is not None:
+        first = None if hi_first is None else hi_first - elem_offset
+        if first is None or first <= 0:
+            keep &= mag <= hi
+        elif first >= size:
+            keep &= mag < hi
+        else:
+            keep &= _with_ties(mag, hi, mag < hi, first, None)
+    return keep
+
+
 def kth_largest_abs(x: torch.Tensor, k: int, *, chunk_rows: int | None = None) -> float:
     """Exact k-th largest |x| of one in-memory float32 tensor (optionally streamed in `chunk_rows` row chunks)."""
     if x.dim() == 0:
@@ -227,4 +261,4 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, chunk_rows: int | None = None) -
     return kth_largest_abs_streaming(read, [[k]])[0][0]
 
 
-__all__ = ["Rank", "StreamReader", "abs_bits", "kth_largest_abs", "kth_largest_abs_streaming", "rank_streaming"]
+__all__ = ["Rank", "StreamReader", "abs_bits", "keep_in_window", "kth_largest_abs", "kth_largest_abs_streaming", "rank_streaming"]
