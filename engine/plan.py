@@ -99,6 +99,8 @@ class Plan:
     # (file name, text) written into the output dir beside the reports and into the state dir at the start of a
     # run, so --resume can reuse them (e.g. PivotMerge's calibration gains, engine.pivot_calibration)
     artifacts: tuple[tuple[str, str], ...] = field(default=())
+    # (key path, value) changes to the copied config.json, e.g. a slices merge's layer count (engine.slices)
+    config_updates: tuple = field(default=())
 
     @property
     def total_bytes(self) -> int:
@@ -371,6 +373,10 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         from engine.plam_plan import plam_items
 
         planner, items, num_layers = plam_items(recipe, source)
+    elif recipe.slices:
+        from engine.slices import slice_items
+
+        planner, items, num_layers = slice_items(recipe, source)
     elif recipe.merge_method in ("pivot", "pivotmerge"):
         from engine.pivot_plan import pivot_items
 
@@ -416,7 +422,8 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
-                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
+                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())),
+                tuple(getattr(planner, "config_updates", ())))
 
 
 def _batchable(it: dict) -> bool:

@@ -168,9 +168,12 @@ class Journal:
             os.fsync(f.fileno())
 
 
-def _config_with_dtype(src: Path, out_dtype: Optional[str]) -> bytes:
-    """config.json with the output dtype recorded (transformers 5 reads `dtype`; older keys are replaced)."""
-    cfg = json.loads(src.read_text())
+def _config_with_dtype(src: Path, out_dtype: Optional[str], updates=()) -> bytes:
+    """config.json with the output dtype recorded (transformers 5 reads `dtype`; older keys are replaced) and the
+    plan's config updates applied (a slices merge's layer count)."""
+    from engine.slices import apply_config_updates
+
+    cfg = apply_config_updates(json.loads(src.read_text()), updates)
     if out_dtype:
         name = str(DTYPES[out_dtype][0]).removeprefix("torch.")
         subs = [v for v in cfg.values() if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v)]
@@ -259,7 +262,7 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
     atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     cfg = Path(plan.config_source) / "config.json"
     if cfg.exists():
-        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype))
+        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype, plan.config_updates))
     tok = Path(plan.tokenizer_source)
     for name in COPIED_FILES:
         if (tok / name).exists():
