@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from engine import methods
 from engine.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint
-from engine.layout import Layout
+from engine.layout import LAYER_COUNT_KEYS, Layout
 from engine.methods.base import _same
 from engine.recipe import OutputSlice, Recipe
 from engine.recipe_checks import _check_settings, evaluate_setting
@@ -201,7 +201,7 @@ def _layers_of(layout: Layout) -> tuple[dict[int, dict[str, str]], Optional[str]
 def _layer_count_key(config: dict) -> tuple[str, ...]:
     """Where a config states the language model's layer count: text_config's for an MLLM, else the top level
     (`num_hidden_layers`, GPT-2's `n_layer`)."""
-    for key in ("num_hidden_layers", "n_layer"):
+    for key in LAYER_COUNT_KEYS:
         if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
             return ("text_config", key)
         if key in config:

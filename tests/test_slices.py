@@ -190,3 +190,29 @@ def test_bad_slices_are_clear_errors(four_layer, tmp_path):
     msg = _plan_error({"merge_method": "linear",
                        "slices": [{"sources": [_src(b, 0, 2, wieght=1.0), _src(e1, 0, 2)]}]}, tmp_path)
     assert "slices[0].sources[0].parameters.wieght" in msg and "unknown parameter" in msg
+
+
+def test_mllm_slices_address_the_language_model(tmp_path):
+    """On a LLaVA the slices stack language-model layers; the vision tower and projector are the reference
+    model's (the first slice's first source), text_config's layer count follows, and transformers loads it."""
+    from transformers import AutoModelForImageTextToText
+
+    from engine.tiny_models import build_mllm
+
+    a = build_mllm(tmp_path / "a", "llava", seed=1, num_layers=2)
+    b = build_mllm(tmp_path / "b", "llava", base=a, perturb_seed=4)
+    recipe = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [_src(a, 0, 2)]}, {"sources": [_src(b, 1, 2)]}]}
+    mine = ours(recipe, tmp_path)
+    ta, tb = load_dir(a), load_dir(b)
+    vision = [n for n in ta if "vision_tower" in n or "multi_modal_projector" in n]
+    assert vision and all(torch.equal(mine[n], ta[n]) for n in vision)
+    lm = "model.language_model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(mine[lm.format(2)], tb[lm.format(1)]) and torch.equal(mine[lm.format(1)], ta[lm.format(1)])
+    assert lm.format(3) not in mine
+    cfg = json.loads((tmp_path / "sm" / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 3
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "sm"))
+    assert len(model.model.language_model.layers) == 3
+    out = model.generate(input_ids=torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
