@@ -94,8 +94,10 @@ def check_recipe(recipe: Recipe, source: str) -> None:
 def _check_model_count(recipe: Recipe, spec: MethodSpec, where: str) -> None:
     n = len(input_models(recipe, spec))
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-        want = f"{spec.min_models}" + (f"..{spec.max_models}" if spec.max_models != spec.min_models else "")
-        raise ValueError(f"{where}: merge_method {spec.name!r} takes {want} input model(s), got {n}")
+        want = (f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models}"
+                + (f"..{spec.max_models}" if spec.max_models != spec.min_models else ""))
+        besides = " (not counting the base model)" if recipe.base_model and not spec.base_is_input else ""
+        raise ValueError(f"{where}: merge_method {spec.name!r} takes {want} input model(s), got {n}{besides}")
 
 
 # --------------------------------------------------------------------------------------------- modules:

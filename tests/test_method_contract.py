@@ -141,3 +141,21 @@ def test_model_card_names_the_method_from_its_spec():
     text = card_section("pivotmerge")
     assert "`pivot`" in text and methods.get("pivot").reference in text
     assert "mergekit `ties`" in card_section("ties")
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "b"}, {"model": "x"}]},
+     r"r\.yaml: models: merge_method 'model_stock' takes at least 2 input model\(s\), got 1 \(not counting the base model\)"),
+    ({"merge_method": "nearswap", "base_model": "b", "parameters": {"t": 0.1},
+      "models": [{"model": "x"}, {"model": "y"}]}, r"'nearswap' takes 1 input model\(s\), got 2 \(not counting the base model\)"),
+    ({"merge_method": "passthrough", "models": [{"model": "x"}, {"model": "y"}]}, r"'passthrough' takes 1 input"),
+    ({"merge_method": "arcee_fusion", "models": [{"model": "x"}]}, r"base_model: merge_method 'arcee_fusion' needs"),
+    ({"merge_method": "nuslerp", "models": [{"model": "x", "parameters": {"weight": 1}}]},
+     r"'nuslerp' takes 2 input model\(s\), got 1"),
+    ({"merge_method": "nearswap", "base_model": "b", "models": [{"model": "x"}]}, r"parameters\.t: required"),
+    ({"merge_method": "karcher", "models": [{"model": "x"}], "parameters": {"max_iter": 2.5}},
+     r"parameters\.max_iter: expected an integer"),
+])
+def test_input_contracts_and_required_parameters_of_the_mergekit_methods(recipe, match):
+    with pytest.raises(ValueError, match=match):
+        parse_recipe(recipe, source="r.yaml")

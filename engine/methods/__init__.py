@@ -19,7 +19,7 @@ _ALIASES: dict[str, str] = {}  # alias -> canonical name
 _REGISTERED_BY: dict[str, set[str]] = {}  # module name -> the names it registered
 
 # Modules of this package that hold shared code, not methods.
-HELPER_MODULES = frozenset({"base", "common", "select", "rsvd", "catalog"})
+HELPER_MODULES = frozenset({"base", "common", "select", "rsvd", "catalog", "gram"})
 _loaded = False
 
 

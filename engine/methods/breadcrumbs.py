@@ -16,7 +16,6 @@ from engine.methods.base import ChunkReader, MethodSpec, Param, TensorInfo
 from engine.methods.common import (DENSITY, WEIGHT, SparsifyStats, check_fraction, gta_params, per_model,
                                    prepare_magnitude, windowed_merge)
 
-BREADCRUMBS_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
 GAMMA = Param("gamma", default=0.01, per_model=True, lo=0, hi=1, hi_open=True,
               doc="fraction of the largest |tau| entries dropped as outliers")
 
@@ -32,7 +31,7 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
 
 
 for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
-    register(
+    _spec = register(
         MethodSpec(
             name=_name,
             merge=windowed_merge(_name, consensus=_consensus),
@@ -47,3 +46,4 @@ for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
             "and keep the next density fraction of |tau| per expert; matches mergekit.",
         )
     )
+BREADCRUMBS_GLOBALS = dict(_spec.global_params)  # name -> default, for code written against the dict form

@@ -37,12 +37,13 @@ DENSITY = Param("density", default=1.0, per_model=True, lo=0, lo_open=True, hi=1
 
 
 def gta_params(normalize: bool, rescale: bool = False) -> tuple[Param, ...]:
-    """mergekit's generalized task arithmetic globals (normalize default differs per method)."""
+    """mergekit's generalized task arithmetic globals (normalize default differs per method), in the order the
+    plan hash has always seen them."""
     return (
+        Param("int8_mask", "bool", False, doc="accepted for mergekit recipes; no numeric effect"),
         Param("normalize", "bool", normalize, doc="divide by the sum of the (agreeing) weights"),
         Param("rescale", "bool", rescale, doc="rescale kept entries to the task vector's L1 norm"),
         Param("lambda", "float", 1.0, doc="scale of the merged task vector"),
-        Param("int8_mask", "bool", False, doc="accepted for mergekit recipes; no numeric effect"),
     )
 
 

@@ -38,14 +38,6 @@ from engine.methods.common import (
 from kernels.philox import dare_keep_mask, stream_key
 
 RESCALE_RULES = ("inverse_density", "l1")
-DARE_GLOBALS = {
-    "int8_mask": False,
-    "normalize": False,
-    "rescale": True,
-    "lambda": 1.0,
-    "random_seed": 0,
-    "rescale_rule": "inverse_density",
-}
 
 
 @dataclass(frozen=True)
@@ -131,7 +123,7 @@ def _merge(consensus: bool):
 
 
 for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):
-    register(
+    _spec = register(
         MethodSpec(
             name=_name,
             merge=_merge(_consensus),
@@ -149,3 +141,4 @@ for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):
             f"{'TIES sign consensus' if _consensus else 'weighted sum'}; mergekit parameters.",
         )
     )
+DARE_GLOBALS = dict(_spec.global_params)  # name -> default, for code written against the dict form

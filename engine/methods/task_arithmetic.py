@@ -26,9 +26,6 @@ from engine.methods.common import (
     per_model,
 )
 
-GTA_GLOBALS = {"int8_mask": False, "normalize": False, "rescale": False, "lambda": 1.0}
-
-
 def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
           info: TensorInfo, **params) -> torch.Tensor:
     """base + lambda * (normalized) weighted sum of the task vectors of this chunk (CUDA: one fused kernel call)."""
@@ -53,3 +50,4 @@ SPEC = register(
         doc="theta_0 + lambda * sum_k w_k (theta_k - theta_0); matches mergekit task_arithmetic.",
     )
 )
+GTA_GLOBALS = dict(SPEC.global_params)  # name -> default, for code written against the dict form

@@ -15,9 +15,6 @@ from engine.methods.base import ChunkReader, MethodSpec, TensorInfo
 from engine.methods.common import (DENSITY, WEIGHT, SparsifyStats, check_fraction, gta_params, per_model,
                                    prepare_magnitude, windowed_merge)
 
-TIES_GLOBALS = {"int8_mask": False, "normalize": True, "rescale": False, "lambda": 1.0}
-
-
 def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
     """Per-expert exact magnitude thresholds (and L1 rescale factors when `rescale`) over the whole tensor."""
     n = len(params["weight"])
@@ -44,3 +41,4 @@ SPEC = register(
         doc="TIES: top-density |tau| per expert, sign election by weighted sum, disjoint mean; matches mergekit.",
     )
 )
+TIES_GLOBALS = dict(SPEC.global_params)  # name -> default, for code written against the dict form
