@@ -206,19 +206,31 @@ def resolve_model_dir(ref: str) -> Path:
         return path.resolve()
     if path.exists():
         raise ValueError(f"model {ref!r}: {path} is a file; expected a model directory or a hub id")
+    if "+" in ref:
+        raise ValueError(f"model {ref!r}: a base+adapter (LoRA) reference is read as a merge input of models: / "
+                         "base_model; here a model directory or hub id is needed")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ValueError(f"model {ref!r}: directory {path} does not exist")
+    repo, _, revision = ref.partition("@")  # mergekit's org/model@revision (a branch, tag or commit)
+    if "@" in revision or (_ and not (repo and revision)):
+        raise ValueError(f"model {ref!r}: expected org/model or org/model@revision")
+    return _from_hub_cache(ref, repo, revision or None)
+
+
+def _from_hub_cache(ref: str, repo: str, revision: Optional[str]) -> Path:
+    """A hub model's snapshot from the local cache; a pinned revision is only ever looked up locally."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = revision is not None or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     cache = os.environ.get("HF_HUB_CACHE") or (
         os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
     )  # read at call time: huggingface_hub only reads these at import
     try:
         return Path(
             snapshot_download(
-                ref,
+                repo,
+                revision=revision,
                 cache_dir=cache,
                 local_files_only=offline,
                 allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
@@ -227,7 +239,9 @@ def resolve_model_dir(ref: str) -> Path:
     except LocalEntryNotFoundError:
         raise ValueError(
             f"model {ref!r}: not a local directory and not in the local Hugging Face cache"
-            + (" (HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else "")
+            + (f" at revision {revision!r} (a pinned revision is resolved from the cache only; fetch it with "
+               f"`huggingface-cli download {repo} --revision {revision}`)" if revision else
+               " (HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else "")
         ) from None
     except Exception as exc:  # network errors, unknown repo, gated repo
         raise ValueError(f"model {ref!r}: could not resolve hub id ({type(exc).__name__}: {exc})") from None
@@ -290,6 +304,9 @@ def read_rows(meta: TensorMeta, row_start: int, row_stop: int) -> torch.Tensor:
     """Rows [row_start, row_stop) of a tensor, read from disk with one positioned read (no mmap, no whole tensor)."""
     if not 0 <= row_start <= row_stop <= meta.rows:
         raise ValueError(f"{meta.file}: tensor {meta.name!r}: rows [{row_start}, {row_stop}) out of 0..{meta.rows}")
+    computed = getattr(meta, "read_rows", None)  # rows formed in the read path (engine.gather)
+    if computed is not None:
+        return computed(row_start, row_stop)
     if meta.file.endswith(".bin"):
         from engine.legacy_bin import read_bin_rows
 
@@ -336,5 +353,7 @@ def close_cached_files() -> None:
 def files_identity(ckpts) -> bytes:
     """`path:size:mtime_ns` of every file the checkpoints' tensors live in, sorted: what a plan hash (and a cached
     calibration's fingerprint) takes as the inputs' identity without reading their data."""
-    stats = {f: os.stat(f) for f in sorted({m.file for c in ckpts for m in c.tensors.values()})}
+    files = {m.file for c in ckpts for m in c.tensors.values()}
+    files |= {f for c in ckpts for f in getattr(c, "extra_files", ())}  # e.g. a LoRA adapter's config
+    stats = {f: os.stat(f) for f in sorted(files)}
     return "".join(f"{f}:{st.st_size}:{st.st_mtime_ns}\n" for f, st in stats.items()).encode()

@@ -2,9 +2,14 @@
 
 METHODS.md "PivotMerge", step 4, data-driven option (OUR RECONSTRUCTION, docs/pivotmerge.md): for projector layer
 l and expert k, a_{k,l} = mean over calibration pairs of [score(pivot projector with expert k's layer l) -
-score(pivot projector)], where score = cosine between the mean-pooled projected image features and the mean-pooled
-LLM token embeddings of the caption. Those gains become the per-model `gain` of every tensor of layer l, and the
-merge takes lambda_{k,l} = softmax_k(a_{k,l} / T).
+score(pivot projector)]. The default score is contrastive: per image, the cosine between its mean-pooled projected
+features and its own caption's mean-pooled LLM token embeddings minus the mean cosine with the other sampled
+pairs' captions (matched vs mismatched), so the offset between the two distributions cancels; `score: cosine` keeps
+the matched cosine alone. Pairs are a seeded sample of the file's rows. Those gains become the per-model `gain` of
+every tensor of layer l, and the merge takes lambda_{k,l} = softmax_k(z_{k,l} / T) of the standardised gains.
+Qwen3-VL's deepstack mergers feed the language model's hidden states after its decoder layers, not its input:
+under the contrastive score they are excluded (gain 0, a note), since the input embeddings are not where their
+output is used.
 
 What runs, and what is never loaded: the vision tower, the projector and the token embeddings of the backbone source
 (identical across the experts: engine.pivot_plan checks it), through transformers' own loader so every on-disk
@@ -13,7 +18,7 @@ calibration therefore holds its vision tower + projector + embeddings, not the m
 once; forward hooks capture the input of every projector root module (LLaVA's `multi_modal_projector`, Qwen-VL's
 `visual.merger` and Qwen3-VL's `visual.deepstack_merger_list.<i>`), and the root is re-run for the pivot and for
 every (expert, layer) swap with `torch.func.functional_call` -- 1 + K * G cheap projector passes, one image at a
-time, so memory does not grow with the number of pairs.
+time; the pooled features (one d-vector per pair and swap) are kept for the contrastive score.
 
 A "layer" is a projector submodule holding parameters (`merger.mlp.0`, `linear_2`, `merger.ln_q`, ...): the tensors
 swapped together. A layer's features are the output of its root module. A layer outside every root (LLaVA-NeXT's
@@ -119,8 +124,18 @@ def _image_bytes(value, path: str, row: int) -> bytes:
     return bytes(value)
 
 
+def _sampled_rows(total: int, settings: CalibrationRecipe) -> Optional[set]:
+    """The rows a calibration uses: all when the file has at most max_pairs, else a seeded sample of max_pairs
+    (never the first rows, which are often one source or one class)."""
+    import random
+
+    if total <= settings.max_pairs:
+        return None
+    return set(random.Random(settings.seed).sample(range(total), settings.max_pairs))
+
+
 def read_pairs(settings: CalibrationRecipe) -> list[tuple[int, bytes, str]]:
-    """(row, image bytes, caption) of the first max_pairs rows; ValueError naming the file and row otherwise."""
+    """(row, image bytes, caption) of the sampled rows, in file order; ValueError naming the file and row."""
     import pyarrow.parquet as pq
 
     path = settings.path
@@ -133,15 +148,17 @@ def read_pairs(settings: CalibrationRecipe) -> list[tuple[int, bytes, str]]:
     names = pf.schema_arrow.names
     icol = _pick(names, settings.image_column, IMAGE_COLUMNS, "image", path)
     ccol = _pick(names, settings.caption_column, CAPTION_COLUMNS, "caption", path)
+    rows = _sampled_rows(pf.metadata.num_rows, settings)
     pairs: list[tuple[int, bytes, str]] = []
+    row = -1
     for batch in pf.iter_batches(batch_size=64, columns=[icol, ccol]):
         for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            row = len(pairs)
+            row += 1
+            if rows is not None and row not in rows:
+                continue
             if not isinstance(caption, str) or not caption.strip():
                 raise ValueError(f"{path}: row {row}: caption {caption!r} is empty or not text")
             pairs.append((row, _image_bytes(image, path, row), caption))
-            if len(pairs) >= settings.max_pairs:
-                return pairs
     if not pairs:
         raise ValueError(f"{path}: no image-caption pairs")
     return pairs
@@ -303,14 +320,13 @@ def _load_pivot(model: torch.nn.Module, roots: dict, lay: _Layers, pivot: dict[s
                 params[full].copy_(pivot[n].reshape(params[full].shape))
 
 
-def _score_pair(model, roots, lay: _Layers, experts_w, pixels, caption: torch.Tensor, cap: _Capture):
-    """(pivot score per root, swapped score per (layer, expert)) for one image-caption pair."""
+def _features(model, roots, lay: _Layers, experts_w, pixels, cap: _Capture):
+    """(pooled pivot features per root, pooled features per (layer, expert) swap) for one image."""
     from torch.func import functional_call
 
     cap.calls.clear()
     model.model.get_image_features(**pixels)
-    cos = lambda f: float(torch.nn.functional.cosine_similarity(f, caption, dim=0))  # noqa: E731
-    pivot_scores = {r: cos(cap.calls[r][2]) for r in roots if r in cap.calls}
+    pivot = {r: cap.calls[r][2] for r in roots if r in cap.calls}
     swapped = {}
     for layer, names in lay.tensors.items():
         root = lay.root[layer]
@@ -320,8 +336,22 @@ def _score_pair(model, roots, lay: _Layers, experts_w, pixels, caption: torch.Te
         dtype = next(roots[root].parameters()).dtype
         for k in range(len(next(iter(experts_w.values())))):
             swap = {lay.local[n]: experts_w[n][k].to(args[0].device, dtype) for n in names}
-            swapped[(layer, k)] = cos(_pool(functional_call(roots[root], swap, args, kwargs)))
-    return pivot_scores, swapped
+            swapped[(layer, k)] = _pool(functional_call(roots[root], swap, args, kwargs))
+    return pivot, swapped
+
+
+def _is_deepstack(root: Optional[str]) -> bool:
+    return root is not None and "deepstack_merger_list." in root
+
+
+def pair_scores(features: torch.Tensor, captions: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-pair score (N,) of pooled features (N, d) against pooled captions (N, d): `contrastive` (matched minus
+    mean mismatched cosine, engine.methods.pivot.contrastive_scores) or `cosine` (the matched cosine alone)."""
+    from engine.methods.pivot import contrastive_scores
+
+    if score == "contrastive":
+        return contrastive_scores(features, captions)
+    return torch.nn.functional.cosine_similarity(features, captions, dim=-1).double()
 
 
 def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Checkpoint], experts: Sequence[str],
@@ -332,6 +362,9 @@ def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Chec
     from engine.probe.prompting import load_image_processor
 
     pairs = read_pairs(settings)
+    if settings.score == "contrastive" and len(pairs) < 2:
+        raise ValueError(f"{settings.path}: the contrastive score compares each image with the other pairs' captions "
+                         f"and needs at least 2 pairs, got {len(pairs)}")
     device = resolve_device(settings.device)
     model = load_parts(model_dir, device)
     roots = projector_roots(model)
@@ -341,9 +374,7 @@ def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Chec
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     ip, embed = load_image_processor(model_dir), model.get_input_embeddings()
     dtype = next(embed.parameters()).dtype
-    K = len(experts)
-    pivot_sum: dict[str, float] = {}
-    gain_sum = {(layer, k): 0.0 for layer in lay.tensors for k in range(K)}
+    captions, pivot_f, swapped_f = [], {}, {}
     cap = _Capture(roots)
     bar = _progress(len(pairs), progress)
     try:
@@ -352,18 +383,18 @@ def calibrate(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Chec
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 if not ids:
                     raise ValueError(f"{settings.path}: row {row}: caption {text!r} tokenizes to nothing")
-                caption = _pool(embed(torch.tensor([ids], device=device)))
+                captions.append(_pool(embed(torch.tensor([ids], device=device))).cpu())
                 pixels = _pixels(ip, _decode(data, settings.path, row), device, dtype)
-                pscores, swapped = _score_pair(model, roots, lay, experts_w, pixels, caption, cap)
-                for r, v in pscores.items():
-                    pivot_sum[r] = pivot_sum.get(r, 0.0) + v
-                for (layer, k), v in swapped.items():
-                    gain_sum[(layer, k)] += v - pscores[lay.root[layer]]
+                pf, sf = _features(model, roots, lay, experts_w, pixels, cap)
+                for key, v in pf.items():
+                    pivot_f.setdefault(key, []).append(v.cpu())
+                for key, v in sf.items():
+                    swapped_f.setdefault(key, []).append(v.cpu())
                 bar.update(1)
     finally:
         cap.close()
         bar.close()
-    return _result(fp, experts, len(pairs), lay, pivot_sum, gain_sum)
+    return _result(fp, experts, settings.score, lay, torch.stack(captions), pivot_f, swapped_f)
 
 
 def run_calibration(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str, Checkpoint],
@@ -397,18 +428,28 @@ def run_calibration(settings: CalibrationRecipe, model_dir: str, ckpts: dict[str
             ray.shutdown()
 
 
-def _result(fp, experts, n, lay: _Layers, pivot_sum, gain_sum) -> Calibration:
+def _result(fp, experts, score: str, lay: _Layers, captions: torch.Tensor, pivot_f: dict, swapped_f: dict):
+    """Gains per layer from the collected pooled features: mean over pairs of score(swap) - score(pivot). A layer
+    off the feature path, or (contrastive score) a Qwen3-VL deepstack merger, gets gain 0 for every expert."""
     layers, notes = {}, []
-    K = len(experts)
+    K, n = len(experts), captions.shape[0]
+    pivot_scores = {r: pair_scores(torch.stack(v), captions, score) for r, v in pivot_f.items()}
     for layer, names in lay.tensors.items():
         root = lay.root[layer]
-        if root is None or root not in pivot_sum:
+        if root is None or root not in pivot_scores:
             notes.append(f"projector layer {layer!r} is not on the path of the projected image features; its gain is "
                          "0 for every expert (uniform weights)")
             gains, pscore, escores = [0.0] * K, None, [None] * K
+        elif score == "contrastive" and _is_deepstack(root):
+            notes.append(f"projector layer {layer!r} (a deepstack merger) is excluded from the contrastive score: "
+                         "its output is added to the language model's hidden states after its decoder layers, not "
+                         "compared with caption embeddings at the input; gain 0 for every expert (uniform weights)")
+            gains, pscore, escores = [0.0] * K, None, [None] * K
         else:
-            gains = [gain_sum[(layer, k)] / n for k in range(K)]
-            pscore = pivot_sum[root] / n
+            base = pivot_scores[root]
+            gains = [float((pair_scores(torch.stack(swapped_f[(layer, k)]), captions, score) - base).mean())
+                     for k in range(K)]
+            pscore = float(base.mean())
             escores = [pscore + g for g in gains]
         if not all(math.isfinite(g) for g in gains):
             raise ValueError(f"calibration: projector layer {layer!r}: non-finite alignment gains {gains}")

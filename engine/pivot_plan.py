@@ -38,6 +38,7 @@ log = logging.getLogger("shardmerge.pivot")
 
 PIVOT_METHODS = ("pivot", "pivotmerge")  # the recipe form's name and its alias from before the rename
 COMPARE_BYTES = 16 << 20  # rows compared per read in the backbone check (per model)
+MIN_INIT_COSINE = 0.2  # experts' projector weights less similar than this (cosine) do not share an initialisation
 
 
 @dataclass
@@ -154,6 +155,50 @@ def check_identical_backbones(ckpts: dict[str, Checkpoint], refs: list[str], nam
                 )
 
 
+def projector_cosines(ckpts: dict[str, Checkpoint], refs: list[str], name: str) -> torch.Tensor:
+    """(K, K) cosine similarities of the experts' flattened tensor `name`, accumulated in float64 over row chunks
+    of about COMPARE_BYTES per model (never a whole tensor per model)."""
+    metas = [ckpts[r].tensors[name] for r in refs]
+    step = max(1, COMPARE_BYTES // max(1, metas[0].row_numel * metas[0].itemsize))
+    gram = torch.zeros(len(refs), len(refs), dtype=torch.float64)
+    for start in range(0, metas[0].rows, step):
+        stop = min(metas[0].rows, start + step)
+        rows = torch.stack([read_rows(m, start, stop).reshape(-1).double() for m in metas])
+        gram += rows @ rows.T
+    norms = gram.diagonal().sqrt().clamp_min(1e-300)
+    return gram / norms[:, None] / norms[None, :]
+
+
+def check_shared_init(ckpts: dict[str, Checkpoint], experts: list[str], names: list[str], source: str) -> None:
+    """Weight-space merging of projectors needs a shared initialisation (independently initialised MLPs are
+    permuted versions of each other and averaging them is meaningless without re-basin alignment). Without an
+    `init_model` the evidence is the experts' own weights: fine-tuned from one init, their 2-D projector weights
+    stay close (cosine near 1); independently initialised they are near-orthogonal (cosine ~ 1/sqrt(numel)).
+    ValueError with the lowest cosine, the tensor and the two experts when it is below MIN_INIT_COSINE."""
+    for name in names:
+        cos = projector_cosines(ckpts, experts, name)
+        low = int(cos.argmin())
+        i, j = divmod(low, len(experts))
+        if float(cos[i, j]) < MIN_INIT_COSINE:
+            raise ValueError(
+                f"{source}: projector tensor {name!r}: experts {experts[i]} and {experts[j]} have weight cosine "
+                f"{float(cos[i, j]):.3f} (< {MIN_INIT_COSINE}); their projectors do not look trained from one "
+                "initialisation, and merging independently initialised projectors in weight space is meaningless "
+                "without re-basin alignment. Fix: `pivot: init` with `init_model:` the shared initialisation, or "
+                "set `allow_unaligned: true` to merge anyway")
+
+
+def _bias_inputs(ckpts, experts: list[str], pivot_ref: Optional[str], name: str, projector: set) -> tuple:
+    """A projector bias follows its layer weight's lambda: the weight's K expert inputs (+ its pivot for `init` /
+    `model:<name>`) trail the K bias inputs (engine.methods.pivot.split_layer_weight); () for any other tensor."""
+    ref = ckpts[experts[0]].tensors
+    weight = name[: -len("bias")] + "weight" if name.endswith(".bias") else None
+    if weight not in projector or len(ref[weight].shape) != 2 or tuple(ref[name].shape) != (ref[weight].shape[0],):
+        return ()
+    return tuple(ckpts[r].tensors[weight] for r in experts) + ((ckpts[pivot_ref].tensors[weight],) if pivot_ref
+                                                               else ())
+
+
 def _params(recipe: Recipe, spec, name: str, t: float, source: str,
             calibration: Optional[Calibration] = None) -> dict:
     """The pivot op's parameters for one projector tensor, validated now (before any tensor data is read); with a
@@ -222,6 +267,15 @@ def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None,
                      f"the experts; they are copied from {reference}")
     else:
         check_identical_backbones(ckpts, [reference] + [r for r in refs if r != reference], shared, source)
+    two_d = [n for n in projector if len(ckpts[reference].tensors[n].shape) == 2]
+    if mode != "init" and recipe.allow_unaligned:
+        notes.append("allow_unaligned: the experts' projectors were not checked for a shared initialisation")
+    elif mode != "init":
+        check_shared_init(ckpts, experts, two_d, source)
+    if mode == "mean" and len(experts) == 2:
+        notes.append("2 experts with pivot: mean: Delta_2 = -Delta_1, every shared coordinate ties and the residuals "
+                     "cancel, so the merge is the plain mean of the two; use pivot: init (init_model:) or "
+                     "model:<name> for a different result")
     calib = _calibration(recipe, ckpts, experts, (mode, pivot_ref), projector, reference, source, state, address)
     if calib is not None:
         notes.extend(calib.notes)
@@ -238,7 +292,10 @@ def pivot_items(recipe: Recipe, source: str, *, state: Optional[Path] = None,
         role = layout.role(n)
         t = role.layer / (n_proj - 1) if role.layer is not None and n_proj > 1 else 0.0
         params = _params(recipe, spec, n, t, source, calib)
-        items.append(dict(common, op=spec.name, inputs=tuple(ckpts[r].tensors[n] for r in experts),
+        trailing = _bias_inputs(ckpts, experts, pivot_ref, n, proj)
+        if trailing:
+            params["weight_inputs"] = len(trailing)
+        items.append(dict(common, op=spec.name, inputs=tuple(ckpts[r].tensors[n] for r in experts) + trailing,
                           base=ckpts[pivot_ref].tensors[n] if pivot_ref else None,
                           params=tuple(sorted(params.items()))))
     for note in notes:

@@ -25,6 +25,8 @@ from engine import methods
 from engine.checkpoint import (DTYPES, FLOAT_CODES, Checkpoint, TensorMeta, check_confined, files_identity,
                                open_checkpoint)
 from engine.layout import Layout, TensorRole, classify
+from engine.gather import gather_identity
+from engine.lora import open_model
 from engine.recipe import ModuleRecipe, Recipe
 from engine.recipe_checks import (PASSTHROUGH, input_models, module_key, module_settings, passthrough_source,
                                   resolve_params)
@@ -99,6 +101,9 @@ class Plan:
     # (file name, text) written into the output dir beside the reports and into the state dir at the start of a
     # run, so --resume can reuse them (e.g. PivotMerge's calibration gains, engine.pivot_calibration)
     artifacts: tuple[tuple[str, str], ...] = field(default=())
+    # (dotted config.json key, value) set in the output's config.json: the vocabulary size of a built tokenizer,
+    # a slices merge's layer count and layer types (engine.slices)
+    config_updates: tuple[tuple[str, Any], ...] = field(default=())
 
     @property
     def total_bytes(self) -> int:
@@ -195,12 +200,13 @@ class _Planner:
         self.source = source
         self.spec = methods.get(recipe.merge_method)
         refs = list(dict.fromkeys(recipe.model_refs + ([recipe.base_model] if recipe.base_model else [])))
-        self.ckpts: dict[str, Checkpoint] = {r: open_checkpoint(r) for r in refs}
+        self.ckpts: dict[str, Checkpoint] = {r: open_model(r) for r in refs}
         self.reference = recipe.mllm or recipe.base_model or recipe.model_refs[0]
         self.layout = layout_of(self.ckpts[self.reference])
         self.num_layers = self.layout.num_layers or _regex_layers(self.layout.names)
         self.modules: dict[str, ModuleRecipe] = {module_key(k): m for k, m in recipe.modules.items()}
         self._block_counts = _block_counts(self.layout)
+        self.vocab, self.vocab_names = None, frozenset()  # set by plan_vocabulary (engine.vocab)
 
     def check_architectures(self) -> None:
         ref_cfg = self.ckpts[self.reference].config
@@ -224,11 +230,26 @@ class _Planner:
             base = None
         return tuple(metas), base
 
+    def vocab_inputs(self, inputs: tuple, base: Optional[TensorMeta], spec) -> tuple[tuple, Optional[TensorMeta]]:
+        """A vocabulary tensor's inputs (and base) in the output vocabulary's row order (engine.vocab)."""
+        refs = input_models(self.recipe, spec) + ([self.recipe.base_model] if base is not None else [])
+        g = self._gather(dict(zip(refs, list(inputs) + ([base] if base is not None else []))))
+        return tuple(g[r] for r in refs[:len(inputs)]), (g[refs[-1]] if base is not None else None)
+
+    def _gather(self, metas: dict) -> dict:
+        from engine.vocab import gather_inputs
+
+        tok = self.recipe.tokenizer
+        return gather_inputs(self.vocab, list(metas), metas, self.recipe.base_model, tok.tokens if tok else {},
+                             tok.pad_to_multiple_of if tok else None, self.vocab.vocabs, self.source)
+
     def _same_meta(self, ref: str, name: str, ref_meta: TensorMeta) -> TensorMeta:
         """`name` in model `ref`, which must match the reference model's shape and dtype."""
         m = self.ckpts[ref].tensors.get(name)
         if m is None:
             raise ValueError(f"{self.source}: model {ref} has no tensor {name!r} (present in {self.reference})")
+        if self.vocab is not None and name in self.vocab_names:
+            ref_meta = m  # different vocabulary sizes are aligned by the row gather
         if m.shape != ref_meta.shape:
             raise ValueError(
                 f"{self.source}: tensor {name!r}: shape {list(m.shape)} in model {ref} differs from "
@@ -250,6 +271,23 @@ class _Planner:
                     f"{self.source}: model {r} has tensor(s) {extra[:5]} that {self.reference} lacks; "
                     "the models do not share one architecture"
                 )
+
+    def tokenizer_kind(self) -> Optional[str]:
+        """The recipe's tokenizer source (`tokenizer.source` or `tokenizer_source`), None without either."""
+        return self.recipe.tokenizer.source if self.recipe.tokenizer is not None else self.recipe.tokenizer_source
+
+    def plan_vocabulary(self) -> None:
+        """With a tokenizer setting, the output vocabulary and each input's row order (engine.vocab); without
+        one, the inputs must share a vocabulary size."""
+        from engine.vocab import plan_vocabulary
+
+        kind = self.tokenizer_kind()
+        src = None if kind in (None, "base", "union") else self._tokenizer_ckpt(kind)
+        self.vocab, self.vocab_names = plan_vocabulary(self.recipe, kind, self.ckpts, self.reference, src,
+                                                       group_key, self.source)
+
+    def _tokenizer_ckpt(self, ref: str) -> Checkpoint:
+        return self.ckpts[ref] if ref in self.ckpts else open_model(ref)
 
     def check_modules_used(self) -> None:
         """A `modules:` entry whose module has no tensor in the reference model would be silently ignored."""
@@ -282,11 +320,18 @@ class _Planner:
         if ref_meta.dtype not in FLOAT_CODES:
             return dict(common, dtype=ref_meta.dtype, op=COPY, inputs=(ref_meta,), base=None, params=())
         if module is not None and module.merge_method == PASSTHROUGH:
-            src = self._same_meta(passthrough_source(self.recipe, module), name, ref_meta)
+            src_ref = passthrough_source(self.recipe, module)
+            src = self._same_meta(src_ref, name, ref_meta)
+            if self.vocab is not None and name in self.vocab_names:  # copied in the output's vocabulary order
+                src = self._gather({src_ref: src})[src_ref]
+                common["shape"] = src.shape
             return dict(common, dtype=out_dtype, op=COPY, inputs=(src,), base=None, params=())
         spec = methods.get(module.merge_method) if module is not None else self.spec
         settings = module_settings(self.recipe, module) if module is not None else None
         inputs, base = self.inputs_for(name, spec)
+        if self.vocab is not None and name in self.vocab_names:
+            inputs, base = self.vocab_inputs(inputs, base, spec)
+            common["shape"] = inputs[0].shape
         params = resolve_params(self.recipe, spec, name, self._t(role, layer), settings)
         return dict(common, dtype=out_dtype, op=spec.name, inputs=inputs, base=base,
                     params=tuple(sorted(params.items())))
@@ -371,6 +416,10 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         from engine.plam_plan import plam_items
 
         planner, items, num_layers = plam_items(recipe, source)
+    elif recipe.slices:
+        from engine.slices import slice_items
+
+        planner, items, num_layers = slice_items(recipe, source)
     elif recipe.merge_method in ("pivot", "pivotmerge"):
         from engine.pivot_plan import pivot_items
 
@@ -380,6 +429,7 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         planner.check_architectures()
         planner.check_tensor_sets()
         planner.check_modules_used()
+        planner.plan_vocabulary()
         num_layers = planner.num_layers
         names = sorted(planner.ckpts[planner.reference].tensors, key=lambda n: (group_key(n), n))
         items = [planner.tensor(n, num_layers) for n in names]
@@ -409,14 +459,33 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     work = tuple(
         WorkUnit(i, _joined_label(g), tuple(outs[it["name"]] for it in g)) for i, g in enumerate(units)
     )
-    tok = recipe.tokenizer_source
-    tok_dir = str(planner.ckpts[planner.reference].root) if tok in (None, "base") else str(open_checkpoint(tok).root)
+    tok_dir = _tokenizer_dir(recipe, planner)
     check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
     check_confined(Path(tok_dir), COPIED_FILES)
+    from engine.vocab import tokenizer_outputs
+
+    artifacts, updates = tokenizer_outputs(recipe, planner, getattr(planner, "source", "<recipe>"))
     phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
+    if artifacts or updates:  # what the inputs' file identities do not cover: the built tokenizer's files
+        phash = hashlib.sha256(f"{phash}\n{repr((artifacts, updates))}\n{gather_identity(work)}".encode()).hexdigest()
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
-                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())))
+                tuple(getattr(planner, "notes", ())), tuple(getattr(planner, "artifacts", ())) + artifacts,
+                updates + tuple(getattr(planner, "config_updates", ())))
+
+
+def _tokenizer_dir(recipe: Recipe, planner) -> str:
+    """The model dir whose tokenizer/processor files the output gets (a built tokenizer's files replace them)."""
+    if not isinstance(planner, _Planner):
+        if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
+            raise ValueError(f"{getattr(planner, 'source', '<recipe>')}: tokenizer: merge_method "
+                             f"{recipe.merge_method!r} keeps its reference model's vocabulary; tokenizer_source: "
+                             "union and the tokenizer: section apply to the other methods (use base or a model)")
+        tok = recipe.tokenizer_source
+        return str(planner.ckpts[planner.reference].root if tok in (None, "base") else open_checkpoint(tok).root)
+    tok = planner.tokenizer_kind()
+    return str(planner.ckpts[planner.reference].root if tok in (None, "base", "union")
+               else planner._tokenizer_ckpt(tok).root)
 
 
 def _batchable(it: dict) -> bool:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from engine.checkpoint import NAME_TO_CODE
 
@@ -48,6 +49,25 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One input of an output slice: layers [first, stop) of `model` (mergekit's `layer_range`, end exclusive)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class OutputSlice(BaseModel):
+    """A run of output decoder layers: its sources (equal layer counts) merge layer by layer with the recipe's
+    method; `base_model` and `parameters` override the recipe's for this slice (engine.slices)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
 class ModuleRecipe(BaseModel):
     """Per-module override for MLLMs: `modules: {vision_tower: {merge_method: passthrough}, ...}`."""
 
@@ -63,7 +83,11 @@ class CalibrationRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str
-    max_pairs: int = Field(default=256, gt=0)  # the first max_pairs rows, in file order
+    max_pairs: int = Field(default=256, gt=0)  # rows sampled (seeded, kept in file order); all when fewer
+    seed: int = 0  # which rows are sampled when the file has more than max_pairs
+    # contrastive: matched-caption cosine minus the mean mismatched-caption cosine per image; cosine: the matched
+    # cosine alone (dominated by the offset between image features and caption embeddings)
+    score: Literal["contrastive", "cosine"] = "contrastive"
     image_column: str = ""  # "" = the first of image / image_bytes / img
     caption_column: str = ""  # "" = the first of caption / text / captions / sentence
     device: str = "auto"  # auto = cuda when available (where it runs), else cpu
@@ -72,16 +96,53 @@ class CalibrationRecipe(BaseModel):
     where: Literal["auto", "driver", "ray"] = "auto"
 
 
+class TokenSource(BaseModel):
+    """A `tokenizer.tokens.<token>.source` mapping: `{kind: zero}` or `{kind: model_token, model, token | token_id}`
+    (that model's row of another token)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero", "model_token"]
+    model: Optional[str] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if self.kind == "model_token" and (self.model is None or (self.token is None) == (self.token_id is None)):
+            raise ValueError("kind: model_token needs `model` and exactly one of `token` / `token_id`")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """Where one token's embedding row comes from: a model name (its row of the token) or a TokenSource;
+    `force: true` uses it for every model, even those that have the token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: Union[TokenSource, str, None] = None
+    force: bool = False
+
+
+class TokenizerRecipe(BaseModel):
+    """mergekit's `tokenizer:` section (engine.vocab)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = "union"  # union | base | a model
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = Field(default=None, gt=0)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     merge_method: str
     base_model: Optional[str] = None
     models: list[Union[ModelEntry, str]] = Field(default_factory=list)  # a bare string = {model: <string>}
+    slices: list[OutputSlice] = Field(default_factory=list)  # mergekit's `slices:` (instead of `models:`)
     parameters: dict[str, Setting] = Field(default_factory=dict)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[str] = None  # base | union | a model (engine.vocab)
+    tokenizer: Optional[TokenizerRecipe] = None
     chat_template: Optional[str] = None
     modules: dict[str, ModuleRecipe] = Field(default_factory=dict)
     # PlaM form: `mllm` + `base_llm` instead of `models`
@@ -91,6 +152,7 @@ class Recipe(BaseModel):
     init_model: Optional[str] = None
     calibration: Optional[CalibrationRecipe] = None  # a bare string = {path: <string>}
     allow_different_backbones: bool = False
+    allow_unaligned: bool = False  # pivot: skip the shared-initialisation check of the experts' projectors
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -114,6 +176,10 @@ class Recipe(BaseModel):
         """Input models in order (PlaM: mllm then base_llm)."""
         if self.merge_method == "plam":
             return [r for r in (self.mllm, self.base_llm) if r]
+        if self.slices:  # every model a slice names, in order of first mention
+            refs = [src.model for sl in self.slices for src in sl.sources]
+            refs += [sl.base_model for sl in self.slices if sl.base_model]
+            return list(dict.fromkeys(refs))
         return [m.model for m in self.models]
 
     @property
@@ -128,7 +194,8 @@ class Recipe(BaseModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
-_UNION_LABELS = {"bool", "int", "float", "str", "list[...]", "ModelEntry", "PairWeights", "CalibrationRecipe"}
+_UNION_LABELS = {"bool", "int", "float", "str", "list[...]", "ModelEntry", "PairWeights", "CalibrationRecipe",
+                 "TokenSource", "OutputSlice", "SliceSource"}
 
 
 def _yaml_path(loc: tuple) -> str:
@@ -173,19 +240,40 @@ def _resolve(ref: Optional[str], base_dir: Path) -> Optional[str]:
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     models = [m.model_copy(update={"model": _resolve(m.model, base_dir)}) for m in recipe.models]
     upd = {"models": models}
+    if recipe.slices:
+        upd["slices"] = [sl.model_copy(update={
+            "base_model": _resolve(sl.base_model, base_dir),
+            "sources": [src.model_copy(update={"model": _resolve(src.model, base_dir)}) for src in sl.sources]})
+            for sl in recipe.slices]
     for key in ("base_model", "mllm", "base_llm", "init_model"):
         upd[key] = _resolve(getattr(recipe, key), base_dir)
     if recipe.calibration is not None:
         upd["calibration"] = recipe.calibration.model_copy(
             update={"path": _resolve(recipe.calibration.path, base_dir)})
-    if recipe.tokenizer_source not in (None, "base"):
+    if recipe.tokenizer_source not in (None, "base", "union"):
         upd["tokenizer_source"] = _resolve(recipe.tokenizer_source, base_dir)
+    if recipe.tokenizer is not None:
+        upd["tokenizer"] = _resolve_tokenizer(recipe.tokenizer, base_dir)
+    if recipe.chat_template and "\n" not in recipe.chat_template and "{" not in recipe.chat_template:
+        upd["chat_template"] = _resolve(recipe.chat_template, base_dir)  # a template file next to the recipe
     if isinstance(recipe.parameters.get("plateau"), str):  # PlaM's probe.json, written next to the recipe
         upd["parameters"] = {**recipe.parameters, "plateau": _resolve(recipe.parameters["plateau"], base_dir)}
     if any(m.source for m in recipe.modules.values()):  # passthrough sources name models like `models:` does
         upd["modules"] = {k: m.model_copy(update={"source": _resolve(m.source, base_dir)})
                           for k, m in recipe.modules.items()}
     return recipe.model_copy(update=upd)
+
+
+def _resolve_tokenizer(tok: TokenizerRecipe, base_dir: Path) -> TokenizerRecipe:
+    """Model names in the `tokenizer:` section resolve like `models:` entries."""
+    def src(s):
+        if isinstance(s, str):
+            return _resolve(s, base_dir)
+        return s.model_copy(update={"model": _resolve(s.model, base_dir)}) if s is not None else None
+
+    tokens = {t: e.model_copy(update={"source": src(e.source)}) for t, e in tok.tokens.items()}
+    source = tok.source if tok.source in ("base", "union") else _resolve(tok.source, base_dir)
+    return tok.model_copy(update={"tokens": tokens, "source": source})
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -197,3 +285,37 @@ def load_recipe(path: Path | str) -> Recipe:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({exc})") from None
     return parse_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def with_random_seed(recipe: Recipe, seed: Optional[int], source: str = "<recipe>") -> Recipe:
+    """The recipe with `--random-seed` applied: `random_seed` set for every method of the recipe that draws keyed
+    randomness (those declaring a `random_seed` parameter: DARE, DELLA), at the top level or in the module that uses
+    it, so the plan hash and the model card record it. A recipe that already sets a different `random_seed` there
+    is an error (two seeds for one merge). Methods without randomness ignore it, as mergekit's deterministic
+    methods ignore its --random-seed."""
+    if seed is None:
+        return recipe
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"--random-seed must be an integer, got {seed!r}")
+    from engine import methods
+
+    def seeded(method: str, params: dict, where: str) -> Optional[dict]:
+        if method == "passthrough" or "random_seed" not in methods.get(method).global_params:
+            return None
+        given = params.get("random_seed")
+        if given is not None and given != seed:
+            raise ValueError(f"{source}: {where}.random_seed is {given!r} but --random-seed is {seed}; "
+                             "give the seed in one place")
+        return {**params, "random_seed": seed}
+
+    upd: dict[str, Any] = {}
+    top = seeded(recipe.merge_method, recipe.parameters, "parameters")
+    if top is not None:
+        upd["parameters"] = top
+    modules = {}
+    for name, mod in recipe.modules.items():
+        own = seeded(mod.merge_method, mod.parameters, f"modules.{name}.parameters")
+        modules[name] = mod if own is None else mod.model_copy(update={"parameters": own})
+    if modules:
+        upd["modules"] = modules
+    return recipe.model_copy(update=upd) if upd else recipe

@@ -59,10 +59,22 @@ def _check_settings(spec: MethodSpec, settings: dict, where: str, per_model_only
 
 def check_recipe(recipe: Recipe, source: str) -> None:
     """Method exists, models are given in the form it needs, every parameter is known and well-typed."""
+    if recipe.slices:
+        from engine.slices import check_slices_recipe
+
+        check_slices_recipe(recipe, source)
+        return
     try:
         spec = methods.get(recipe.merge_method)
     except ValueError as exc:
         raise ValueError(f"{source}: merge_method: {exc}") from None
+    if recipe.chat_template:
+        from engine.chat_templates import check_chat_template
+
+        check_chat_template(recipe.chat_template, source)
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        raise ValueError(f"{source}: tokenizer_source: give either tokenizer_source or a tokenizer: section "
+                         "(its `source:` key), not both")
     if recipe.calibration is not None and spec.name != "pivot":
         raise ValueError(f"{source}: calibration: only used by merge_method pivot (contribution: data); remove it")
     if recipe.merge_method == "plam":

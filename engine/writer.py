@@ -31,6 +31,10 @@ COPIED_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
     "processor_config.json", "video_preprocessor_config.json", "generation_config.json", "spiece.model",
 )
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "spiece.model",
+)
 _HASH_BLOCK = 8 << 20  # 8 MiB reads: hashing throughput is flat above ~1 MiB blocks
 REPORTS_DIR = "reports"  # per-unit method reports in the state dir, gathered into <report>_report.json
 log = logging.getLogger("shardmerge.report")
@@ -168,9 +172,16 @@ class Journal:
             os.fsync(f.fileno())
 
 
-def _config_with_dtype(src: Path, out_dtype: Optional[str]) -> bytes:
-    """config.json with the output dtype recorded (transformers 5 reads `dtype`; older keys are replaced)."""
+def _config_with_dtype(src: Path, out_dtype: Optional[str], updates: tuple = ()) -> bytes:
+    """config.json with the output dtype recorded (transformers 5 reads `dtype`; older keys are replaced) and the
+    plan's `config_updates` applied (dotted keys, e.g. `text_config.vocab_size`)."""
     cfg = json.loads(src.read_text())
+    for key, value in updates:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
     if out_dtype:
         name = str(DTYPES[out_dtype][0]).removeprefix("torch.")
         subs = [v for v in cfg.values() if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v)]
@@ -259,16 +270,15 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
     atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     cfg = Path(plan.config_source) / "config.json"
     if cfg.exists():
-        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype))
+        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype, plan.config_updates))
     tok = Path(plan.tokenizer_source)
+    built = {name for name, _ in getattr(plan, "artifacts", ())}
+    # a tokenizer built by the plan (union, added tokens) replaces every tokenizer file of the source: a stale
+    # tokenizer.model or vocab.json beside the new tokenizer.json would describe another vocabulary
+    skip = set(TOKENIZER_FILES) if built & {"tokenizer.json", "tokenizer_config.json"} else set()
     for name in COPIED_FILES:
-        if (tok / name).exists():
+        if name not in skip and name not in built and (tok / name).exists():
             shutil.copyfile(tok / name, out / name)
-    if plan.recipe.chat_template:
-        text = plan.recipe.chat_template
-        if os.path.isfile(text):
-            text = Path(text).read_text()
-        atomic_write(out / "chat_template.jinja", text.encode())
     atomic_write(out / "README.md", model_card(plan).encode())
     write_reports(plan, out)
     for name, text in getattr(plan, "artifacts", ()):

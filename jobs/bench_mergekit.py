@@ -3,6 +3,7 @@ alternating runs, each in a fresh process; prints wall time, shardmerge's fixed 
 peak private memory, and the ratios.
 
     python -m jobs.bench vs-mergekit [--size-gb 1.1] [--models 3] [--methods linear,task_arithmetic,ties,...]
+    (--methods also takes della, della_linear, sce, ram, ramplus_tl)
                                      [--repeats 1] [--workers N] [--threads T] [--chunk-mb 64] [--models-dir DIR]
                                      [--json FILE]
 
@@ -37,7 +38,8 @@ from typing import Optional
 from jobs.bench_common import (dir_bytes, gib, llama_config, print_machine, read_all, run_child, shardmerge_cmd,
                                write_checkpoint)
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")  # the default set
+MORE_METHODS = ("della", "della_linear", "sce", "ram", "ramplus_tl")  # accepted by --methods
 HEAD = "dtype: float32\nout_dtype: bfloat16\n"
 
 
@@ -52,8 +54,14 @@ def recipes(dirs: list[Path], method: str) -> tuple[str, str]:
     if method == "slerp":
         body = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {experts[0]}\nparameters: {{t: 0.4}}\n"
         return HEAD + body, HEAD + body
+    if method in ("sce", "ram", "ramplus_tl"):  # no per-model parameters
+        models = "".join(f"  - model: {d}\n" for d in experts)
+        glob = {"sce": "parameters: {select_topk: 0.5}\n"}.get(method, "")
+        body = f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}{glob}"
+        return HEAD + body, HEAD + body
     w = round(1.0 / len(experts), 4)
-    per = {"task_arithmetic": f"weight: {w}", "ties": f"weight: {w}, density: 0.5",
+    per = {"della": f"weight: {w}, density: 0.5", "della_linear": f"weight: {w}, density: 0.5",
+           "task_arithmetic": f"weight: {w}", "ties": f"weight: {w}, density: 0.5",
            "dare_ties": f"weight: {w}, density: 0.5"}[method]
     models = "".join(f"  - model: {d}\n    parameters: {{{per}}}\n" for d in experts)
     body = f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}"
@@ -153,9 +161,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS) - set(MORE_METHODS))
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + MORE_METHODS)}")
     if shutil.which("mergekit-yaml") is None:
         print("vs-mergekit: mergekit-yaml not found; install the bench extra: pip install 'shardmerge[bench]'",
               file=sys.stderr)

@@ -79,8 +79,8 @@ PIVOT_RECIPE = """\
 # PivotMerge of three tiny LLaVA experts that share the vision tower and LLM and differ in the projector
 merge_method: pivot
 models: [{a}, {b}, {c}]
-calibration: {pairs}        # image-caption pairs: per-layer alignment gains -> lambda
-parameters: {{pivot: mean, energy: 0.9, density: 0.2, temperature: 0.02, contribution: data}}
+calibration: {pairs}        # image-caption pairs: per-layer contrastive alignment gains -> lambda
+parameters: {{pivot: mean, energy: 0.9, density: 0.2, temperature: 1.0, contribution: data}}
 dtype: float32
 """
 

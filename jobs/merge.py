@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--svd-batch-layers", type=int, default=None, metavar="N",
                    help="consecutive decoder layers per work unit for SVD-family recipes, so their same-shape "
                         "matrices share batched SVD calls (default 1 with --device cpu, 4 with cuda)")
+    p.add_argument("--random-seed", type=int, default=None, metavar="N",
+                   help="seed of the keyed randomness of dare_linear/dare_ties/della/della_linear (default: the "
+                        "recipe's random_seed, else 0); recorded in the plan hash and the model card")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
@@ -57,19 +60,21 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
               shard_size: str | int = "5GB", chunk_mb: float = 64, max_memory_per_worker: Optional[str] = None,
               allow_nonfinite: bool = False, progress: bool = True, verify: bool = True,
               fault: Optional[str] = None, threads_per_worker: Optional[int] = None,
-              svd_batch_layers: Optional[int] = None, svd_batch: Optional[bool] = None) -> dict:
+              svd_batch_layers: Optional[int] = None, svd_batch: Optional[bool] = None,
+              random_seed: Optional[int] = None) -> dict:
     """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause.
     `svd_batch_layers` None: engine.plan.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
-    or off (None: on off the CPU; see engine.executor.execute)."""
+    or off (None: on off the CPU; see engine.executor.execute). `random_seed` is --random-seed
+    (engine.recipe.with_random_seed)."""
     from engine.executor import execute
     from engine.plan import SVD_BATCH_LAYERS, build_plan, parse_size
-    from engine.recipe import load_recipe
+    from engine.recipe import load_recipe, with_random_seed
     from engine.verify import verify_dir
     from engine.writer import state_dir
 
     if chunk_mb <= 0:
         raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
-    recipe = load_recipe(recipe_path)
+    recipe = with_random_seed(load_recipe(recipe_path), random_seed, str(recipe_path))
     plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path),
                       state=state_dir(Path(out)) if resume else None, address=address,
                       svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers)
@@ -111,6 +116,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_memory_per_worker=args.max_memory_per_worker, allow_nonfinite=args.allow_nonfinite,
             progress=not args.no_progress, verify=not args.no_verify, fault=os.environ.get("SHARDMERGE_FAULT"),
             threads_per_worker=args.threads_per_worker, svd_batch_layers=args.svd_batch_layers,
+            random_seed=args.random_seed,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"shardmerge merge: error: {exc}", file=sys.stderr)

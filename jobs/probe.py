@@ -4,7 +4,9 @@ shardmerge probe --model M --bench FILE_OR_DIR --out DIR [--workers N] [--metric
                  [--cuts all|0,4,8|0:28:2] [--path fast|exact] [--attention [--attention-sample ID]]
                  [--device auto|cpu|cuda] [--address ADDR] [--dtype auto|float32|bfloat16|float16]
                  [--limit N] [--format auto|ours|hf|tsv] [--rows-per-shard N] [--max-new-tokens N]
-                 [--bootstrap N] [--delta D] [--epsilon E] [--seed S] [--local]
+                 [--bootstrap N] [--delta D] [--epsilon E] [--seed S] [--pooling macro|samples]
+                 [--system-prompt TEXT] [--min-pixels N] [--max-pixels N] [--holdout F [--side probe|eval]]
+                 [--local]
 Writes DIR/probe.parquet, DIR/probe.json, DIR/probe.png (and focus.* with --attention).
 """
 
@@ -63,18 +65,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.1, help="early stage: p(c) <= delta [0.1]")
     p.add_argument("--epsilon", type=float, default=0.05, help="plateau: p(c') >= 1 - epsilon after c* [0.05]")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed [0]")
+    p.add_argument("--pooling", choices=("macro", "samples"), default="macro",
+                   help="pooled curve: macro (each benchmark weighs the same) or samples [macro]")
+    p.add_argument("--system-prompt", default=None, help="a system turn before the question [none]")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="Qwen-VL: lower bound of the resized image's pixels [the model's; lmms-eval: 200704]")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="Qwen-VL: upper bound of the resized image's pixels [the model's; lmms-eval: 1605632]")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="hold out this fraction of question groups (seeded by --seed) [0: probe every row]")
+    p.add_argument("--side", choices=("probe", "eval"), default="probe",
+                   help="with --holdout: probe the probe side or the held-out side [probe]")
     p.add_argument("--local", action="store_true", help="no Ray: one replica in this process")
     return p
+
+
+def _split(args: argparse.Namespace) -> tuple:
+    if not 0 <= args.holdout < 1:
+        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
+    return (args.holdout, args.seed, args.side) if args.holdout > 0 else ()
 
 
 def job_from_args(args: argparse.Namespace) -> ProbeJob:
     score = ScoreSettings(cuts=parse_cuts(args.cuts), path=args.path, max_new_tokens=args.max_new_tokens)
     worker = WorkerSettings(model=args.model, device=args.device, dtype=args.dtype, score=score,
-                            attention=args.attention, attention_sample=args.attention_sample)
+                            attention=args.attention, attention_sample=args.attention_sample,
+                            system_prompt=args.system_prompt, min_pixels=args.min_pixels,
+                            max_pixels=args.max_pixels, split=_split(args))
     return ProbeJob(benches=tuple(args.bench), out=args.out, worker=worker, workers=args.workers,
                     metric=args.metric, fmt=args.format, rows_per_shard=args.rows_per_shard, limit=args.limit,
                     address=args.address, use_ray=not args.local, n_boot=args.bootstrap, delta=args.delta,
-                    epsilon=args.epsilon, seed=args.seed)
+                    epsilon=args.epsilon, seed=args.seed, pooling=args.pooling)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

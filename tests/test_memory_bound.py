@@ -52,3 +52,33 @@ def test_peak_memory_is_bounded_by_chunk_not_tensor(tmp_path):
     assert (tmp_path / "out" / "shardmerge_manifest.json").exists()
     # chunk = 2 MiB per input; a whole-tensor implementation needs >= 3 x 128 MiB
     assert growth < tensor_fp32 // 2, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {tensor_fp32 / 2**20:.0f} MiB tensor"
+
+
+def test_lora_input_peak_memory_is_bounded_by_chunk(tmp_path):
+    """A `base+adapter` input forms W + s * B A per row chunk: peak RSS growth stays far below one adapted
+    tensor's float32 size (merge_and_unload would hold the whole model)."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(ROWS, COLS, generator=gen, dtype=torch.bfloat16)
+    (tmp_path / "base").mkdir()
+    save_file({"big.weight": base, "small.bias": base[0, :16].clone()}, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "b").mkdir()
+    save_file({"big.weight": base + 0.01, "small.bias": base[0, :16] + 1}, str(tmp_path / "b" / "model.safetensors"))
+    del base
+    (tmp_path / "lora").mkdir()
+    save_file({"base_model.model.big.lora_A.weight": torch.randn(8, COLS, generator=gen),
+               "base_model.model.big.lora_B.weight": torch.randn(ROWS, 8, generator=gen)},
+              str(tmp_path / "lora" / "adapter_model.safetensors"))
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["big"]}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tmp_path/'base'}+{tmp_path/'lora'}\n"
+                      f"    parameters: {{weight: 1.0}}\n  - model: {tmp_path/'b'}\n    parameters: {{weight: 1.0}}\n")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    r = subprocess.run([sys.executable, "-c", CHILD, str(recipe), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    growth = m["peak"] - m["baseline"]
+    tensor_fp32 = ROWS * COLS * 4
+    assert (tmp_path / "out" / "shardmerge_manifest.json").exists()
+    assert growth < tensor_fp32 // 2, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {tensor_fp32 / 2**20:.0f} MiB tensor"

@@ -32,8 +32,10 @@ def energy_cut(S, rho):
     return int((frac < rho - 1e-12).sum()) + 1
 
 
-def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperature=1.0, beta=1.0):
-    """Steps 1-5 of METHODS.md, in float64 with full SVDs (expert-energy sign vote, disjoint-mean residuals)."""
+def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperature=1.0, beta=1.0,
+              sign_weight="count", standardize=True):
+    """Steps 1-5 of METHODS.md, in float64 with full SVDs (count or expert-energy sign vote, disjoint-mean
+    residuals, softmax of the standardised or raw contributions)."""
     X = torch.stack([e.double() for e in experts])
     P = X.mean(0) if pivot == "mean" else base.double()
     D = X - P
@@ -42,7 +44,7 @@ def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperatu
     _, Sv, Vh = torch.linalg.svd(torch.cat(list(D), dim=0), full_matrices=False)
     Us, Vs = U[:, :energy_cut(Su, energy)], Vh[:energy_cut(Sv, energy)].T
     C = torch.stack([Us.T @ d @ Vs for d in D])
-    E = (C**2).sum(dim=(1, 2))
+    E = (C**2).sum(dim=(1, 2)) if sign_weight == "expert_energy" else torch.ones(K, dtype=torch.float64)
     elected = sum(E[k] * torch.sign(C[k]) for k in range(K)).sign()
     Cf = torch.where(torch.sign(C) * elected > 0, C, torch.zeros_like(C))
     R = torch.stack([d - Us @ c @ Vs.T for d, c in zip(D, C)])
@@ -56,6 +58,8 @@ def ref_pivot(experts, base, *, pivot="mean", energy=0.9, density=0.2, temperatu
     T = torch.stack(trimmed)
     Rm = T.sum(0) / (T != 0).sum(0).clamp_min(1)
     a = torch.tensor([float((C[k] ** 2).sum() / (D[k] ** 2).sum()) for k in range(K)], dtype=torch.float64)
+    if standardize:  # z = (a - mean) / max(population std, floor)
+        a = (a - a.mean()) / max(float(((a - a.mean()) ** 2).mean().sqrt()), pm.SPREAD_FLOOR * float(a.abs().mean()))
     lam = torch.softmax(a / temperature, 0)
     return P + beta * (Us @ (lam[:, None, None] * Cf).sum(0) @ Vs.T + Rm), lam
 
@@ -66,11 +70,15 @@ def random_experts(m, n, K, seed, scale=0.1):
     return base, [base + scale * torch.randn(m, n, generator=g) for _ in range(K)]
 
 
+OLD_DEFAULTS = dict(sign_weight="expert_energy", standardize=False)  # the reconstruction's first defaults
+
+
+@pytest.mark.parametrize("rules", [{}, OLD_DEFAULTS])
 @pytest.mark.parametrize("mode", ["mean", "init"])
 @pytest.mark.parametrize("m,n,K", [(20, 30, 3), (32, 24, 4)])
-def test_matches_dense_oracle(mode, m, n, K):
+def test_matches_dense_oracle(mode, m, n, K, rules):
     base, ex = random_experts(m, n, K, seed=1)
-    params = dict(energy=0.8, density=0.3, temperature=0.5, beta=1.2)
+    params = dict(energy=0.8, density=0.3, temperature=0.5, beta=1.2, **rules)
     merged, report = pm.pivot_merge(ex, base if mode == "init" else None, pivot=mode, **params)
     expected, lam = ref_pivot(ex, base, pivot=mode, **params)
     assert_matches(merged, expected)
@@ -127,7 +135,7 @@ def planted(scale3):
 
 def test_planted_sign_conflict_is_filtered():
     base, P, ex = planted(-0.5)
-    merged, report = pm.pivot_merge(ex, base, pivot="init", energy=1.0)
+    merged, report = pm.pivot_merge(ex, base, pivot="init", energy=1.0, **OLD_DEFAULTS)
     # C_3 = -0.5 C exactly: every nonzero entry of expert 3 is outvoted (energy 1 + 1 vs 0.25) and zeroed;
     # a_k = 1 (all in the shared space) -> lambda = 1/3 each -> W = init + (P + P + 0) / 3
     assert_matches(merged, base.double() + 2 / 3 * P.double())
@@ -153,8 +161,8 @@ def test_sign_election_closed_form():
 
 def test_sign_vote_is_weighted_by_expert_energy():
     base, P, ex = planted(-3.0)  # one strong expert against two weak ones
-    by_energy, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0)
-    by_count, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0, sign_weight="count")
+    by_energy, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0, **OLD_DEFAULTS)
+    by_count, _ = pm.pivot_merge(ex, base, pivot="init", energy=1.0, sign_weight="count", standardize=False)
     assert_matches(by_energy, base.double() - P.double())  # 9 > 1 + 1: expert 3 wins, lambda 1/3
     assert_matches(by_count, base.double() + 2 / 3 * P.double())  # 2 votes > 1
 
@@ -177,7 +185,8 @@ def test_layer_weights_sum_to_one_and_follow_gains():
         assert_matches(lam.float(), torch.exp(a / T) / torch.exp(a / T).sum(0))
     base, ex = random_experts(10, 14, 3, seed=8)
     gains = (0.2, -0.1, 0.5)
-    _, report = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains, temperature=0.5)
+    _, report = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains, temperature=0.5,
+                               standardize=False)
     g = torch.tensor(gains, dtype=torch.float64)
     assert_matches(torch.tensor(report["lambda"]), torch.softmax(g / 0.5, 0))
     assert report["contribution"] == pytest.approx(list(gains))
@@ -237,3 +246,74 @@ def test_fixed_rank_and_require_identical():
     assert torch.equal(pm.require_identical([same, same.clone()]), same)
     with pytest.raises(ValueError, match="vision.*expert 1 differs"):
         pm.require_identical([same, same + 1e-3], TensorInfo("vision.blocks.0.weight", (4,)))
+
+
+def planted_consensus(K, dissenter, m=24, n=32, seed=0, noise=0.05):
+    """K experts around W0: all but one at W0 + P (the consensus), `dissenter` at W0 - P, each plus small noise."""
+    g = gen(seed)
+    W0, P = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+    eps = noise * float(P.norm()) / math.sqrt(m * n)
+    ex = [W0 + (-P if k == dissenter else P) + eps * torch.randn(m, n, generator=g) for k in range(K)]
+    return W0, P, ex
+
+
+@pytest.mark.parametrize("K", range(2, 9))
+def test_defaults_keep_the_consensus(K):
+    """With the default (majority) vote, the merge lands closer to the agreeing experts than their plain average,
+    for every dissenter position, around a mean pivot and around the shared init; with K = 2 there is no majority
+    and the mean pivot reduces to the plain average (documented)."""
+    for pos in range(K):
+        W0, P, ex = planted_consensus(K, pos, seed=K * 10 + pos)
+        consensus, avg = W0 + P, torch.stack(ex).mean(0)
+        d_avg = float((avg - consensus).norm() / P.norm())
+        d_mean = float((pm.pivot_merge(ex)[0] - consensus).norm() / P.norm())
+        d_init = float((pm.pivot_merge(ex, W0, pivot="init")[0] - consensus).norm() / P.norm())
+        if K == 2:
+            assert d_mean == pytest.approx(d_avg, rel=1e-5)
+            continue
+        assert d_mean < 0.7 * d_avg and d_init < d_avg, (K, pos, d_mean, d_init, d_avg)
+        # the old defaults (expert-energy vote, raw softmax) land on the dissenter's side of the average
+        old = float((pm.pivot_merge(ex, **OLD_DEFAULTS)[0] - consensus).norm() / P.norm())
+        assert old > d_avg
+
+
+def test_lambda_follows_planted_contributions():
+    base, ex = random_experts(10, 14, 3, seed=8)
+    for gains in ((0.010, 0.012, 0.011), (0.2, -0.1, 0.5), (1e-3, 3e-3, 2e-3)):
+        _, rep = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains)
+        g = torch.tensor(gains, dtype=torch.float64)
+        z = (g - g.mean()) / g.std(unbiased=False)
+        assert_matches(torch.tensor(rep["lambda"]), torch.softmax(z, 0))  # T = 1 on z: scale-free
+        assert max(rep["lambda"]) > 0.5 and rep["lambda"].index(max(rep["lambda"])) == int(g.argmax())
+        _, raw = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=gains, standardize=False)
+        assert max(raw["lambda"]) - min(raw["lambda"]) < max(rep["lambda"]) - min(rep["lambda"])
+    # equal contributions (up to rounding) keep lambda uniform
+    _, rep = pm.pivot_merge(ex, base, pivot="init", contribution="data", gains=(0.3, 0.3 + 1e-9, 0.3))
+    assert_matches(torch.tensor(rep["lambda"]), torch.full((3,), 1 / 3, dtype=torch.float64))
+    for bad in ({"spread_floor": 0.0}, {"standardize": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pm.pivot_merge(ex, base, pivot="init", **bad)
+
+
+@pytest.mark.parametrize("mode", ["mean", "init"])
+def test_bias_follows_its_weight_lambda(mode):
+    g = gen(13)
+    w0, b0 = torch.randn(12, 9, generator=g), torch.randn(12, generator=g)
+    ws = [w0 + s * torch.randn(12, 9, generator=g) for s in (0.1, 0.3, 1.0)]  # unequal shared shares
+    bs = [b0 + torch.randn(12, generator=g) for _ in range(3)]
+    base_w, base_b = (w0, b0) if mode == "init" else (None, None)
+    _, wrep = pm.pivot_merge(ws, base_w, pivot=mode)
+    stack = torch.stack(ws)
+    pivot_w = stack.mean(0) if mode == "mean" else w0
+    merged, brep = pm.pivot_merge(bs, base_b, pivot=mode, layer_weight=(stack, pivot_w))
+    lam = torch.tensor(wrep["lambda"], dtype=torch.float64)
+    pb = torch.stack(bs).double().mean(0) if mode == "mean" else b0.double()
+    assert brep["kind"] == "bias" and brep["lambda"] == pytest.approx(wrep["lambda"], abs=1e-7)
+    assert_matches(merged, pb + (lam[:, None] * (torch.stack(bs).double() - pb)).sum(0))
+    assert float(lam.max() - lam.min()) > 0.05  # not the plain mean
+    # the registered entry splits the trailing weight inputs off the same way (the plan's layout)
+    spec = methods.get("pivot")
+    extra = ws + ([w0] if mode == "init" else [])
+    out = spec.merge(bs + extra, base_b, info=TensorInfo("multi_modal_projector.linear_1.bias", (12,)),
+                     gain=(pm.NO_GAIN,) * 3, pivot=mode, weight_inputs=len(extra))
+    assert torch.equal(out, merged)

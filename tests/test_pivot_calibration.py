@@ -63,6 +63,11 @@ def recipe(experts, pairs, **params) -> dict:
             "parameters": {"pivot": "mean", "contribution": "data", "temperature": 0.05, **params}}
 
 
+def cosine(pairs: Path) -> dict:
+    """The calibration mapping with the matched-cosine score (what the naive reference computes)."""
+    return {"path": str(pairs), "score": "cosine"}
+
+
 def plan_calibration(plan) -> Calibration:
     (name, text), = plan.artifacts
     assert name == ARTIFACT
@@ -114,7 +119,7 @@ def naive_gains(experts, pairs_rows, family: str, init=None) -> dict[str, list[f
 def test_gains_equal_the_naive_full_model_computation(tmp_path, family, naming):
     experts = experts_of(tmp_path, family, naming)
     pairs = write_pairs(tmp_path / "pairs.parquet", n=3)
-    plan = build_plan(parse_recipe(recipe(experts, pairs)))
+    plan = build_plan(parse_recipe(recipe(experts, pairs, calibration=cosine(pairs))))
     cal = plan_calibration(plan)
     expected = naive_gains(experts, list(zip([png(i) for i in range(3)], CAPTIONS[:3])), family)
     assert cal.pairs == 3 and set(expected) <= set(cal.layers)
@@ -131,11 +136,11 @@ def test_init_pivot_gains_equal_the_naive_computation(tmp_path):
     """pivot: init -> the swaps go into the shared initialisation's projector (the experts' own tensors unchanged)."""
     experts = experts_of(tmp_path, "llava", "current")
     pairs = write_pairs(tmp_path / "pairs.parquet", n=2)
-    data = {**recipe(experts, pairs, pivot="init"), "init_model": str(tmp_path / "init")}
+    data = {**recipe(experts, pairs, pivot="init", calibration=cosine(pairs)), "init_model": str(tmp_path / "init")}
     cal = plan_calibration(build_plan(parse_recipe(data)))
     expected = naive_gains(experts, list(zip([png(i) for i in range(2)], CAPTIONS[:2])), "llava",
                            init=tmp_path / "init")
-    mean = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs))))
+    mean = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, calibration=cosine(pairs)))))
     for layer, want in expected.items():
         torch.testing.assert_close(torch.tensor(cal.layers[layer]["gains"]), torch.tensor(want), **GAIN_TOL)
         assert cal.layers[layer]["gains"] != mean.layers[layer]["gains"]  # another pivot, other gains
@@ -146,7 +151,8 @@ def test_pivot_expert_has_zero_gain_everywhere(tmp_path):
     layer, deepstack mergers included (Qwen3-VL)."""
     experts = experts_of(tmp_path, "qwen3_vl", "current")
     pairs = write_pairs(tmp_path / "pairs.parquet", n=2)
-    cal = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, pivot="model:expert_a"))))
+    cal = plan_calibration(build_plan(parse_recipe(recipe(experts, pairs, pivot="model:expert_a",
+                                                          calibration=cosine(pairs)))))
     assert any(layer.startswith("deepstack_merger_list.") for layer in cal.layers)
     for layer, rec in cal.layers.items():
         assert rec["gains"][0] == 0.0, layer
@@ -163,7 +169,7 @@ def llava(tmp_path_factory) -> dict:
 def test_merge_with_calibration_end_to_end(llava, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    data = recipe(llava["experts"], llava["pairs"], temperature=0.02)
+    data = recipe(llava["experts"], llava["pairs"], temperature=0.02, standardize=False)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     run_merge(tmp_path / "r.yaml", out, workers=0, progress=False)
@@ -290,7 +296,9 @@ def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkey
 
     data = recipe(llava["experts"], llava["pairs"])
     driver = plan_calibration(build_plan(parse_recipe(data)))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from engine.ray_pool import connect
+
+    connect(num_cpus=2)  # as the merge does: a fresh local instance even with a `ray start` cluster on the machine
     try:
         remote = plan_calibration(build_plan(parse_recipe(
             {**data, "calibration": {"path": str(llava["pairs"]), "where": "ray"}})))
@@ -312,3 +320,81 @@ def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkey
     monkeypatch.setattr(rp, "connect", lambda *a, **k: pytest.fail("Ray started off a cluster"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert plan_calibration(build_plan(parse_recipe(data))).layers == driver.layers
+
+
+def naive_contrastive_gains(experts, pairs_rows, family: str) -> dict[str, list[float]]:
+    """gains[layer] per expert with the contrastive score, from full models and full image passes: for each
+    projector state, per image i: cos(f_i, g_i) - mean_{j != i} cos(f_i, g_j); gain = mean_i(swap - pivot)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    models = [AutoModelForImageTextToText.from_pretrained(str(e), dtype=torch.float32).eval() for e in experts]
+    proj = [m.get_submodule("model." + MAIN_ROOTS[family]) for m in models]
+    states = [{k: v.clone() for k, v in p.state_dict().items()} for p in proj]
+    pivot = {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
+    model, tok = models[0], AutoTokenizer.from_pretrained(str(experts[0]))
+    ip = AutoImageProcessor.from_pretrained(str(experts[0]))
+    prefix = "merger." if family.startswith("qwen") else ""
+    images = [Image.open(io.BytesIO(d)).convert("RGB") for d, _ in pairs_rows]
+    caps = [model.get_input_embeddings()(torch.tensor(tok(c, add_special_tokens=False)["input_ids"])).mean(0)
+            for _, c in pairs_rows]
+
+    def scores(state) -> list[float]:
+        proj[0].load_state_dict(state)
+        out = []
+        feats = []
+        for image in images:
+            px = {k: v for k, v in ip(images=[image], return_tensors="pt").items()
+                  if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+            f = model.model.get_image_features(**px).pooler_output[0]
+            feats.append(f.reshape(-1, f.shape[-1]).mean(0))
+        n = len(images)
+        for i in range(n):
+            cos = [float(torch.nn.functional.cosine_similarity(feats[i], caps[j], dim=0)) for j in range(n)]
+            out.append(cos[i] - (sum(cos) - cos[i]) / (n - 1))
+        return out
+
+    layers = sorted({k.rsplit(".", 1)[0] for k in pivot})
+    gains = {}
+    with torch.no_grad():
+        base = scores(pivot)
+        for layer in layers:
+            gains[prefix + layer] = []
+            for s in states:
+                sw = scores({n: (s[n] if n.rsplit(".", 1)[0] == layer else v) for n, v in pivot.items()})
+                gains[prefix + layer].append(sum(a - b for a, b in zip(sw, base)) / len(base))
+    return gains
+
+
+@pytest.mark.parametrize("family, naming", [("llava", "current"), ("qwen2_5_vl", "legacy"), ("qwen3_vl", "current")])
+def test_contrastive_gains_equal_the_naive_computation(tmp_path, family, naming):
+    """The default score: matched minus mismatched captions, against a naive full-model computation; the main
+    projector's layers get non-zero gains, Qwen3-VL's deepstack mergers are excluded (gain 0, a plan note)."""
+    experts = experts_of(tmp_path, family, naming)
+    pairs = write_pairs(tmp_path / "pairs.parquet", n=4)
+    plan = build_plan(parse_recipe(recipe(experts, pairs)))
+    cal = plan_calibration(plan)
+    expected = naive_contrastive_gains(experts, list(zip([png(i) for i in range(4)], CAPTIONS[:4])), family)
+    for layer, want in expected.items():
+        got = torch.tensor(cal.layers[layer]["gains"], dtype=torch.float64)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), **GAIN_TOL)
+        assert max(abs(g) for g in want) > 1e-4, layer
+    deep = [layer for layer in cal.layers if layer.startswith("deepstack_merger_list.")]
+    assert bool(deep) == (family == "qwen3_vl")
+    for layer in deep:
+        assert cal.layers[layer]["gains"] == [0.0, 0.0, 0.0]
+        assert any(layer in n and "deepstack" in n for n in plan.notes)
+
+
+def test_pairs_are_a_seeded_sample(llava, tmp_path):
+    from engine.pivot_calibration import read_pairs
+    from engine.recipe import CalibrationRecipe
+
+    pairs = write_pairs(tmp_path / "many.parquet", image=[png(i % 5) for i in range(40)],
+                        caption=[f"caption {i}" for i in range(40)])
+    rows = {s: [r for r, _, _ in read_pairs(CalibrationRecipe(path=str(pairs), max_pairs=6, seed=s))] for s in (0, 1)}
+    assert rows[0] != rows[1] and rows[0] != list(range(6)) and rows[0] == sorted(rows[0]) and len(rows[0]) == 6
+    assert rows[0] == [r for r, _, _ in read_pairs(CalibrationRecipe(path=str(pairs), max_pairs=6, seed=0))]
+    assert len(read_pairs(CalibrationRecipe(path=str(pairs), max_pairs=100))) == 40
+    one = write_pairs(tmp_path / "one.parquet", n=1)
+    with pytest.raises(ValueError, match="one.parquet: the contrastive score .* at least 2 pairs, got 1"):
+        build_plan(parse_recipe(recipe(llava["experts"], one)))

@@ -51,7 +51,8 @@ def write_recipe(path: Path, data: dict) -> Path:
 
 
 def pivot_recipe(llava, tmp_path, **params) -> dict:
-    top = {k: params.pop(k) for k in ("init_model", "calibration", "allow_different_backbones", "models")
+    top = {k: params.pop(k) for k in ("init_model", "calibration", "allow_different_backbones", "allow_unaligned",
+                                      "models")
            if k in params}
     data = {"merge_method": "pivot", "models": [{"model": str(e)} for e in llava["experts"]], "dtype": "float32",
             "parameters": {"pivot": "mean", "energy": 0.9, "density": 0.2, "temperature": 1.0, "scale": 1.0,
@@ -96,8 +97,13 @@ def reference_pivot(llava, base: dict | None = None, gains=None, **params) -> tu
     out, reports = {}, {}
     for name in sorted(n for n in llava["tensors"][0] if n.startswith(PROJ)):
         xs = [t[name].float() for t in llava["tensors"]]
+        layer_weight = None
+        if name.endswith(".bias"):  # a bias follows its weight's lambda
+            w = name[: -len("bias")] + "weight"
+            stack = torch.stack([t[w].float() for t in llava["tensors"]])
+            layer_weight = (stack, stack.mean(0) if base is None else base[w].float())
         out[name], reports[name] = pm.pivot_merge(
-            xs, None if base is None else base[name].float(), gains=gains,
+            xs, None if base is None else base[name].float(), gains=gains, layer_weight=layer_weight,
             info=methods.TensorInfo(name, tuple(xs[0].shape), None, 2), **params)
     return out, reports
 
@@ -141,12 +147,12 @@ def test_pivot_init_and_model_pivots(llava, tmp_path):
     expected, _ = reference_pivot(llava, init, pivot="init", scale=1.0)
     check_output(tmp_path / "init", expected, init)
     # model:<name> by directory name; the named expert is the pivot and the backbone source; precomputed gains
-    data = pivot_recipe(llava, tmp_path, pivot="model:expert_b", contribution="data", scale=0.5)
+    data = pivot_recipe(llava, tmp_path, pivot="model:expert_b", contribution="data", scale=0.5, standardize=False)
     data["models"] = [{"model": str(e), "parameters": {"gain": g}} for e, g in zip(llava["experts"], (0.1, 0.5, 2))]
     run_merge(write_recipe(tmp_path / "model.yaml", data), tmp_path / "model", workers=0, progress=False)
     b = llava["tensors"][1]
     expected, reports = reference_pivot(llava, b, gains=(0.1, 0.5, 2.0), pivot="model:expert_b",
-                                        contribution="data", scale=0.5)
+                                        contribution="data", scale=0.5, standardize=False)
     check_output(tmp_path / "model", expected, b)
     lam = torch.softmax(torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64), 0).tolist()
     rows = json.loads((tmp_path / "model" / "pivot_report.json").read_text())["tensors"]
@@ -236,3 +242,35 @@ def test_recipe_form_refuses_other_forms(llava, tmp_path):
                          ({"models": [{"model": str(llava["experts"][0])}]}, "at least 2 experts")):
         with pytest.raises(ValueError, match=match):
             build_plan(parse_recipe({**data, **extra}))
+
+
+def reinit_projector(src: Path, out: Path, seed: int) -> Path:
+    """A copy of `src` whose projector tensors are drawn afresh (same shapes and scale): an independently
+    initialised projector on the shared backbone."""
+    shutil.copytree(src, out)
+    g = torch.Generator().manual_seed(seed)
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        for k in [k for k in tensors if k.startswith(PROJ)]:
+            tensors[k] = torch.randn(tensors[k].shape, generator=g) * tensors[k].float().std()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return out
+
+
+def test_unaligned_projectors_are_refused_and_biases_follow_their_weight(llava, tmp_path):
+    odd = reinit_projector(llava["experts"][2], tmp_path / "expert_fresh", seed=99)
+    models = [{"model": str(m)} for m in (*llava["experts"][:2], odd)]
+    with pytest.raises(ValueError, match=r"linear_\d.weight.*expert_fresh.*weight cosine -?0\.\d+ \(< 0.2\).*"
+                                         r"pivot: init.*allow_unaligned: true"):
+        build_plan(parse_recipe(pivot_recipe(llava, tmp_path, models=models)))
+    plan = build_plan(parse_recipe(pivot_recipe(llava, tmp_path, models=models, allow_unaligned=True)))
+    assert any("allow_unaligned" in n for n in plan.notes)
+    # around the shared init the check does not apply (the init model is the alignment)
+    build_plan(parse_recipe(pivot_recipe(llava, tmp_path, models=models, pivot="init",
+                                         init_model=str(llava["init"]))))
+    ops = {t.name: t for t in plan.tensors()}
+    bias, weight = ops[PROJ + "linear_1.bias"], ops[PROJ + "linear_1.weight"]
+    assert dict(bias.params)["weight_inputs"] == 3 and bias.inputs[3:] == weight.inputs
+    # two experts around their mean: the plan says what it reduces to
+    two = build_plan(parse_recipe(pivot_recipe(llava, tmp_path, models=models[:2])))
+    assert any("plain mean of the two" in n for n in two.notes)

@@ -33,7 +33,7 @@ def _plam(*extra, root, mllm, base, bench, out):
 def test_plam_pipeline_end_to_end(setup):
     root, mllm, base, bench = setup
     out = root / "run"
-    r = _plam("--layers", "2", "3", "--reprobe", root=root, mllm=mllm, base=base, bench=bench, out=out)
+    r = _plam("--layers", "2", "3", "--reprobe", "--force", root=root, mllm=mllm, base=base, bench=bench, out=out)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "plam_summary.json").read_text())
     assert summary["verified"] and summary["layers"] == [2, 3]
@@ -60,3 +60,48 @@ def test_no_plateau_is_an_error_naming_the_fix(setup):
     assert r.returncode == 2
     assert "found no plateau" in r.stderr and "--layers" in r.stderr
     assert (out / "probe" / "probe.png").exists() and not (out / "merged").exists()
+
+
+def test_uninformative_probe_stops_before_the_merge(setup):
+    """The random tiny MLLM ignores the image: the probe warns that vision is not needed, so no merge without
+    --force, even when the layers are given."""
+    root, mllm, base, bench = setup
+    out = root / "refused"
+    r = _plam("--layers", "2", "3", root=root, mllm=mllm, base=base, bench=bench, out=out)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "not informative" in r.stderr and "does not need vision" in r.stderr and "--force" in r.stderr
+    assert (out / "probe" / "probe.json").exists() and not (out / "merged").exists()
+
+
+@pytest.mark.slow  # three merges and four probes, each a subprocess-started Ray job
+def test_weights_control_and_holdout_evaluation(setup):
+    """--weights 0.9,0.3 merges the unnormalised form, the control rescales the MLLM by 1.2, and --holdout probes
+    and evaluates disjoint question groups."""
+    from safetensors.torch import load_file
+
+    root, mllm, base, bench = setup
+    out = root / "weights"
+    r = _plam("--layers", "2", "3", "--weights", "0.9,0.3", "--holdout", "0.5", "--force", root=root, mllm=mllm,
+              base=base, bench=bench, out=out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "plam_summary.json").read_text())
+    assert s["weights"] == [0.9, 0.3] and s["control"]["scale"] == pytest.approx(1.2) and s["forced_past"]
+    ev = s["evaluation"]
+    assert set(ev["models"]) == {"mllm", "merged", "control"} and ev["split"].startswith("seeded")
+    probed = {r["row"] for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
+        out / "probe" / "probe.parquet").to_pylist()}
+    held = {r["row"] for r in __import__("pyarrow.parquet", fromlist=["x"]).read_table(
+        out / "eval_mllm" / "probe.parquet").to_pylist()}
+    assert probed and held and not probed & held and len(probed | held) == 6
+
+    def tensors(d):
+        out_ = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out_.update(load_file(f))
+        return out_
+
+    m, b, merged, control = (tensors(d) for d in (mllm, base, out / "merged", out / "control"))
+    name = next(n for n in merged if ".layers.2.self_attn.q_proj.weight" in n)
+    base_name = next(n for n in b if n.endswith("layers.2.self_attn.q_proj.weight"))
+    torch.testing.assert_close(merged[name].float(), 0.9 * m[name].float() + 0.3 * b[base_name].float())
+    torch.testing.assert_close(control[name].float(), 1.2 * m[name].float())

@@ -1,6 +1,7 @@
 """The probe job end to end: CLI, outputs, bad rows, attention focus, Ray data parallelism (1 vs 2 actors)."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -42,7 +43,8 @@ def bench_dir(tmp_path_factory):
 def test_cli_writes_parquet_json_png(model_dir, bench_dir, tmp_path):
     out = tmp_path / "out"
     rc = probe_cli.main(["--model", str(model_dir), "--bench", str(bench_dir), "--out", str(out), "--local",
-                         "--metric", "logprob", "--attention", "--attention-sample", "q3", "--bootstrap", "200"])
+                         "--metric", "logprob", "--attention", "--attention-sample", "q3", "--bootstrap", "200",
+                         "--pooling", "samples"])
     assert rc == 0
     table = pq.read_table(out / "probe.parquet")
     assert table.column_names == list(runner.COLUMNS)
@@ -89,25 +91,33 @@ def test_rows_match_a_direct_score(model_dir, bench_dir, tmp_path):
             assert g[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
 
 
-def test_one_and_two_ray_actors_write_the_same_parquet(model_dir, bench_dir, tmp_path):
+def test_one_and_two_ray_actors_write_the_same_parquet(model_dir, bench_dir, tmp_path, monkeypatch):
+    """Also with a stale `ray start` cluster file on the machine: the probe starts a fresh local Ray anyway (a
+    plain ray.init(num_cpus=...) would try to join the dead cluster and fail)."""
+    import tempfile
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        outs = []
-        for workers in (1, 2):
-            out = tmp_path / f"w{workers}"
-            job = runner.ProbeJob(benches=(str(bench_dir),), out=str(out), workers=workers, rows_per_shard=2,
-                                  worker=WorkerSettings(model=str(model_dir), device="cpu", threads=1), n_boot=50)
-            summary = runner.run_probe(job)
-            assert summary["settings"]["workers"] == workers
-            outs.append((pq.read_table(out / "probe.parquet"), summary))
-    finally:
-        ray.shutdown()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live below it
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # a cluster that no longer runs
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    outs = []
+    for workers in (1, 2):  # each run starts (and stops) its own local Ray, as `shardmerge probe` does
+        out = tmp_path / f"w{workers}"
+        job = runner.ProbeJob(benches=(str(bench_dir),), out=str(out), workers=workers, rows_per_shard=2,
+                              worker=WorkerSettings(model=str(model_dir), device="cpu", threads=1), n_boot=50)
+        summary = runner.run_probe(job)
+        assert summary["settings"]["workers"] == workers and not ray.is_initialized()
+        outs.append((pq.read_table(out / "probe.parquet"), summary))
     (t1, s1), (t2, s2) = outs
     assert t1.num_rows == 8 * (NUM_LAYERS + 1)
     assert t1.equals(t2)
     assert s1["pooled"] == s2["pooled"] and s1["bad_rows"] == s2["bad_rows"]
+    per = [s1["benchmarks"][b]["curve"] for b in sorted(s1["benchmarks"])]  # default: macro pooling
+    assert s1["settings"]["pooling"] == "macro"
+    assert s1["pooled"]["curve"] == pytest.approx([sum(v) / len(per) for v in zip(*per)], rel=1e-12)
 
 
 def test_actor_options_and_device_resolution():

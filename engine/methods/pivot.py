@@ -5,14 +5,17 @@ Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "
    (`model:<name>`, the engine passes that expert as `base`); Delta_k = W_k - W_pivot.
 2. shared space: U_s = top left singular vectors of [Delta_1 ... Delta_K] holding a fraction `energy` [0.9] of
    the energy, V_s likewise from the vertical stack; C_k = U_s^T Delta_k V_s.
-3. filtering: a sign per entry of C elected across experts, each expert's sign vote weighted by its energy in
-   the shared space ||C_k||^2 (`sign_weight`); minority-sign entries (and exact ties) are zeroed; residuals
+3. filtering: a sign per entry of C elected across experts by majority (`sign_weight: count`; energy-weighted
+   votes are options -- around a mean pivot they let a lone dissenter win); minority-sign entries (and exact
+   ties) are zeroed; residuals
    R_k = Delta_k - U_s C_k V_s^T keep their top `density` [0.2] fraction by magnitude, merged by disjoint mean.
-4. weights lambda_k = softmax_k(a_k / T) [T = 1], a_k = ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`, alias
+4. weights lambda_k = softmax_k(z_k / T) [T = 1], z_k = a_k standardised per layer (`standardize`), a_k =
+   ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`, alias
    `data_free`) or precomputed alignment gains (`contribution: data`, per-model parameter `gain`).
 5. W = W_pivot + beta * (U_s (sum_k lambda_k C~_k) V_s^T + merged residual) [beta = 1; `scale` is the recipe
    name of the same factor (issue 6's recipe form), give one of the two].
-0-D/1-D tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
+A layer's bias: b_pivot + beta * sum_k lambda_k Delta b_k with its weight's lambda (`layer_weight`); other 0-D/1-D
+tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
 
 `pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
 tensor only and the spec's `merge_with_report` returns both, which engine.unit uses to
@@ -47,6 +50,7 @@ NOISE_RTOL = 10.0  # |C| <= this * max(m, n) * eps32 * max|C| is rounding noise:
 TIE_RTOL = 1e-5  # |vote sum| at most this fraction of sum |votes| is a tie (float32 rounding of exact ties)
 NO_GAIN = float("nan")  # per-model `gain` default: "not given" (only contribution: data needs gains)
 NO_SCALE = float("nan")  # `scale` default: "not given" (beta applies)
+SPREAD_FLOOR = 0.05  # contributions whose std over experts is below this fraction of their mean |a| count as ~equal
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,10 @@ class PivotParams:
     energy: float = 0.9  # rho: energy fraction kept by the shared bases
     rank: int = 0  # > 0: fixed shared rank on both sides instead of the energy rule
     density: float = 0.2  # fraction of each residual's entries kept (by magnitude)
-    sign_weight: str = "expert_energy"  # an expert's vote: ||C_k||^2 | its entry's C^2 | C (TIES) | 1
-    temperature: float = 1.0  # T of the softmax over experts
+    sign_weight: str = "count"  # an expert's vote: 1 (majority) | ||C_k||^2 | its entry's C^2 | C (TIES)
+    temperature: float = 1.0  # T of the softmax over experts (of the standardised contributions by default)
+    standardize: bool = True  # lambda = softmax(z / T), z = contributions standardised per layer across experts
+    spread_floor: float = SPREAD_FLOOR  # relative spread (std / mean |a| over experts) below which a_k count as ~equal
     beta: float = 1.0  # scale of the merged update
     scale: float = NO_SCALE  # the recipe name of beta (issue 6); NaN = not given
     contribution: str = "shared"  # shared / data_free (data-free a_k) | data (precomputed alignment gains)
@@ -75,6 +81,8 @@ class PivotParams:
             (0.0 <= self.density <= 1.0, "density", "in [0, 1]"),
             (self.sign_weight in SIGN_WEIGHTS, "sign_weight", f"one of {SIGN_WEIGHTS}"),
             (self.temperature > 0 and math.isfinite(self.temperature), "temperature", "> 0"),
+            (isinstance(self.standardize, bool), "standardize", "true or false"),
+            (self.spread_floor > 0 and math.isfinite(self.spread_floor), "spread_floor", "> 0"),
             (math.isfinite(self.beta), "beta", "finite"),
             (self.contribution in CONTRIBUTIONS, "contribution", f"one of {CONTRIBUTIONS}"),
         ]
@@ -189,13 +197,29 @@ def _trim_disjoint_mean(residuals: torch.Tensor, density: float) -> torch.Tensor
     return (kept.sum(dim=0) / count).reshape(residuals.shape[1:])
 
 
-def layer_weights(contribution: torch.Tensor, temperature: float = 1.0, dim: int = 0) -> torch.Tensor:
-    """lambda_{k, l} = softmax over experts (`dim`) of a_{k, l} / T; sums to 1 per layer."""
+def standardized(contribution: torch.Tensor, spread_floor: float = SPREAD_FLOOR, dim: int = 0) -> torch.Tensor:
+    """z = (a - mean) / max(std, spread_floor * mean |a|) over experts (`dim`, population std): the contributions on
+    a scale where a softmax at T = 1 follows them. Raw contributions live in [0, 1] (data-free) or are score
+    differences of ~1e-3..1e-1 (data), so softmax(a) is near uniform whatever they say. The relative floor keeps
+    differences of a few per cent, and rounding-level ones between equal contributions (std ~1e-7 of a ~1),
+    from being blown up into decisive weights; all-zero contributions give z = 0 (uniform lambda)."""
+    a = contribution.double()
+    centred = a - a.mean(dim=dim, keepdim=True)
+    floor = (spread_floor * a.abs().mean(dim=dim, keepdim=True)).clamp_min(1e-30)
+    spread = torch.maximum(a.std(dim=dim, unbiased=False, keepdim=True), floor)
+    return (centred / spread).to(contribution.dtype)
+
+
+def layer_weights(contribution: torch.Tensor, temperature: float = 1.0, dim: int = 0, *, standardize: bool = False,
+                  spread_floor: float = SPREAD_FLOOR) -> torch.Tensor:
+    """lambda_{k, l} = softmax over experts (`dim`) of a_{k, l} / T (or of the standardised z_{k, l} / T, see
+    `standardized`; the merge's default); sums to 1 per layer."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not bool(torch.isfinite(contribution).all()):
         raise ValueError(f"contributions must be finite, got {contribution.tolist()}")
-    return torch.softmax(contribution.double() / temperature, dim=dim).to(contribution.dtype)
+    a = standardized(contribution, spread_floor, dim) if standardize else contribution
+    return torch.softmax(a.double() / temperature, dim=dim).to(contribution.dtype)
 
 
 def shared_contribution(C: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -217,6 +241,22 @@ def alignment_score(image_features: torch.Tensor, caption_embeddings: torch.Tens
 
     return torch.nn.functional.cosine_similarity(pool(image_features, image_mask),
                                                  pool(caption_embeddings, caption_mask), dim=-1)
+
+
+def contrastive_scores(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+    """Per-pair contrastive alignment of pooled image features (N, d) with pooled caption embeddings (N, d):
+    cos(f_i, g_i) - mean_{j != i} cos(f_i, g_j), the matched caption against every mismatched one of the batch (the
+    expectation over shuffled captions). An offset common to all captions (the gap between the image-feature and
+    the token-embedding distributions) cancels; what is left is how much closer an image lies to its own caption."""
+    N = image.shape[0]
+    if N < 2 or caption.shape != image.shape:
+        raise ValueError(f"contrastive_scores needs N >= 2 matched (N, d) rows, got {tuple(image.shape)} and "
+                         f"{tuple(caption.shape)}")
+    f = torch.nn.functional.normalize(image.double(), dim=-1)
+    g = torch.nn.functional.normalize(caption.double(), dim=-1)
+    sim = f @ g.T
+    matched = sim.diagonal()
+    return matched - (sim.sum(dim=1) - matched) / (N - 1)
 
 
 def alignment_gains(swapped_scores: torch.Tensor, pivot_scores: torch.Tensor) -> torch.Tensor:
@@ -250,34 +290,67 @@ def _contributions(C, deltas, p: PivotParams, gains: Optional[Sequence[float]], 
     return torch.tensor([float(g) for g in gains], dtype=torch.float64)
 
 
+def _weights_of(C, deltas, p: PivotParams, gains, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a_k, z_k, lambda_k) of one projector layer: contributions, their standardised form (a when
+    `standardize` is off) and the softmax weights."""
+    a = _contributions(C, deltas, p, gains, where)
+    z = standardized(a, p.spread_floor) if p.standardize else a
+    return a, z, layer_weights(z, p.temperature)
+
+
+def _layer_space(weights: torch.Tensor, weight_pivot: torch.Tensor, p: PivotParams, info, where: str, gains):
+    """Steps 1, 2 and 4 on a layer's 2-D weight stack (K, m, n): deltas, U_s, V_s, their stats, C and the weights."""
+    deltas = weights - weight_pivot
+    U_s, V_s, stats = shared_bases(deltas, p, svd_options("pivot", info, p.svd_path, p.seed))
+    C = U_s.mT @ deltas @ V_s  # (K, r_u, r_v)
+    return deltas, U_s, V_s, stats, C, _weights_of(C, deltas, p, gains, where)
+
+
+def _small_tensor(stack, pivot, p: PivotParams, report: dict, gains, layer_weight, info, where: str):
+    """0-D / 1-D tensors: a layer's bias follows its weight's lambda-weighted combination (the weight's stack and
+    pivot given as `layer_weight`, or the layer's data gains); anything else is W_pivot + beta * mean_k Delta_k."""
+    deltas = stack - pivot
+    if layer_weight is not None:
+        w_stack, w_pivot = layer_weight
+        *_, (a, z, lam) = _layer_space(w_stack, w_pivot, p, info, where, gains)
+    elif p.contribution == "data":
+        a, z, lam = _weights_of(None, deltas, p, gains, where)
+    else:
+        return pivot + p.factor * deltas.mean(dim=0), {**report, "kind": "averaged"}
+    lam = lam.to(deltas.dtype)
+    merged = pivot + p.factor * (lam.reshape(-1, *([1] * (deltas.dim() - 1))) * deltas).sum(dim=0)
+    summary = f"follows its layer's lambda [{', '.join(f'{x:.3f}' for x in lam)}]"
+    return merged, {**report, "kind": "bias", "summary": summary, "contribution": [float(x) for x in a],
+                    "contribution_z": [float(x) for x in z], "lambda": [float(x) for x in lam]}
+
+
 def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None, *,
                 gains: Optional[Sequence[float]] = None, info: Optional[TensorInfo] = None,
+                layer_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 **params) -> tuple[torch.Tensor, dict]:
     """Merge one projector tensor and report what happened (pure: returns (merged float32, report dict)).
 
     report: pivot, rank_u/rank_v (shared rank kept), energy_u/energy_v (one-sided energy captured), energy_shared
     (sum ||C_k||^2 / sum ||Delta_k||^2), conflict_fraction (entries of C zeroed / all K r_u r_v entries),
-    contribution (a_k), lambda (per expert, sums to 1), residual_kept (fraction of residual entries kept), summary
-    (one log line); params with NaN ("not given") as None, so the report is strict JSON.
+    contribution (a_k), contribution_z (the standardised z_k the softmax sees), lambda (per expert, sums to 1),
+    residual_kept (fraction of residual entries kept), summary (one log line); params with NaN ("not given") as
+    None, so the report is strict JSON. `layer_weight` = (the K experts' 2-D weight stacked, its pivot) of the
+    layer a 1-D tensor (bias) belongs to: the bias then takes that weight's lambda (`_small_tensor`).
     """
     where = _where(info)
     p = PivotParams(**params)
     p.validate(where)
     stack = stack_inputs("pivot", tensors, base, info, needs_base=False)
     pivot = resolve_pivot(stack, base, p.pivot, where)
-    deltas = stack - pivot
     params = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(p).items()}
     report: dict = {"tensor": info.name if info is not None else None, "params": params}  # JSON: no NaN
     if stack.dim() < 3:
-        return pivot + p.factor * deltas.mean(dim=0), {**report, "kind": "averaged"}
-    U_s, V_s, stats = shared_bases(deltas, p, svd_options("pivot", info, p.svd_path, p.seed))
-    C = U_s.mT @ deltas @ V_s  # (K, r_u, r_v)
+        return _small_tensor(stack, pivot, p, report, gains, layer_weight, info, where)
+    deltas, U_s, V_s, stats, C, (a, z, lam) = _layer_space(stack, pivot, p, info, where, gains)
     residual = _trim_disjoint_mean(deltas - U_s @ C @ V_s.mT, p.density)
-    a = _contributions(C, deltas, p, gains, where)
-    lam = layer_weights(a, p.temperature).to(C.dtype)
+    lam = lam.to(C.dtype)
     combined, conflicts = _filter_combine(C, lam, deltas.shape[-2:], p.sign_weight)
-    shared = U_s @ combined @ V_s.mT
-    merged = pivot + p.factor * (shared + residual)
+    merged = pivot + p.factor * (U_s @ combined @ V_s.mT + residual)
     total_sq = float(deltas.double().square().sum())
     numel = deltas[0].numel()
     report.update(stats)
@@ -286,19 +359,35 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
         "energy_shared": float(C.double().square().sum()) / total_sq if total_sq > 0 else 1.0,
         "conflict_fraction": conflicts / C.numel() if C.numel() else 0.0,
         "contribution": [float(x) for x in a],
+        "contribution_z": [float(x) for x in z],
         "lambda": [float(x) for x in lam],
         "residual_kept": min(numel, int(p.density * numel)) / numel,
     })
     report["summary"] = (f"shared rank {stats['rank_u']}x{stats['rank_v']}, energy {stats['energy_u']:.3f}/"
                          f"{stats['energy_v']:.3f} (shared {report['energy_shared']:.3f}), conflicting "
-                         f"{report['conflict_fraction']:.1%}, lambda [{', '.join(f'{x:.3f}' for x in lam)}]")
+                         f"{report['conflict_fraction']:.1%}, a [{', '.join(f'{x:.3g}' for x in a)}], "
+                         f"lambda [{', '.join(f'{x:.3f}' for x in lam)}]")
     return merged, report
+
+
+def split_layer_weight(tensors, params: dict) -> tuple[list, Optional[tuple], dict]:
+    """The plan passes a projector bias as K bias inputs followed by its layer weight's K inputs (+ the weight's
+    pivot for `init` / `model:<name>`), with `weight_inputs` = how many of those trail; split them off."""
+    params = dict(params)
+    n = int(params.pop("weight_inputs", 0) or 0)
+    if not n:
+        return list(tensors), None, params
+    K = len(tensors) - n
+    biases, weights = list(tensors[:K]), [t.float() for t in tensors[K:]]
+    stack = torch.stack(weights[:K])
+    w_pivot = stack.mean(dim=0) if len(weights) == K else weights[K]
+    return biases, (stack, w_pivot), params
 
 
 def merge_pivot(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
                 gain: Optional[Sequence[float]] = None, **params) -> torch.Tensor:
     """Registered entry: `pivot_merge` without the report (see the module doc for the report hook)."""
-    return pivot_merge(tensors, base, gains=gain, info=info, **params)[0]
+    return merge_pivot_report(tensors, base, info=info, gain=gain, **params)[0]
 
 
 def require_identical(tensors: Sequence[torch.Tensor], info: Optional[TensorInfo] = None) -> torch.Tensor:
@@ -318,7 +407,8 @@ def merge_pivot_report(tensors, base, *, stats=None, chunk: Optional[Chunk] = No
                        info: Optional[TensorInfo] = None, gain: Optional[Sequence[float]] = None,
                        **params) -> tuple[torch.Tensor, dict]:
     """The spec's `merge_with_report`: the registered signature, returning (merged tensor, report dict)."""
-    return pivot_merge(tensors, base, gains=gain, info=info, **params)
+    tensors, layer_weight, params = split_layer_weight(tensors, params)
+    return pivot_merge(tensors, base, gains=gain, info=info, layer_weight=layer_weight, **params)
 
 
 _DOCS = {
@@ -327,7 +417,9 @@ _DOCS = {
     "rank": "> 0: fixed shared rank on both sides instead of the energy rule",
     "density": "fraction of each residual's entries kept (by magnitude)",
     "sign_weight": "an expert's vote in the sign election",
-    "temperature": "T of the softmax over experts",
+    "temperature": "T of the softmax over experts (of the standardised contributions by default)",
+    "standardize": "softmax of the contributions standardised per layer across experts (false: raw a / T)",
+    "spread_floor": "relative spread (std / mean |a|) below which contributions count as nearly equal",
     "beta": "scale of the merged update",
     "scale": "the recipe name of beta (give one of them)",
     "contribution": "shared / data_free (data-free weights) or data (calibrated gains)",
@@ -335,7 +427,8 @@ _DOCS = {
     "seed": "seed of randomized decompositions",
 }
 _RANGES = {"energy": dict(lo=0, lo_open=True, hi=1), "rank": dict(lo=0), "density": dict(lo=0, lo_open=True, hi=1),
-           "temperature": dict(lo=0, lo_open=True), "sign_weight": dict(choices=SIGN_WEIGHTS),
+           "temperature": dict(lo=0, lo_open=True), "spread_floor": dict(lo=0, lo_open=True),
+           "sign_weight": dict(choices=SIGN_WEIGHTS),
            "contribution": dict(choices=CONTRIBUTIONS), "svd_path": dict(choices=PATHS)}
 
 

@@ -65,10 +65,12 @@ def decode_image(data: bytes):
 class Prompter:
     """Turns a Sample into ProbeInputs for one model directory."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, *, system_prompt: Optional[str] = None,
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = Path(model_dir)
+        self.system_prompt = system_prompt or None
         # trust_remote_code=False everywhere: a model repo's own Python never runs (and transformers never prompts)
         self.config = AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=False)
@@ -82,6 +84,23 @@ class Prompter:
                 raise ValueError(f"{self.model_dir}: no chat template in the tokenizer, processor or "
                                  "chat_template.jinja / chat_template.json files")
             self.tokenizer.chat_template = template
+        self.pixel_kw = self._pixel_bounds(min_pixels, max_pixels)
+
+    def _pixel_bounds(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
+        """Image-processor call kwargs bounding Qwen-VL's resized pixel count (its `size` shortest/longest edge)."""
+        if min_pixels is None and max_pixels is None:
+            return {}
+        size = getattr(self.image_processor, "size", None)
+        if self.processor is not None or size is None or "longest_edge" not in dict(size):
+            raise ValueError(f"{self.model_dir}: --min-pixels/--max-pixels bound Qwen-VL's dynamic resolution; this "
+                             "model's image processor resizes to a fixed size (leave them unset)")
+        bounds = dict(size)
+        bounds["shortest_edge"] = min_pixels if min_pixels is not None else bounds.get("shortest_edge")
+        bounds["longest_edge"] = max_pixels if max_pixels is not None else bounds["longest_edge"]
+        if not 0 < bounds["shortest_edge"] <= bounds["longest_edge"]:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {bounds['shortest_edge']} / "
+                             f"{bounds['longest_edge']}")
+        return {"size": {"shortest_edge": int(bounds["shortest_edge"]), "longest_edge": int(bounds["longest_edge"])}}
 
     def _processor(self):
         """AutoProcessor when it can be built here and really is a multimodal processor, else None."""
@@ -96,6 +115,8 @@ class Prompter:
     def render(self, text: str) -> str:
         """The chat-templated prompt with one image placeholder, ending with the generation prompt."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if rendered.count(self.image_token) != 1:
             raise ValueError(
@@ -122,7 +143,7 @@ class Prompter:
         return core.make_inputs(out, self.image_token_id, sample=sample.id)
 
     def _encode_by_hand(self, rendered: str, image) -> dict:
-        pixels = dict(self.image_processor(images=[image], return_tensors="pt"))
+        pixels = dict(self.image_processor(images=[image], return_tensors="pt", **self.pixel_kw))
         if "image_grid_thw" in pixels:
             merge = getattr(self.image_processor, "merge_size", None) or getattr(
                 self.config.vision_config, "spatial_merge_size", 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from engine.probe.worker import ShardResult, WorkerSettings
 
 log = logging.getLogger(__name__)
 METRICS = {"accuracy": "correct", "logprob": "gold_logprob", "kl": "kl"}
-COLUMNS = ("benchmark", "row", "id", "category", "kind", "cut", "num_layers", "seq_len", "n_image_tokens",
+COLUMNS = ("benchmark", "row", "id", "group", "category", "kind", "cut", "num_layers", "seq_len", "n_image_tokens",
            "pred", "gold", "correct", "gold_logprob", "kl", "kl_vocab")
 
 
@@ -46,24 +45,21 @@ class ProbeJob:
     delta: float = 0.1
     epsilon: float = 0.05
     seed: int = 0
+    pooling: str = "macro"  # macro: each benchmark weighs the same; samples: each sample does
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+        if self.pooling not in plateau.POOLINGS:
+            raise ValueError(f"pooling must be one of {plateau.POOLINGS}, got {self.pooling!r}")
 
 
 def _start_ray(job: ProbeJob) -> bool:
-    """Connect to a cluster or start a local Ray; True when this call started it (and must shut it down)."""
-    import ray
+    """Connect the way a merge does (engine.ray_pool.connect): --address, RAY_ADDRESS, else a fresh local Ray
+    (never a stale or running `ray start` cluster of this machine); True when this call started it."""
+    from engine.ray_pool import connect
 
-    if ray.is_initialized():
-        return False
-    address = job.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=max(1, int(job.workers * job.cpus_per_actor)), include_dashboard=False)
-    return True
+    return connect(job.address, num_cpus=max(1, int(job.workers * job.cpus_per_actor)))
 
 
 def run_shards(job: ProbeJob, shards: list) -> tuple[list[ShardResult], str]:
@@ -103,7 +99,7 @@ def rows_table(results: list[ShardResult]):
     import pyarrow as pa
 
     rows = sorted((r for res in results for r in res.rows), key=lambda r: (r["benchmark"], r["row"], r["cut"]))
-    schema = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()),
+    schema = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("group", pa.string()),
                         ("category", pa.string()), ("kind", pa.string()), ("cut", pa.int64()),
                         ("num_layers", pa.int64()), ("seq_len", pa.int64()), ("n_image_tokens", pa.int64()),
                         ("pred", pa.string()), ("gold", pa.string()), ("correct", pa.bool_()),
@@ -113,27 +109,41 @@ def rows_table(results: list[ShardResult]):
 
 def metric_matrix(table, metric: str, benchmark: Optional[str] = None) -> tuple[np.ndarray, list]:
     """(n_samples, n_cuts) metric values and the cut list, for one benchmark or all pooled."""
+    values, cuts, _, _ = sample_matrix(table, metric, benchmark)
+    return values, cuts
+
+
+def sample_matrix(table, metric: str, benchmark: Optional[str] = None):
+    """Metric values (n_samples, n_cuts), the cuts, and each sample's resampling group and benchmark."""
     col = METRICS[metric]
     data = table.to_pydict()
+    group_col = data.get("group") or data["id"]
     cells: dict = {}
-    for b, r, c, v in zip(data["benchmark"], data["row"], data["cut"], data[col]):
+    labels: dict = {}
+    for b, r, g, c, v in zip(data["benchmark"], data["row"], group_col, data["cut"], data[col]):
         if benchmark is None or b == benchmark:
             cells.setdefault((b, r), {})[c] = float(v)
+            labels[(b, r)] = g
     if not cells:
         raise ValueError(f"no probe rows{' for benchmark ' + repr(benchmark) if benchmark else ''}; nothing to fit")
     cuts = sorted({c for per in cells.values() for c in per})
     incomplete = [k for k, per in cells.items() if len(per) != len(cuts)]
     if incomplete:
         raise RuntimeError(f"samples {incomplete[:5]} lack some of the cuts {cuts}; every sample needs every cut")
-    return np.array([[per[c] for c in cuts] for _, per in sorted(cells.items())]), cuts
+    keys = sorted(cells)
+    values = np.array([[cells[k][c] for c in cuts] for k in keys])
+    return values, cuts, [f"{k[0]}/{labels[k]}" for k in keys], [k[0] for k in keys]
 
 
 def analyse(table, job: ProbeJob) -> tuple[plateau.Plateau, dict]:
-    """Pooled and per-benchmark stages/plateau of the chosen metric."""
+    """Pooled (macro or sample pooling) and per-benchmark stages/plateau, resampling by question group/image."""
     kw = dict(delta=job.delta, epsilon=job.epsilon, n_boot=job.n_boot, seed=job.seed)
-    pooled = plateau.find_plateau(*metric_matrix(table, job.metric), **kw)
-    per = {b: plateau.find_plateau(*metric_matrix(table, job.metric, b), **kw)
-           for b in sorted(set(table.column("benchmark").to_pylist()))}
+    values, cuts, groups, strata = sample_matrix(table, job.metric)
+    pooled = plateau.find_plateau(values, cuts, groups=groups, strata=strata, pooling=job.pooling, **kw)
+    per = {}
+    for b in sorted(set(strata)):
+        v, c, g, _ = sample_matrix(table, job.metric, b)
+        per[b] = plateau.find_plateau(v, c, groups=g, **kw)
     return pooled, per
 
 
@@ -183,7 +193,8 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
         "bad_rows": {"count": len(bad), "rows": bad},
         "settings": {"benches": [str(b) for b in job.benches], "workers": job.workers, "device": device,
                      "format": job.fmt, "rows_per_shard": job.rows_per_shard, "limit": job.limit,
-                     "bootstrap": job.n_boot, "delta": job.delta, "epsilon": job.epsilon, "seed": job.seed,
+                     "bootstrap": job.n_boot, "pooling": job.pooling, "delta": job.delta, "epsilon": job.epsilon,
+                     "seed": job.seed,
                      "ci_level": plateau.CI_LEVEL, "worker": worker},
         "seconds": round(seconds, 3),
     }

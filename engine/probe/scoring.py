@@ -109,7 +109,8 @@ def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sampl
     cuts = settings.cut_list(L)
     kind = prompting.question_kind(sample)
     inputs = core.to_device(prompter.encode(sample), model.device)
-    base = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, category=sample.category, kind=kind,
+    base = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, group=sample.group or sample.id,
+                category=sample.category, kind=kind,
                 num_layers=L, seq_len=inputs.seq_len, n_image_tokens=int(inputs.image_mask.sum()))
     rows = []
     if kind != "open":

@@ -29,6 +29,10 @@ class WorkerSettings:
     attention: bool = False  # per-sample attention focus (unmasked model)
     attention_sample: Optional[str] = None  # sample id for the heat map (None: the first sample)
     threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+    system_prompt: Optional[str] = None  # a system turn before the user's (lmms-eval's Qwen runs use one)
+    min_pixels: Optional[int] = None  # Qwen-VL resize bounds; None: the model directory's image processor
+    max_pixels: Optional[int] = None
+    split: tuple = ()  # (holdout fraction, seed, "probe" | "eval"): probe only that side of a group split
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -67,7 +71,8 @@ class ShardProber:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.prompter = prompting.Prompter(settings.model)
+        self.prompter = prompting.Prompter(settings.model, system_prompt=settings.system_prompt,
+                                           min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
         device = settings.local_device()
         self.model = prompting.load_model(settings.model, device=device, dtype=settings.torch_dtype(device))
         self.parts = core.install(self.model)
@@ -77,7 +82,8 @@ class ShardProber:
         start = time.perf_counter()
         read = readers.read_shard(shard)
         rows, bad, focus_rows, heatmap = [], list(read.bad), [], None
-        for sample in read.samples:
+        samples = [s for s in read.samples if not self.settings.split or readers.in_split(s, *self.settings.split)]
+        for sample in samples:
             try:
                 rows.extend(scoring.score_sample(self.model, self.parts, self.prompter, sample, self.settings.score))
                 if self.settings.attention:
