@@ -27,7 +27,11 @@ BASE_FAMILIES = {
     "llava_next": ("llama", "mistral"),
     "llava_original": ("llama", "mistral"),
 }
-_LLM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# decoder-only LLM families known by name (any other LLM still plans through the generic rules)
+_LLM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "phi3", "olmo2",
+              "gpt2")
+# config keys holding the language model's decoder-layer count (text_config's first, for an MLLM)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
 _MODEL_TYPES = {
     "qwen2_vl": "qwen2_5_vl",  # same tensor names as Qwen2.5-VL
     "qwen2_5_vl": "qwen2_5_vl",
@@ -54,9 +58,9 @@ _VISION_ROOTS = (
     "visual.",
 )
 _QWEN_MERGERS = ("merger.", "deepstack_merger_list.")  # Qwen-VL's projector lives inside the vision module
-_LM_ROOTS = ("model.language_model.", "language_model.model.", "model.")
+_LM_ROOTS = ("model.language_model.", "language_model.model.", "model.", "transformer.")  # GPT-2: transformer.h.i
 
-_LM_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_LM_LAYER = re.compile(r"^(?:layers|h)\.(\d+)\.(.+)$")
 _VISION_BLOCK = re.compile(r"^(?:blocks|encoder\.layers|layers)\.(\d+)\.(.+)$")
 _SEQ_LINEAR = re.compile(r"(?:^|\.)(\d+)\.(?:weight|bias)$")  # nn.Sequential(Linear, GELU, Linear, ...)
 _NAMED_LINEAR = re.compile(r"(?:^|\.)linear_(?:fc)?(\d+)\.(?:weight|bias)$")  # linear_1 / linear_fc1
@@ -78,9 +82,9 @@ def _lm_role(rest: str) -> Optional[TensorRole]:
     m = _LM_LAYER.match(rest)
     if m:
         return TensorRole("language_model", "layer", int(m.group(1)), m.group(2))
-    if rest.startswith("embed_tokens."):
+    if rest.startswith(("embed_tokens.", "wte.", "wpe.")):  # GPT-2: token and position embeddings
         return TensorRole("language_model", "embed", None, rest)
-    if rest.startswith("norm."):
+    if rest.startswith(("norm.", "ln_f.")):
         return TensorRole("language_model", "final_norm", None, rest)
     return None
 
@@ -214,7 +218,8 @@ def _check_layers(config: Mapping, names: Sequence[str], roles: Sequence[TensorR
     """LM layer count from config (text_config or top level), cross-checked with the names: a missing or extra
     decoder layer is a broken checkpoint or a wrong config."""
     found = sorted({r.layer for r in roles if r.kind == "layer"})
-    declared = _text_config(config).get("num_hidden_layers")
+    text = _text_config(config)
+    declared = next((text[k] for k in LAYER_COUNT_KEYS if k in text), None)
     if declared is None:
         return found[-1] + 1 if found else 0
     if not isinstance(declared, int) or declared < 0:

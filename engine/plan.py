@@ -105,7 +105,8 @@ class Plan:
     # (file name, text) written into the output dir beside the reports and into the state dir at the start of a
     # run, so --resume can reuse them (e.g. PivotMerge's calibration gains, engine.pivot_calibration)
     artifacts: tuple[tuple[str, str], ...] = field(default=())
-    # (dotted config.json key, value) set in the output's config.json, e.g. the vocabulary size of a built tokenizer
+    # (dotted config.json key, value) set in the output's config.json: the vocabulary size of a built tokenizer,
+    # a slices merge's layer count and layer types (engine.slices)
     config_updates: tuple[tuple[str, Any], ...] = field(default=())
 
     @property
@@ -422,6 +423,10 @@ def build_plan(recipe: Recipe, *, shard_size: int | str = "5GB", source: str = "
         from engine.plam_plan import plam_items
 
         planner, items, num_layers = plam_items(recipe, source)
+    elif recipe.slices:
+        from engine.slices import slice_items
+
+        planner, items, num_layers = slice_items(recipe, source)
     elif recipe.merge_method in ("pivot", "pivotmerge"):
         from engine.pivot_plan import pivot_items
 
@@ -473,7 +478,8 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     return Plan(recipe, work, tuple(shards), str(planner.ckpts[planner.reference].root), tok_dir,
                 recipe.output_dtype_code, phash, tuple(str(c.root) for c in planner.ckpts.values()),
                 (*getattr(planner, "notes", ()), *input_notes(planner.ckpts)),
-                tuple(getattr(planner, "artifacts", ())) + artifacts, updates)
+                tuple(getattr(planner, "artifacts", ())) + artifacts,
+                updates + tuple(getattr(planner, "config_updates", ())))
 
 
 def input_notes(ckpts: dict[str, Checkpoint]) -> tuple[str, ...]:

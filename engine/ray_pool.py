@@ -9,6 +9,7 @@ MAX_UNIT_ATTEMPTS workers is a poison pill and fails the merge instead of loopin
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -33,14 +34,24 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None) ->
         ray.init(address=address, log_to_driver=True)
         return True
     path = os.environ.get("PYTHONPATH", "")
-    ray.init(
-        address="local",  # a fresh instance: never attach to some other `ray start` cluster found on this machine
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=True,
-        runtime_env={"env_vars": {"PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}},
-    )
+    # The embedded instance is private to this merge: Ray's metrics exporter threads (whose crashes at exit printed
+    # SIGSEGV/SIGABRT dumps after successful merges) are off, and its notice that token auth was enabled by default
+    # (auth stays on) is not printed.
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(
+            address="local",  # a fresh instance: never attach to some other `ray start` cluster on this machine
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}},
+            _system_config={"enable_metrics_collection": False},
+        )
+    finally:
+        auth_log.setLevel(level)
     return True
 
 

@@ -49,6 +49,25 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One input of an output slice: layers [first, stop) of `model` (mergekit's `layer_range`, end exclusive)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class OutputSlice(BaseModel):
+    """A run of output decoder layers: its sources (equal layer counts) merge layer by layer with the recipe's
+    method; `base_model` and `parameters` override the recipe's for this slice (engine.slices)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
 class ModuleRecipe(BaseModel):
     """Per-module override for MLLMs: `modules: {vision_tower: {merge_method: passthrough}, ...}`."""
 
@@ -118,6 +137,7 @@ class Recipe(BaseModel):
     merge_method: str
     base_model: Optional[str] = None
     models: list[Union[ModelEntry, str]] = Field(default_factory=list)  # a bare string = {model: <string>}
+    slices: list[OutputSlice] = Field(default_factory=list)  # mergekit's `slices:` (instead of `models:`)
     parameters: dict[str, Setting] = Field(default_factory=dict)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
@@ -156,6 +176,10 @@ class Recipe(BaseModel):
         """Input models in order (PlaM: mllm then base_llm)."""
         if self.merge_method == "plam":
             return [r for r in (self.mllm, self.base_llm) if r]
+        if self.slices:  # every model a slice names, in order of first mention
+            refs = [src.model for sl in self.slices for src in sl.sources]
+            refs += [sl.base_model for sl in self.slices if sl.base_model]
+            return list(dict.fromkeys(refs))
         return [m.model for m in self.models]
 
     @property
@@ -171,7 +195,7 @@ class Recipe(BaseModel):
 
 
 _UNION_LABELS = {"bool", "int", "float", "str", "list[...]", "ModelEntry", "PairWeights", "CalibrationRecipe",
-                 "TokenSource"}
+                 "TokenSource", "OutputSlice", "SliceSource"}
 
 
 def _yaml_path(loc: tuple) -> str:
@@ -216,6 +240,11 @@ def _resolve(ref: Optional[str], base_dir: Path) -> Optional[str]:
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     models = [m.model_copy(update={"model": _resolve(m.model, base_dir)}) for m in recipe.models]
     upd = {"models": models}
+    if recipe.slices:
+        upd["slices"] = [sl.model_copy(update={
+            "base_model": _resolve(sl.base_model, base_dir),
+            "sources": [src.model_copy(update={"model": _resolve(src.model, base_dir)}) for src in sl.sources]})
+            for sl in recipe.slices]
     for key in ("base_model", "mllm", "base_llm", "init_model"):
         upd[key] = _resolve(getattr(recipe, key), base_dir)
     if recipe.calibration is not None:

@@ -59,6 +59,11 @@ def _check_settings(spec: MethodSpec, settings: dict, where: str, per_model_only
 
 def check_recipe(recipe: Recipe, source: str) -> None:
     """Method exists, models are given in the form it needs, every parameter is known and well-typed."""
+    if recipe.slices:
+        from engine.slices import check_slices_recipe
+
+        check_slices_recipe(recipe, source)
+        return
     try:
         spec = methods.get(recipe.merge_method)
     except ValueError as exc:

@@ -21,6 +21,14 @@ TINY_LLM = dict(
     vocab_size=128,
     max_position_embeddings=128,
 )
+# Per-family changes to TINY_LLM for `build_llm(family=...)`: GPT-2 names its sizes differently (and stores its
+# linears as Conv1D, (in, out)); Gemma's head_dim is its own key.
+TINY_FAMILY = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128),
+    "gemma2": dict(TINY_LLM, head_dim=8),
+    "gemma3_text": dict(TINY_LLM, head_dim=8),
+    "granite": dict(TINY_LLM),
+}
 
 
 def _seeded(seed: int):
@@ -80,7 +88,9 @@ def build_llm(
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
         perturb_(model, perturb_seed if perturb_seed is not None else seed)
     else:
-        kw = {**TINY_LLM, **overrides}
+        kw = {**TINY_FAMILY.get(family, TINY_LLM), **overrides}
+        if family == "gpt2" and "num_hidden_layers" in kw:
+            kw["n_layer"] = kw.pop("num_hidden_layers")
         config = AutoConfig.for_model(family, **kw)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

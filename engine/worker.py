@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from engine.unit import UnitResult, run_unit
+from engine.unit import UnitResult, run_unit, tune_allocator
 from engine.writer import finalize_shard, partial_path, sha256_file, state_dir
 
 _KINDS = ("crash", "crash-after", "sleep")
@@ -92,6 +92,7 @@ class MergeWorker:
         from engine import methods
 
         methods.names()  # import every method module now, not inside the first unit
+        tune_allocator()
         torch.set_num_threads(max(1, threads))
         if device == "cuda":
             if not torch.cuda.is_available():

@@ -284,7 +284,7 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
     atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     cfg = Path(plan.config_source) / "config.json"
     if cfg.exists():
-        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype, getattr(plan, "config_updates", ())))
+        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype, plan.config_updates))
     tok = Path(plan.tokenizer_source)
     built = {name for name, _ in getattr(plan, "artifacts", ())}
     # a tokenizer built by the plan (union, added tokens) replaces every tokenizer file of the source: a stale

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -129,11 +130,13 @@ def bench_method(method: str, dirs: list[Path], work: Path, repeats: int, worker
                 mk.append(run_mergekit(work / "mk.yaml", work / "out-mk"))
             else:
                 sm.append(run_shardmerge(work / "sm.yaml", work / "out-sm", workers, chunk_mb, threads))
-    return {"method": method, "mergekit": _median(mk), "shardmerge": _median(sm)}
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return {"method": method, "mergekit": _median(mk), "shardmerge": _median(sm), "load": load}
 
 
 def print_row(r: dict) -> None:
     mk, sm = r["mergekit"], r["shardmerge"]
+    print(f"{r['method']:<16} load average {r.get('load', '?')}", flush=True)
     print(f"{r['method']:<16} mergekit wall {mk['wall_s']:7.1f} s  max RSS {gib(mk['max_rss'])}  "
           f"private {gib(mk['private_peak'])} | shardmerge wall {sm['wall_s']:6.1f} s  fixed {sm['fixed_s']:4.1f} s "
           f"(start-up {sm['startup_s']:.1f} s)  sustained {sm['sustained_s']:6.1f} s  max RSS {gib(sm['max_rss'])}  "

@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
 
 
+# Without --workers and without a cluster, merges whose output is at most this size run in-process (--workers 0):
+# starting the embedded Ray instance and its worker actors costs 6-9 s on a quiet 2-core machine (more under
+# load), about what an in-process merge of this size takes, so a pool would not finish sooner.
+IN_PROCESS_MAX_BYTES = 512 * 10**6
+
+
 def default_workers(device: str) -> int:
     if device == "cuda":
         import torch
@@ -73,7 +79,10 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
                       state=state_dir(Path(out)) if resume else None, address=address,
                       svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers)
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
-        workers = default_workers(device)  # on a cluster, execute() sizes the pool from the cluster's resources
+        # on a cluster, execute() sizes the pool from the cluster's resources; on this machine a small merge runs
+        # in this process, since starting an embedded Ray and its workers costs more than the merge itself
+        small = device == "cpu" and fault is None and plan.total_bytes <= IN_PROCESS_MAX_BYTES
+        workers = 0 if small else default_workers(device)
     summary = execute(plan, out, workers=workers, device=device, resume=resume, overwrite=overwrite,
                       chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
                       progress=progress, fault=fault, address=address, threads_per_worker=threads_per_worker,

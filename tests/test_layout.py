@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from engine.layout import (
+    TensorRole,
     Layout,
     TargetSet,
     check_lm_pairs,
@@ -143,7 +144,10 @@ def test_specific_roles():
     for name, want in cases.items():
         r = classify(name)
         assert (r.module, r.kind, r.layer, r.sub) == want, name
-    assert classify("model.foo.weight") is None and classify("transformer.h.0.attn.weight") is None
+    assert classify("model.foo.weight") is None and classify("transformer.encoder.layers.0.weight") is None
+    # GPT-2's decoder blocks, embeddings and final norm are language-model roles
+    assert classify("transformer.h.0.attn.c_attn.weight") == TensorRole("language_model", "layer", 0, "attn.c_attn.weight")
+    assert classify("transformer.wpe.weight").kind == "embed" and classify("transformer.ln_f.bias").kind == "final_norm"
 
 
 def _llava_original_names(layers: int) -> list[str]:

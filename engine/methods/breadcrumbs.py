@@ -3,7 +3,8 @@
 Per expert, over the whole tensor: drop the int(gamma * numel) largest |tau_k| (outliers) and keep the next
 int(density * numel) (mergekit `magnitude_outliers`: when gamma + density > 1 fewer outliers are dropped so the
 target count is kept; density >= 1 keeps everything, gamma included). The window [lo, hi] of kept magnitudes is
-found exactly in `prepare` (two streaming passes, select.py); entries tied with a bound are kept.
+found exactly in `prepare` (two streaming passes, select.py); exactly the asked ranks are kept, ties
+at a bound broken by flat index (select.py).
 Then `breadcrumbs` sums like task_arithmetic and `breadcrumbs_ties` adds TIES sign consensus.
 Defaults are mergekit's: weight (required), density [1.0], gamma [0.01] per model; normalize [false],
 rescale [false], lambda [1.0], int8_mask [false] (no numeric effect, as in mergekit).

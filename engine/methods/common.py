@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.select import kth_largest_abs_streaming
+from engine.methods.select import keep_in_window, rank_streaming
 from kernels._util import use_triton
 from kernels.interpolate import interpolate
 
@@ -141,11 +141,15 @@ class RowSum:
 # ----------------------------------------------------------------------------------------------- sparsification
 @dataclass(frozen=True)
 class Window:
-    """The entries of one expert's tau that survive: lo <= |tau| <= hi (None = unbounded); drop_all keeps none."""
+    """The entries of one expert's tau that survive: lo <= |tau| <= hi (None = unbounded); drop_all keeps none.
+    Exactly-k cuts inside ties (select.py ranks ties by flat index): of the entries with |tau| == lo only those at
+    flat index <= lo_last survive, of those with |tau| == hi only those at flat index >= hi_first (None: all)."""
 
     lo: Optional[float] = None
     hi: Optional[float] = None
     drop_all: bool = False
+    lo_last: Optional[int] = None
+    hi_first: Optional[int] = None
 
     @property
     def keeps_all(self) -> bool:
@@ -190,10 +194,15 @@ def _taus(read: ChunkReader, experts: Sequence[int]):
 
 def select_windows(read: ChunkReader, ks: Sequence[Optional[tuple[int, Optional[int]]]],
                    info: TensorInfo) -> tuple[Window, ...]:
-    """Turn per-expert rank bounds into exact |tau| windows with two streaming passes (none if nothing to select)."""
+    """Turn per-expert rank bounds into exact |tau| windows that keep exactly the ranks asked for: two streaming
+    passes, plus one when a bound cuts through tied magnitudes (none at all if nothing is to be selected)."""
     chosen = [e for e, k in enumerate(ks) if k is not None and k[0] > 0]
     wanted = [[ks[e][0]] + ([ks[e][1]] if ks[e][1] is not None else []) for e in chosen]
-    found = kth_largest_abs_streaming(_taus(read, chosen), wanted, label=f"tensor {info.name!r}")
+
+    def cuts_ties(_i: int, j: int, r) -> bool:  # j 0: lower bound (keep the first `need` ties), 1: upper bound
+        return r.need < r.ties if j == 0 else r.need > 1
+
+    found = rank_streaming(_taus(read, chosen), wanted, label=f"tensor {info.name!r}", locate=cuts_ties)
     windows = []
     for e, k in enumerate(ks):
         if k is None:
@@ -201,22 +210,19 @@ def select_windows(read: ChunkReader, ks: Sequence[Optional[tuple[int, Optional[
         elif k[0] == 0:
             windows.append(Window(drop_all=True))
         else:
-            vals = found[chosen.index(e)]
-            windows.append(Window(lo=vals[0], hi=vals[1] if len(vals) > 1 else None))
+            lo, *hi = found[chosen.index(e)]
+            windows.append(Window(lo=lo.value, hi=hi[0].value if hi else None, lo_last=lo.index,
+                                  hi_first=hi[0].index if hi else None))
     return tuple(windows)
 
 
-def window_mask(tau: torch.Tensor, window: Window) -> Optional[torch.Tensor]:
-    """Boolean keep mask of tau for a window (None when everything is kept)."""
+def window_mask(tau: torch.Tensor, window: Window, elem_offset: int = 0) -> Optional[torch.Tensor]:
+    """Boolean keep mask of tau (a chunk starting at flat index `elem_offset`) for a window (None: keep all)."""
     if window.keeps_all:
         return None
     if window.drop_all:
         return torch.zeros_like(tau, dtype=torch.bool)
-    mag = tau.abs()
-    keep = mag >= window.lo
-    if window.hi is not None:
-        keep &= mag <= window.hi
-    return keep
+    return keep_in_window(tau.abs(), window.lo, window.hi, window.lo_last, window.hi_first, elem_offset)
 
 
 MaskFn = Callable[[int, Chunk, torch.Tensor], Optional[torch.Tensor]]
@@ -255,16 +261,17 @@ def prepare_magnitude(read: ChunkReader, info: TensorInfo, n_experts: int, densi
     windows = select_windows(read, ks, info)
     scales = (1.0,) * n_experts
     if rescale and any(not w.keeps_all and not w.drop_all for w in windows):
-        scales = l1_scales(read, lambda e, _c, tau: window_mask(tau, windows[e]), n_experts, info)
+        scales = l1_scales(read, lambda e, c, tau: window_mask(tau, windows[e], c.elem_offset), n_experts, info)
     return SparsifyStats(windows=windows, scales=scales)
 
 
-def sparsified_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, stats: SparsifyStats) -> list:
+def sparsified_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, stats: SparsifyStats,
+                      elem_offset: int = 0) -> list:
     """tau_e * mask_e * scale_e for every expert of one chunk (mergekit's sparsify + rescaled_masked_tensor)."""
     out = []
     for e, t in enumerate(tensors):
         tau = t - base
-        keep = window_mask(tau, stats.windows[e])
+        keep = window_mask(tau, stats.windows[e], elem_offset)
         if keep is not None:
             tau = tau * keep
         if stats.scales[e] != 1.0:
@@ -347,6 +354,46 @@ def _float32_above(x: float) -> float:
     return float(torch.nextafter(one, torch.tensor(math.inf, dtype=torch.float32)))
 
 
+def _float32_below(x: float) -> float:
+    one = torch.tensor(x, dtype=torch.float32)
+    return float(torch.nextafter(one, torch.tensor(-math.inf, dtype=torch.float32)))
+
+
+def chunk_windows(windows: Sequence[Window], elem_offset: int, size: int) -> tuple[tuple[Window, ...], list[int]]:
+    """The windows restricted to one chunk (flat positions [elem_offset, elem_offset + size)) as plain magnitude
+    bounds for the fused kernel, which knows no flat index: a tie cut outside the chunk becomes an inclusive or
+    exclusive bound; a cut inside it keeps the inclusive bound and the expert is listed in the second result (its
+    cut-off tied entries must be removed from the kernel's inputs, `drop_cut_ties`)."""
+    out, cut = [], []
+    for e, w in enumerate(windows):
+        lo, hi = w.lo, w.hi
+        if w.lo_last is not None and w.lo_last < elem_offset + size - 1:
+            if w.lo_last >= elem_offset:
+                cut.append(e)
+            else:
+                lo = _float32_above(lo)  # the chunk lies after the cut: none of its ties at lo are kept
+        if w.hi_first is not None and w.hi_first > elem_offset:
+            if w.hi_first < elem_offset + size:
+                cut.append(e)
+            else:
+                hi = _float32_below(hi)
+        out.append(Window(lo=lo, hi=hi, drop_all=w.drop_all or (hi is not None and lo is not None and lo > hi)))
+    return tuple(out), sorted(set(cut))
+
+
+def drop_cut_ties(tensors: Sequence[torch.Tensor], base: torch.Tensor, windows: Sequence[Window],
+                  cut: Sequence[int], elem_offset: int) -> list[torch.Tensor]:
+    """The inputs with every tied entry that an exactly-k cut drops set equal to the base (tau = 0, which adds
+    nothing to any sum, sign vote or norm), so the kernel's magnitude bounds alone give the exact selection."""
+    out = list(tensors)
+    for e in cut:
+        tau = tensors[e] - base
+        bounds = Window(lo=windows[e].lo, hi=windows[e].hi)
+        drop = ~window_mask(tau, windows[e], elem_offset) & window_mask(tau, bounds)
+        out[e] = torch.where(drop, base, tensors[e])
+    return out
+
+
 def window_thresholds(windows: Sequence[Window]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The windows as interpolate's per-expert (thresholds, upper_thresholds): keep lo <= |tau| < hi.
 
@@ -423,11 +470,13 @@ def windowed_merge(mode: str, consensus: bool):
         weights = per_model("weight", params["weight"], len(tensors), info)
         normalize, lam = bool(params["normalize"]), float(params["lambda"])
         if on_kernel_device(tensors, base):
-            lo, hi = window_thresholds(stats.windows)
+            windows, cut = chunk_windows(stats.windows, chunk.elem_offset, base.numel())
+            tensors = drop_cut_ties(tensors, base, stats.windows, cut, chunk.elem_offset) if cut else tensors
+            lo, hi = window_thresholds(windows)
             extra = {"upper_thresholds": hi} if upper else {}
             return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam, thresholds=lo,
                                scales=stats.scales, **extra)
-        deltas = sparsified_deltas(tensors, base, stats)
+        deltas = sparsified_deltas(tensors, base, stats, chunk.elem_offset)
         return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
 
     merge.__doc__ = windowed_merge.__doc__

@@ -10,17 +10,20 @@ bit pattern of a float32 is monotone in its value, so
 Histograms are integer counts, so they are identical whatever the chunking, device or order of chunks.
 
 Semantics: the threshold t returned is exactly the k-th largest |x| counted with multiplicity, i.e.
-torch.kthvalue(|x|.flatten(), numel - k + 1). Callers keep entries with |x| >= t.
-Tie handling vs mergekit: mergekit keeps exactly k entries via argsort (which of several entries equal to the k-th
-value survive is unspecified); keeping |x| >= t keeps all of them, so more than k entries survive exactly when the
-k-th largest magnitude is tied. The extra survivors are equal in magnitude to a kept one; ties of zeros (the common
-case: an expert equal to the base somewhere) change nothing numerically.
+torch.kthvalue(|x|.flatten(), numel - k + 1).
+Exactly k: entries are ranked by |x| descending, then by flat index ascending (a total order that does not depend
+on the chunking). `rank_streaming` returns, besides t, the flat index of the entry of rank k, found by one more
+pass that runs only when t is tied and the cut falls inside the ties; the top k are then the entries with |x| > t
+plus those with |x| == t up to that index. bf16 fine-tunes make such ties common (their task vectors lie on a
+coarse grid), so keeping every tied entry would keep more than k. mergekit also keeps exactly k, but which of the
+tied entries it keeps is its parallel sort's (unstable, thread-dependent) order: the kept count is the same, the
+positions may differ among entries of equal |x| at the threshold.
 NaN magnitudes are refused (their bit patterns would sort above +inf); -0.0 counts as 0.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -121,6 +124,82 @@ def _bits_to_float(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
+class Rank(NamedTuple):
+    """The entry of rank k (|x| descending, then flat index ascending) of one stream."""
+
+    value: float  # its |x|: the k-th largest magnitude
+    need: int  # how many entries with |x| == value rank within the top k (1 <= need <= ties)
+    ties: int  # how many entries have |x| == value
+    index: Optional[int] = None  # its flat index; None unless asked for and needed (1 < ties)
+
+
+def _select(read: StreamReader, ks: Sequence[Sequence[int]], label: str) -> list[list[Rank]]:
+    """Two passes: the k-th largest |x| of every (stream, k), with its tie counts (index not yet located)."""
+    n_streams = len(ks)
+    high, n = _pass_high(read, n_streams, label)
+    _check_ks(ks, n, label)
+    picks: dict[tuple[int, int], tuple[int, int]] = {}
+    for i, wanted in enumerate(ks):
+        for k in wanted:
+            picks[(i, k)] = _top_bucket(high[i], k)
+    low = _pass_low(read, {(i, bucket): None for (i, _), (bucket, _) in picks.items()})
+    out: list[list[Rank]] = []
+    for i, wanted in enumerate(ks):
+        row = []
+        for k in wanted:
+            bucket, need = picks[(i, k)]
+            hist = low[(i, bucket)]
+            low_bits, need_low = _top_bucket(hist, need)
+            row.append(Rank(_bits_to_float((bucket << _LOW_BITS) | low_bits), need_low, int(hist[low_bits])))
+        out.append(row)
+    return out
+
+
+def _locate(read: StreamReader, wanted: dict[tuple[int, float], set[int]]) -> dict[tuple[int, float, int], int]:
+    """One pass: for each (stream, value) and each n in its set, the flat index of the n-th entry (in flat order)
+    with |x| == value. Stops reading once every index is found."""
+    found: dict[tuple[int, float, int], int] = {}
+    todo = sum(len(v) for v in wanted.values())
+    seen = {key: 0 for key in wanted}
+    offset = 0
+    bits_of = {key: int(torch.tensor([key[1]], dtype=torch.float32).view(torch.int32)[0]) for key in wanted}
+    for parts in read():
+        size = parts[0].numel() if parts else 0
+        for key, ns in wanted.items():
+            eq = abs_bits(parts[key[0]]) == bits_of[key]
+            count = int(eq.sum())
+            hits = [n for n in ns if seen[key] < n <= seen[key] + count]
+            if hits:
+                where = eq.nonzero().reshape(-1)
+                for n in hits:
+                    found[(key[0], key[1], n)] = offset + int(where[n - seen[key] - 1])
+            seen[key] += count
+        offset += size
+        if len(found) == todo:
+            break
+    return found
+
+
+def rank_streaming(read: StreamReader, ks: Sequence[Sequence[int]], *, label: str = "magnitude selection",
+                   locate: Callable[[int, int, Rank], bool] = lambda i, j, r: r.ties > 1) -> list[list[Rank]]:
+    """Exact k-th ranked entries for several streams and several k per stream: two passes over `read()`, plus a
+    third for the flat indices of the ranks where `locate(stream, position in ks[stream], rank)` is true
+    (default: the value is tied)."""
+    if len(ks) == 0 or not any(ks):
+        return [[] for _ in ks]
+    ranks = _select(read, ks, label)
+    wanted: dict[tuple[int, float], set[int]] = {}
+    for i, row in enumerate(ranks):
+        for j, r in enumerate(row):
+            if locate(i, j, r):
+                wanted.setdefault((i, r.value), set()).add(r.need)
+    if not wanted:
+        return ranks
+    found = _locate(read, wanted)
+    return [[r._replace(index=found[(i, r.value, r.need)]) if locate(i, j, r) else r for j, r in enumerate(row)]
+            for i, row in enumerate(ranks)]
+
+
 def kth_largest_abs_streaming(
     read: StreamReader, ks: Sequence[Sequence[int]], *, label: str = "magnitude selection"
 ) -> list[list[float]]:
@@ -129,25 +208,43 @@ def kth_largest_abs_streaming(
     `ks[i]` lists the k values wanted for stream i (1 <= k <= numel); returns the thresholds in the same layout,
     each exactly representable as float32. `label` names the tensor in error messages.
     """
-    n_streams = len(ks)
-    if n_streams == 0 or not any(ks):
+    if len(ks) == 0 or not any(ks):
         return [[] for _ in ks]
-    high, n = _pass_high(read, n_streams, label)
-    _check_ks(ks, n, label)
-    picks: dict[tuple[int, int], tuple[int, int]] = {}
-    for i, wanted in enumerate(ks):
-        for k in wanted:
-            picks[(i, k)] = _top_bucket(high[i], k)
-    low = _pass_low(read, {(i, bucket): None for (i, _), (bucket, _) in picks.items()})
-    out: list[list[float]] = []
-    for i, wanted in enumerate(ks):
-        row = []
-        for k in wanted:
-            bucket, need = picks[(i, k)]
-            low_bits, _ = _top_bucket(low[(i, bucket)], need)
-            row.append(_bits_to_float((bucket << _LOW_BITS) | low_bits))
-        out.append(row)
-    return out
+    return [[r.value for r in row] for row in _select(read, ks, label)]
+
+
+def _with_ties(mag: torch.Tensor, value: float, strict: torch.Tensor, start: Optional[int], stop: Optional[int]):
+    """`strict` plus the entries with mag == value at flat chunk positions [start, stop) (None: open end)."""
+    ties = (mag == value).reshape(-1)
+    if start:
+        ties[:start] = False
+    if stop is not None:
+        ties[stop:] = False
+    return strict | ties.reshape(mag.shape)
+
+
+def keep_in_window(mag: torch.Tensor, lo: float, hi: Optional[float], lo_last: Optional[int],
+                   hi_first: Optional[int], elem_offset: int = 0) -> torch.Tensor:
+    """Keep mask of a chunk of magnitudes (flat positions from `elem_offset`) for the window lo <= mag <= hi, where
+    of the entries equal to lo only those at flat index <= lo_last, and of those equal to hi only those at flat
+    index >= hi_first, are kept (None: all of them): the exact top-k cuts of `rank_streaming`."""
+    size = mag.numel()
+    last = None if lo_last is None else lo_last - elem_offset
+    if last is None or last >= size - 1:
+        keep = mag >= lo
+    elif last < 0:
+        keep = mag > lo
+    else:
+        keep = _with_ties(mag, lo, mag > lo, None, last + 1)
+    if hi is not None:
+        first = None if hi_first is None else hi_first - elem_offset
+        if first is None or first <= 0:
+            keep &= mag <= hi
+        elif first >= size:
+            keep &= mag < hi
+        else:
+            keep &= _with_ties(mag, hi, mag < hi, first, None)
+    return keep
 
 
 def kth_largest_abs(x: torch.Tensor, k: int, *, chunk_rows: int | None = None) -> float:
@@ -164,4 +261,4 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, chunk_rows: int | None = None) -
     return kth_largest_abs_streaming(read, [[k]])[0][0]
 
 
-__all__ = ["StreamReader", "abs_bits", "kth_largest_abs", "kth_largest_abs_streaming"]
+__all__ = ["Rank", "StreamReader", "abs_bits", "keep_in_window", "kth_largest_abs", "kth_largest_abs_streaming", "rank_streaming"]

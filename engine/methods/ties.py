@@ -5,7 +5,8 @@ exact per-tensor threshold from select.py, computed in `prepare` with two stream
 the sign of sum_k w_k tau_k (mergekit consensus "sum", zero counts as +); average the agreeing weighted entries
 (divide by the agreeing weights when `normalize` [true]); theta = theta_0 + lambda * merged.
 `rescale` [false] rescales each trimmed tau_k to its original L1 norm (mergekit RescaleNorm.l1; one more pass).
-Ties at the threshold magnitude are all kept (mergekit's argsort keeps exactly k): see select.py.
+Exactly k entries are kept: ties at the threshold magnitude are broken by flat index (a third pass, only when
+the cut falls inside ties): see select.py.
 """
 
 from __future__ import annotations
