@@ -250,6 +250,22 @@ def l1_scales(read: ChunkReader, mask_fn: MaskFn, n_experts: int, info: TensorIn
     return tuple(scales)
 
 
+def masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, chunk, mask_fn: MaskFn,
+                  scales: Sequence[float]) -> list[torch.Tensor]:
+    """Each expert's task vector on this chunk with its keep mask applied (mask_fn may return None: keep all) and
+    its L1 rescale factor (from l1_scales) multiplied in: the drop-and-rescale step DARE and DELLA share."""
+    deltas = []
+    for e, t in enumerate(tensors):
+        tau = t - base
+        keep = mask_fn(e, chunk, tau)
+        if keep is not None:
+            tau = tau * keep
+        if scales[e] != 1.0:
+            tau = tau * scales[e]
+        deltas.append(tau)
+    return deltas
+
+
 def prepare_magnitude(read: ChunkReader, info: TensorInfo, n_experts: int, density: Sequence[float],
                       gamma: Optional[Sequence[float]], rescale: bool) -> SparsifyStats:
     """Whole-tensor statistics of TIES / breadcrumbs sparsification: 2 passes, plus 1 when `rescale` is on."""

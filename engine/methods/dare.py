@@ -32,6 +32,7 @@ from engine.methods.common import (
     fused_merge,
     gta_params,
     l1_scales,
+    masked_deltas,
     on_kernel_device,
     per_model,
 )
@@ -108,15 +109,7 @@ def _merge(consensus: bool):
         if on_kernel_device(tensors, base):
             return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam,
                                **kernel_args(stats))
-        deltas = []
-        for e, t in enumerate(tensors):
-            tau = t - base
-            keep = keep_mask(stats, e, chunk, tau)
-            if keep is not None:
-                tau = tau * keep
-            if stats.scales[e] != 1.0:
-                tau = tau * stats.scales[e]
-            deltas.append(tau)
+        deltas = masked_deltas(tensors, base, chunk, lambda e, c, tau: keep_mask(stats, e, c, tau), stats.scales)
         return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
 
     return merge

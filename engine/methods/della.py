@@ -32,7 +32,8 @@ import torch
 
 from engine.methods import register
 from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import DENSITY, WEIGHT, check_inputs, combine_deltas, gta_params, l1_scales, per_model
+from engine.methods.common import (DENSITY, WEIGHT, check_inputs, combine_deltas, gta_params, l1_scales,
+                                   masked_deltas, per_model)
 from kernels.philox import philox, stream_key
 
 
@@ -126,15 +127,7 @@ def _merge(consensus: bool):
         """Drop by the keyed rank-dependent masks, rescale, then sum (or TIES-combine) the weighted deltas."""
         check_inputs(tensors, base, info, needs_base=True)
         weights = per_model("weight", params["weight"], len(tensors), info)
-        deltas = []
-        for e, t in enumerate(tensors):
-            tau = t - base
-            keep = keep_mask(stats, e, chunk, tau)
-            if keep is not None:
-                tau = tau * keep
-            if stats.scales[e] != 1.0:
-                tau = tau * stats.scales[e]
-            deltas.append(tau)
+        deltas = masked_deltas(tensors, base, chunk, lambda e, c, tau: keep_mask(stats, e, c, tau), stats.scales)
         return combine_deltas(base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]),
                               lam=float(params["lambda"]))
 
