@@ -1,3 +1,1 @@
-"""shardmerge engine: recipes, checkpoints, plans, merge methods, execution, output writing, verification."""
-
-__version__ = "0.1.0"
+"""The library: recipe → io → layout → plan → methods → run → verify, with the probe beside it (docs/architecture.md)."""

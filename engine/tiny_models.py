@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -72,8 +71,8 @@ def build_llm(
     seed: int = 0,
     family: str = "llama",
     dtype: torch.dtype = torch.float32,
-    base: Optional[Path | str] = None,
-    perturb_seed: Optional[int] = None,
+    base: Path | str | None = None,
+    perturb_seed: int | None = None,
     max_shard_size: str = "50KB",
     tokenizer: bool = True,
     **overrides,
@@ -120,8 +119,15 @@ NAMINGS = ("current", "legacy")
 
 # Byte-level tokenizer: ids 0..255 are bytes, the family's special tokens follow in this order, so any text
 # (benchmark questions included) encodes without <unk>. The config's token ids are derived from these lists.
-_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>")
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 _LLAVA_SPECIALS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
 TINY_MM_VOCAB = 272  # 256 bytes + specials, rounded up to a multiple of 16
 
@@ -225,8 +231,12 @@ def _mllm_config(family: str, text: dict):
     if family in ("qwen2_5_vl", "qwen3_vl"):
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim/2
         vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
-        tok = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        tok = dict(
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
         if family == "qwen2_5_vl":
             vis.update(patch_size=14, fullatt_block_indexes=[1], window_size=56)
             text = {k: v for k, v in text.items() if k != "head_dim"}  # Qwen2.5 derives it from hidden/heads
@@ -236,10 +246,22 @@ def _mllm_config(family: str, text: dict):
         return Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis, **tok)
     if family in ("llava", "llava_next"):
         text = {k: v for k, v in text.items() if k != "head_dim"}
-        vis = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
-        common = dict(text_config={"model_type": "llama", **text}, vision_config=vis,
-                      image_token_id=ids["<image>"], image_seq_length=4)
+        vis = dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+        )
+        common = dict(
+            text_config={"model_type": "llama", **text},
+            vision_config=vis,
+            image_token_id=ids["<image>"],
+            image_seq_length=4,
+        )
         if family == "llava":
             return LlavaConfig(**common)
         return LlavaNextConfig(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]], **common)
@@ -251,21 +273,32 @@ def _image_processor(family: str):
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
-                                        temporal_patch_size=2)
+        return Qwen2VLImageProcessorPil(
+            min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
     if family == "qwen3_vl":
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        return Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2,
-                                        temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return Qwen2VLImageProcessorPil(
+            min_pixels=32 * 32,
+            max_pixels=64 * 64,
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
     if family == "llava":
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         return CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    return LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                      image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]])
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+    )
 
 
 def _write_processor_files(out: Path, family: str) -> None:
@@ -281,8 +314,14 @@ def _write_processor_files(out: Path, family: str) -> None:
     cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     # llava-hf values: the CLS token is one extra vision token that the "default" strategy drops again
-    proc = cls(image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-               num_additional_image_tokens=1, chat_template=tok.chat_template)
+    proc = cls(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
     proc.save_pretrained(str(out))
 
 
@@ -327,14 +366,18 @@ def legacy_name(family: str, name: str) -> str:
     if family == "qwen2_5_vl":
         rules = (("model.language_model.", "model."), ("model.visual.", "visual."))
     elif family in ("llava", "llava_next"):
-        rules = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                 ("model.vision_tower.", "vision_tower.vision_model."),
-                 ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"))
+        rules = (
+            ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."),
+            ("model.vision_tower.", "vision_tower.vision_model."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("model.image_newline", "image_newline"),
+        )
     else:
         rules = ()
     for old, new in rules:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -417,8 +460,8 @@ def build_mllm(
     seed: int = 0,
     naming: str = "current",
     dtype: torch.dtype = torch.float32,
-    base: Optional[Path | str] = None,
-    perturb_seed: Optional[int] = None,
+    base: Path | str | None = None,
+    perturb_seed: int | None = None,
     num_layers: int = 2,
     max_shard_size: str | int = "50KB",
     **text_overrides,
@@ -465,10 +508,10 @@ def build_base_llm(
     family: str,
     *,
     seed: int = 0,
-    from_mllm: Optional[Path | str] = None,
+    from_mllm: Path | str | None = None,
     dtype: torch.dtype = torch.float32,
-    base: Optional[Path | str] = None,
-    perturb_seed: Optional[int] = None,
+    base: Path | str | None = None,
+    perturb_seed: int | None = None,
     num_layers: int = 2,
     max_shard_size: str | int = "50KB",
     **overrides,
@@ -484,18 +527,37 @@ def build_base_llm(
     if from_mllm is not None:
         src_family, text = _mllm_text_config(Path(from_mllm))
         if BASE_LLM_FAMILY[src_family] != llm_family:
-            raise ValueError(f"build_base_llm: {from_mllm} is a {src_family} MLLM whose base family is "
-                             f"{BASE_LLM_FAMILY[src_family]!r}, not {llm_family!r}")
-        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings")
+            raise ValueError(
+                f"build_base_llm: {from_mllm} is a {src_family} MLLM whose base family is "
+                f"{BASE_LLM_FAMILY[src_family]!r}, not {llm_family!r}"
+            )
+        keys = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "rms_norm_eps",
+            "max_position_embeddings",
+        )
         shape = {k: text[k] for k in keys if k in text}
         if llm_family == "qwen3":
             shape["head_dim"] = text.get("head_dim", TINY_MM_TEXT["head_dim"])
     kw = {**_text_kwargs(mm_family, num_layers, {}), **shape, **overrides}
     if llm_family != "qwen3":
         kw.pop("head_dim", None)
-    build_llm(out, seed=seed, family=llm_family, dtype=dtype, base=base, perturb_seed=perturb_seed,
-              max_shard_size=max_shard_size, tokenizer=False, **kw)
+    build_llm(
+        out,
+        seed=seed,
+        family=llm_family,
+        dtype=dtype,
+        base=base,
+        perturb_seed=perturb_seed,
+        max_shard_size=max_shard_size,
+        tokenizer=False,
+        **kw,
+    )
     write_mm_tokenizer(Path(out), mm_family)
     return Path(out)
 
@@ -508,15 +570,18 @@ def derive_projector_expert(init: Path | str, out: Path | str, seed: int, scale:
 
     from safetensors.torch import load_file, save_file
 
-    from engine.layout import classify
+    from shardmerge.engine.layout.roles import classify
 
     init, out = Path(init), Path(out)
     shutil.copytree(init, out)
     g, shared = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(1234)
     for f in sorted(out.glob("*.safetensors")):
         tensors = load_file(str(f))
-        names = [k for k, v in tensors.items()
-                 if (r := classify(k)) is not None and r.module == "projector" and v.is_floating_point()]
+        names = [
+            k
+            for k, v in tensors.items()
+            if (r := classify(k)) is not None and r.module == "projector" and v.is_floating_point()
+        ]
         for k in names:
             v = tensors[k]
             tensors[k] = v + scale * (torch.randn(v.shape, generator=shared) + torch.randn(v.shape, generator=g))

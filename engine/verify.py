@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.checkpoint import parse_safetensors_header
-from engine.writer import INDEX, MANIFEST, STATE_DIR, sha256_file
+from shardmerge.engine.io.checkpoint import parse_safetensors_header
+from shardmerge.engine.io.writer import INDEX, MANIFEST, STATE_DIR, sha256_file
 
 
 def _load_json(path: Path, what: str, problems: list[str]):

@@ -1,4 +1,4 @@
-"""`shardmerge bench NAME …` / `python -m jobs.bench NAME …`: benchmarks that print ratios measured side by side in
+"""`shardmerge bench NAME …` / `python -m shardmerge.jobs.bench NAME …`: benchmarks that print ratios measured side by side in
 one run. Each lives in jobs/bench_<name>.py with `main(argv)`; results and commands are recorded in BENCHMARKS.md.
 
   vs-mergekit  shardmerge vs mergekit-yaml on the same recipes (wall, fixed start-up, sustained, memory)
@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional
 
 BENCHES = {
-    "vs-mergekit": "jobs.bench_mergekit",
-    "floor": "jobs.bench_floor",
-    "memory-72b": "jobs.bench_memory72b",
-    "scaling": "jobs.bench_scaling",
-    "probe": "jobs.bench_probe",
-    "kernels": "jobs.bench_kernels",
-    "svd": "jobs.bench_svd",
+    "vs-mergekit": "shardmerge.jobs.bench_mergekit",
+    "floor": "shardmerge.jobs.bench_floor",
+    "memory-72b": "shardmerge.jobs.bench_memory72b",
+    "scaling": "shardmerge.jobs.bench_scaling",
+    "probe": "shardmerge.jobs.bench_probe",
+    "kernels": "shardmerge.jobs.bench_kernels",
+    "svd": "shardmerge.jobs.bench_svd",
 }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
         print(__doc__)

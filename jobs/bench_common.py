@@ -26,9 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -38,23 +38,31 @@ _ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def llama_shapes(*, hidden: int, intermediate: int, vocab: int, layers: int, heads: int,
-                 kv_heads: int) -> dict[str, tuple[int, ...]]:
+def llama_shapes(
+    *, hidden: int, intermediate: int, vocab: int, layers: int, heads: int, kv_heads: int
+) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a Llama checkpoint as transformers writes it (untied head)."""
     head_dim = hidden // heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden),
-                                          "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                p + "mlp.gate_proj.weight": (intermediate, hidden),
+                p + "mlp.up_proj.weight": (intermediate, hidden),
+                p + "mlp.down_proj.weight": (hidden, intermediate),
+            }
+        )
     return shapes
 
 
@@ -68,12 +76,22 @@ def llama_config(size_gb: float, itemsize: int = 2) -> tuple[dict, dict[str, tup
     per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * itemsize
     fixed = (2 * vocab * hidden + hidden) * itemsize
     layers = max(1, round((size_gb * 1e9 - fixed) / per_layer))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": heads, "vocab_size": vocab, "max_position_embeddings": 4096,
-           "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "dtype": "bfloat16"}
-    return cfg, llama_shapes(hidden=hidden, intermediate=inter, vocab=vocab, layers=layers, heads=heads,
-                             kv_heads=heads)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
+    return cfg, llama_shapes(hidden=hidden, intermediate=inter, vocab=vocab, layers=layers, heads=heads, kv_heads=heads)
 
 
 class _Pool:
@@ -110,8 +128,9 @@ def _plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes:
     return shards
 
 
-def _write_tensor(f, pool: _Pool, noise_pool: Optional[_Pool], name: str, shape: tuple[int, ...], model: int,
-                  dtype: torch.dtype) -> None:
+def _write_tensor(
+    f, pool: _Pool, noise_pool: _Pool | None, name: str, shape: tuple[int, ...], model: int, dtype: torch.dtype
+) -> None:
     """Matrices: the pool's values (std 0.02) plus the expert's noise; 1-D tensors (norms): 1 + 5 x (std 0.1)."""
     numel = math.prod(shape)
     for b, start in enumerate(range(0, numel, BLOCK_NUMEL)):
@@ -124,9 +143,17 @@ def _write_tensor(f, pool: _Pool, noise_pool: Optional[_Pool], name: str, shape:
         f.write(memoryview(x.contiguous().view(torch.uint8).numpy()))
 
 
-def write_checkpoint(out: Path, shapes: dict[str, tuple[int, ...]], config: dict, *, model: int = 0,
-                     noise: float = 0.0, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 * 10**9,
-                     seed: int = 0) -> Path:
+def write_checkpoint(
+    out: Path,
+    shapes: dict[str, tuple[int, ...]],
+    config: dict,
+    *,
+    model: int = 0,
+    noise: float = 0.0,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = 2 * 10**9,
+    seed: int = 0,
+) -> Path:
     """Write a sharded safetensors checkpoint (+ index + config.json) block by block. model 0 with noise 0 is the
     base; an expert (model >= 1, noise > 0) is base + noise * (its own random values), tensor by tensor.
     Weights have std 0.02 (1-D tensors: 1 + 0.1 x) like an initialised transformer."""
@@ -141,8 +168,11 @@ def write_checkpoint(out: Path, shapes: dict[str, tuple[int, ...]], config: dict
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in names:
             nbytes = math.prod(shapes[name]) * itemsize
-            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shapes[name]),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _ST_CODES[dtype],
+                "shape": list(shapes[name]),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
             weight_map[name] = fname
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -153,7 +183,8 @@ def write_checkpoint(out: Path, shapes: dict[str, tuple[int, ...]], config: dict
                 _write_tensor(f, pool, noise_pool, name, shapes[name], model, dtype)
         total += offset
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -163,7 +194,7 @@ def dir_bytes(d: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- memory sampling
-def _status(pid: int) -> Optional[dict[str, int]]:
+def _status(pid: int) -> dict[str, int] | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             lines = f.read().splitlines()
@@ -206,7 +237,7 @@ class TreeSampler:
     total_private_peak: int = 0
     samples: int = 0
 
-    def start(self) -> "TreeSampler":
+    def start(self) -> TreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -277,8 +308,9 @@ class ChildRun:
         raise RuntimeError(f"child printed no JSON result line; stderr tail:\n{self.stderr[-2000:]}")
 
 
-def run_child(cmd: Sequence[str], *, env: Optional[dict] = None, timeout: float = 3600,
-              interval: float = 0.05) -> ChildRun:
+def run_child(
+    cmd: Sequence[str], *, env: dict | None = None, timeout: float = 3600, interval: float = 0.05
+) -> ChildRun:
     """Run a command, timing its wall clock and sampling its process tree's memory; raises on a non-zero exit."""
     full_env = dict(os.environ, **(env or {}))
     t0 = time.perf_counter()
@@ -346,10 +378,15 @@ def machine() -> dict:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "cores": os.cpu_count(),
-            "mem_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "load_avg": tuple(round(x, 2) for x in os.getloadavg()),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "load_avg": tuple(round(x, 2) for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def gib(n: int | float) -> str:
@@ -362,8 +399,11 @@ def ratio(a: float, b: float) -> str:
 
 def print_machine() -> dict:
     m = machine()
-    print(f"# machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB RAM; load avg {m['load_avg']}; "
-          f"python {m['python']}, torch {m['torch']}; {m['date']}", flush=True)
+    print(
+        f"# machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB RAM; load avg {m['load_avg']}; "
+        f"python {m['python']}, torch {m['torch']}; {m['date']}",
+        flush=True,
+    )
     return m
 
 
@@ -372,11 +412,21 @@ def python() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- shardmerge child
-def shardmerge_cmd(recipe: Path, out: Path, *, workers: Optional[int], chunk_mb: float,
-                   threads: Optional[int] = None) -> list[str]:
+def shardmerge_cmd(
+    recipe: Path, out: Path, *, workers: int | None, chunk_mb: float, threads: int | None = None
+) -> list[str]:
     """The command that runs one shardmerge merge in a fresh interpreter and prints its phase timings as JSON."""
-    return [sys.executable, "-m", "jobs.bench_common", "merge-child", str(recipe), str(out),
-            "none" if workers is None else str(workers), str(chunk_mb), "none" if threads is None else str(threads)]
+    return [
+        sys.executable,
+        "-m",
+        "shardmerge.jobs.bench_common",
+        "merge-child",
+        str(recipe),
+        str(out),
+        "none" if workers is None else str(workers),
+        str(chunk_mb),
+        "none" if threads is None else str(threads),
+    ]
 
 
 def _merge_child(argv: list[str]) -> int:
@@ -387,32 +437,51 @@ def _merge_child(argv: list[str]) -> int:
     n_workers = None if workers == "none" else int(workers)
     import ray
 
-    from engine.executor import execute
-    from engine.plan import build_plan
-    from engine.ray_pool import connect
-    from engine.recipe import load_recipe
+    from shardmerge.engine.plan.build import build_plan
+    from shardmerge.engine.recipe.schema import load_recipe
+    from shardmerge.engine.run.executor import execute
+    from shardmerge.engine.run.ray_pool import connect
 
     t0 = time.perf_counter()
     started = connect(None, num_cpus=max(os.cpu_count() or 1, n_workers or 1)) if n_workers != 0 else False
     ray_up = time.perf_counter() - t0
     t1 = time.perf_counter()
     plan = build_plan(load_recipe(recipe), shard_size="5GB", source=str(recipe))
-    summary = execute(plan, out, workers=n_workers, chunk_bytes=max(1, int(float(chunk_mb) * 2**20)),
-                      progress=False, threads_per_worker=None if threads == "none" else int(threads))
+    summary = execute(
+        plan,
+        out,
+        workers=n_workers,
+        chunk_bytes=max(1, int(float(chunk_mb) * 2**20)),
+        progress=False,
+        threads_per_worker=None if threads == "none" else int(threads),
+    )
     merge_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     if started:
         ray.shutdown()
     down = time.perf_counter() - t2
-    print(json.dumps({"imports_s": t0 - t_main, "ray_up_s": ray_up, "pool_start_s": summary.get("pool_start_s") or 0.0,
-                      "merge_s": merge_s, "ray_down_s": down, "workers": summary.get("workers"),
-                      "threads_per_worker": summary.get("threads_per_worker"), "bytes": summary["bytes"]}))
+    print(
+        json.dumps(
+            {
+                "imports_s": t0 - t_main,
+                "ray_up_s": ray_up,
+                "pool_start_s": summary.get("pool_start_s") or 0.0,
+                "merge_s": merge_s,
+                "ray_down_s": down,
+                "workers": summary.get("workers"),
+                "threads_per_worker": summary.get("threads_per_worker"),
+                "bytes": summary["bytes"],
+            }
+        )
+    )
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "merge-child":
         sys.exit(_merge_child(sys.argv[2:]))
-    print("usage: python -m jobs.bench_common merge-child RECIPE OUT WORKERS|none CHUNK_MB THREADS|none",
-          file=sys.stderr)
+    print(
+        "usage: python -m shardmerge.jobs.bench_common merge-child RECIPE OUT WORKERS|none CHUNK_MB THREADS|none",
+        file=sys.stderr,
+    )
     sys.exit(2)

@@ -5,7 +5,7 @@ output's bytes to a new file and fsync it. A merge cannot be faster than that wi
 For each method it prints the sustained merge time (wall minus Ray's fixed cost, see bench_mergekit) through Ray
 workers, the in-process time (workers=0: no Ray at all), and both divided by the floor. Target for linear: ≤ 1.7×.
 
-    python -m jobs.bench floor [--size-gb 1.1] [--models 3] [--methods linear] [--workers N] [--threads T]
+    python -m shardmerge.jobs.bench floor [--size-gb 1.1] [--models 3] [--methods linear] [--workers N] [--threads T]
                                [--chunk-mb 64] [--models-dir DIR] [--json FILE]
 """
 
@@ -17,10 +17,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
-from jobs.bench_common import dir_bytes, print_machine, read_all, run_child, shardmerge_cmd, write_fsync
-from jobs.bench_mergekit import METHODS, make_models, recipes
+from shardmerge.jobs.bench_common import dir_bytes, print_machine, read_all, run_child, shardmerge_cmd, write_fsync
+from shardmerge.jobs.bench_mergekit import METHODS, make_models, recipes
 
 
 def floor_seconds(dirs: list[Path], out_bytes: int, scratch: Path) -> dict:
@@ -29,23 +28,32 @@ def floor_seconds(dirs: list[Path], out_bytes: int, scratch: Path) -> dict:
     read_all(files)
     read_s, in_bytes = read_all(files)
     write_s = write_fsync(scratch, out_bytes)
-    return {"read_s": read_s, "in_bytes": in_bytes, "write_fsync_s": write_s, "out_bytes": out_bytes,
-            "floor_s": read_s + write_s}
+    return {
+        "read_s": read_s,
+        "in_bytes": in_bytes,
+        "write_fsync_s": write_s,
+        "out_bytes": out_bytes,
+        "floor_s": read_s + write_s,
+    }
 
 
-def merge_seconds(recipe: Path, out: Path, workers: Optional[int], chunk_mb: float,
-                  threads: Optional[int] = None) -> dict:
+def merge_seconds(recipe: Path, out: Path, workers: int | None, chunk_mb: float, threads: int | None = None) -> dict:
     """One shardmerge run in a fresh process: sustained seconds (wall - Ray fixed cost) and the output size."""
     r = run_child(shardmerge_cmd(recipe, out, workers=workers, chunk_mb=chunk_mb, threads=threads))
     t = r.last_json()
     out_bytes = dir_bytes(out)
     shutil.rmtree(out, ignore_errors=True)
     fixed = t["ray_up_s"] + t["pool_start_s"] + t["ray_down_s"]
-    return {"wall_s": r.wall_s, "fixed_s": fixed, "sustained_s": r.wall_s - fixed, "merge_s": t["merge_s"],
-            "out_bytes": out_bytes}
+    return {
+        "wall_s": r.wall_s,
+        "fixed_s": fixed,
+        "sustained_s": r.wall_s - fixed,
+        "merge_s": t["merge_s"],
+        "out_bytes": out_bytes,
+    }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge bench floor", description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.1)
     p.add_argument("--models", type=int, default=3)
@@ -71,15 +79,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             local = merge_seconds(work / "r.yaml", work / "out", 0, args.chunk_mb)
             fl = floor_seconds(dirs, ray_run["out_bytes"], work)
             results.append({"method": method, "ray": ray_run, "in_process": local, "floor": fl})
-            print(f"{method:<16} floor {fl['floor_s']:.2f} s (read {fl['in_bytes'] / 1e9:.2f} GB {fl['read_s']:.2f} s"
-                  f" + write+fsync {fl['out_bytes'] / 1e9:.2f} GB {fl['write_fsync_s']:.2f} s) | Ray: sustained "
-                  f"{ray_run['sustained_s']:.2f} s = {ray_run['sustained_s'] / fl['floor_s']:.2f}x floor (wall "
-                  f"{ray_run['wall_s']:.1f} s, fixed {ray_run['fixed_s']:.1f} s) | in-process: wall "
-                  f"{local['wall_s']:.2f} s, merge {local['merge_s']:.2f} s = {local['merge_s'] / fl['floor_s']:.2f}x "
-                  "floor", flush=True)
+            print(
+                f"{method:<16} floor {fl['floor_s']:.2f} s (read {fl['in_bytes'] / 1e9:.2f} GB {fl['read_s']:.2f} s"
+                f" + write+fsync {fl['out_bytes'] / 1e9:.2f} GB {fl['write_fsync_s']:.2f} s) | Ray: sustained "
+                f"{ray_run['sustained_s']:.2f} s = {ray_run['sustained_s'] / fl['floor_s']:.2f}x floor (wall "
+                f"{ray_run['wall_s']:.1f} s, fixed {ray_run['fixed_s']:.1f} s) | in-process: wall "
+                f"{local['wall_s']:.2f} s, merge {local['merge_s']:.2f} s = {local['merge_s'] / fl['floor_s']:.2f}x "
+                "floor",
+                flush=True,
+            )
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
-                                                  indent=1))
+            Path(args.json).write_text(
+                json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1)
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.models_dir:

@@ -13,7 +13,7 @@ Kernel cases: `interpolate` (linear, ties, dare_ties), `svd_filter` (the TIES-st
 coordinates) and `pivot_filter` (PivotMerge's noise floor / weighted sign election / combine, against the torch
 path pivot.py runs without the kernel; the expert_energy case includes the torch reduction of the expert energies).
 
-    python -m jobs.bench kernels [--sizes-mb 64,256] [--experts 3] [--dtype bf16] [--repeats 20] [--json out.json]
+    python -m shardmerge.jobs.bench kernels [--sizes-mb 64,256] [--experts 3] [--dtype bf16] [--repeats 20] [--json out.json]
                                  [--kernels interpolate,svd_filter,pivot_filter] [--interpret]
 """
 
@@ -25,14 +25,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import torch
 
-from kernels import interpolate as ip
-from kernels import philox as ph
-from kernels import svd_filter as sf
+from shardmerge.kernels import interpolate as ip
+from shardmerge.kernels import philox as ph
+from shardmerge.kernels import svd_filter as sf
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INTERP_MODES = ("linear", "ties", "dare_ties")
@@ -52,8 +52,8 @@ class Row:
     gbps: float
     copy_gbps: float
     vs_copy: float
-    reference_ms: Optional[float]
-    speedup: Optional[float]
+    reference_ms: float | None
+    speedup: float | None
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
@@ -95,11 +95,20 @@ def _row(kernel, size_mb, nbytes, device, timed, fast, reference, copy_gbps, int
     ms = timed(fast if run_fast else reference)
     ref_ms = timed(reference) if run_fast else None
     gbps = nbytes / ms / 1e6
-    sig = lambda x: float(f"{x:.4g}")  # noqa: E731 - four significant digits, whatever the scale
+    sig = lambda x: float(f"{x:.4g}")
     path = "triton" if on_gpu else ("interp" if run_fast else "reference")
-    return Row(kernel, size_mb, nbytes, path, sig(ms), sig(gbps), sig(copy_gbps),
-               sig(gbps / copy_gbps), None if ref_ms is None else sig(ref_ms),
-               None if ref_ms is None else sig(ref_ms / ms))
+    return Row(
+        kernel,
+        size_mb,
+        nbytes,
+        path,
+        sig(ms),
+        sig(gbps),
+        sig(copy_gbps),
+        sig(gbps / copy_gbps),
+        None if ref_ms is None else sig(ref_ms),
+        None if ref_ms is None else sig(ref_ms / ms),
+    )
 
 
 def _interp_case(mode: str, k: int, numel: int, dtype, device):
@@ -124,11 +133,20 @@ def bench_interpolate(sizes_mb, k, dtype, device, timed, interpret=False) -> lis
             weights = [1.0 / k] * k
             n_read = k + (kw["base"] is not None)
             nbytes = (n_read + 1) * numel * dtype.itemsize
-            rows.append(_row(f"interpolate:{mode}", size_mb, nbytes, device, timed,
-                             lambda: ip.interpolate_triton(xs, weights, **kw),
-                             lambda: ip.interpolate_reference(xs, weights, **kw),
-                             _copy_gbps(nbytes, device, timed), interpret))
-            del xs, kw
+            rows.append(
+                _row(
+                    f"interpolate:{mode}",
+                    size_mb,
+                    nbytes,
+                    device,
+                    timed,
+                    lambda: ip.interpolate_triton(xs, weights, **kw),
+                    lambda: ip.interpolate_reference(xs, weights, **kw),
+                    _copy_gbps(nbytes, device, timed),
+                    interpret,
+                )
+            )
+            xs = kw = None  # free before the next size (the lambdas ran already)
     return rows
 
 
@@ -143,11 +161,20 @@ def bench_svd_filter(sizes_mb, k, device, timed, interpret=False) -> list[Row]:
         lam = torch.full((b, k), 1.0 / k)
         thr = sf.shared_thresholds(coords, 0.3)
         nbytes = (k + 1) * b * r * s * 4
-        rows.append(_row("svd_filter:filter_coords", size_mb, nbytes, device, timed,
-                         lambda: sf.filter_coords_triton(coords, lam, thresholds=thr),
-                         lambda: sf.filter_coords_reference(coords, lam, thresholds=thr),
-                         _copy_gbps(nbytes, device, timed), interpret))
-        del coords
+        rows.append(
+            _row(
+                "svd_filter:filter_coords",
+                size_mb,
+                nbytes,
+                device,
+                timed,
+                lambda: sf.filter_coords_triton(coords, lam, thresholds=thr),
+                lambda: sf.filter_coords_reference(coords, lam, thresholds=thr),
+                _copy_gbps(nbytes, device, timed),
+                interpret,
+            )
+        )
+        coords = None
     return rows
 
 
@@ -166,27 +193,41 @@ def bench_pivot_filter(sizes_mb, k, device, timed, interpret=False) -> list[Row]
         nbytes = (k + 1) * b * r * s * 4
         for weight in PIVOT_WEIGHTS:
             kw = dict(floor=floor, sign_weight=weight)
-            rows.append(_row(f"pivot_filter:{weight}", size_mb, nbytes, device, timed,
-                             lambda: sf.pivot_filter_coords_triton(coords, lam, **kw),
-                             lambda: sf.pivot_filter_coords_reference(coords, lam, **kw),
-                             _copy_gbps(nbytes, device, timed), interpret))
-        del coords
+            rows.append(
+                _row(
+                    f"pivot_filter:{weight}",
+                    size_mb,
+                    nbytes,
+                    device,
+                    timed,
+                    lambda: sf.pivot_filter_coords_triton(coords, lam, **kw),
+                    lambda: sf.pivot_filter_coords_reference(coords, lam, **kw),
+                    _copy_gbps(nbytes, device, timed),
+                    interpret,
+                )
+            )
+        coords = None
     return rows
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench kernels", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes-mb", default=None,
-                   help="comma-separated MB per input tensor [CUDA: 16,64,256; CPU: 1,4]")
+    p = argparse.ArgumentParser(prog="python -m shardmerge.jobs.bench kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes-mb", default=None, help="comma-separated MB per input tensor [CUDA: 16,64,256; CPU: 1,4]")
     p.add_argument("--experts", type=int, default=3, help="K inputs per merge [3]")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input/output dtype [bf16]")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions, median reported [CUDA 20, CPU 3]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--kernels", default="interpolate,svd_filter",
-                   help=f"comma-separated subset of {', '.join(KERNELS)} [interpolate,svd_filter]")
-    p.add_argument("--interpret", action="store_true",
-                   help="CPU only: also time the Triton kernels under TRITON_INTERPRET=1 (checks the benchmark runs; "
-                        "interpreter times say nothing about GPU speed)")
+    p.add_argument(
+        "--kernels",
+        default="interpolate,svd_filter",
+        help=f"comma-separated subset of {', '.join(KERNELS)} [interpolate,svd_filter]",
+    )
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="CPU only: also time the Triton kernels under TRITON_INTERPRET=1 (checks the benchmark runs; "
+        "interpreter times say nothing about GPU speed)",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.experts < 1:
@@ -206,25 +247,33 @@ def _device(choice: str) -> torch.device:
 
 
 def _print(rows: list[Row], device: torch.device, interpret: bool) -> None:
-    head = f"{'kernel':28} {'MB/input':>9} {'path':>9} {'ms':>9} {'GB/s':>8} {'copy GB/s':>10} {'vs copy':>8} " \
-           f"{'ref ms':>9} {'speedup':>8}"
+    head = (
+        f"{'kernel':28} {'MB/input':>9} {'path':>9} {'ms':>9} {'GB/s':>8} {'copy GB/s':>10} {'vs copy':>8} "
+        f"{'ref ms':>9} {'speedup':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         ref = "-" if r.reference_ms is None else f"{r.reference_ms:9.3f}"
         spd = "-" if r.speedup is None else f"{r.speedup:7.2f}x"
-        print(f"{r.kernel:28} {r.size_mb:9g} {r.path:>9} {r.ms:9.3f} {r.gbps:8.3g} {r.copy_gbps:10.3g} "
-              f"{r.vs_copy:8.3g} {ref:>9} {spd:>8}")
+        print(
+            f"{r.kernel:28} {r.size_mb:9g} {r.path:>9} {r.ms:9.3f} {r.gbps:8.3g} {r.copy_gbps:10.3g} "
+            f"{r.vs_copy:8.3g} {ref:>9} {spd:>8}"
+        )
     if device.type != "cuda" and interpret:
-        print("\nNo CUDA device: 'interp' rows time the Triton kernels under TRITON_INTERPRET=1 (Python/numpy, "
-              "one program at a time) against the torch reference on CPU. These numbers only show that the "
-              "benchmark runs; GB/s and speedup of the kernels need a CUDA GPU: rerun this command on one.")
+        print(
+            "\nNo CUDA device: 'interp' rows time the Triton kernels under TRITON_INTERPRET=1 (Python/numpy, "
+            "one program at a time) against the torch reference on CPU. These numbers only show that the "
+            "benchmark runs; GB/s and speedup of the kernels need a CUDA GPU: rerun this command on one."
+        )
     elif device.type != "cuda":
-        print("\nNo CUDA device: these are the torch reference (CPU path) numbers. The Triton kernels' GB/s, ratio "
-              "to a device copy and speedup over eager torch need a CUDA GPU: rerun this command on one.")
+        print(
+            "\nNo CUDA device: these are the torch reference (CPU path) numbers. The Triton kernels' GB/s, ratio "
+            "to a device copy and speedup over eager torch need a CUDA GPU: rerun this command on one."
+        )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the kernel benchmark; print a table and optionally write JSON. Returns the process exit code."""
     args = _parse(argv)
     device = _device(args.device)
@@ -248,8 +297,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     _print(rows, device, args.interpret)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "experts": args.experts, "dtype": args.dtype,
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+            json.dump(
+                {"device": name, "experts": args.experts, "dtype": args.dtype, "rows": [asdict(r) for r in rows]},
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -9,7 +9,7 @@ benchmark prints each worker's peak private memory (sampled RssAnon, see bench_c
 tree's total, and extrapolates the full model's time from the measured per-unit times: LM layers x 80 and vision
 blocks x 32, plus the embeddings/head/merger units, divided by the worker count.
 
-    python -m jobs.bench memory-72b [--models 3] [--layers 1] [--vision-blocks 2] [--method ties] [--workers 2]
+    python -m shardmerge.jobs.bench memory-72b [--models 3] [--layers 1] [--vision-blocks 2] [--method ties] [--workers 2]
                                     [--chunk-mb 64] [--shrink 1] [--models-dir DIR] [--json FILE]
 
 `--shrink N` divides every width by N: for trying the benchmark quickly, not for the proof.
@@ -27,9 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
-from jobs.bench_common import dir_bytes, gib, print_machine, run_child, write_checkpoint
+from shardmerge.jobs.bench_common import dir_bytes, gib, print_machine, run_child, write_checkpoint
 
 FULL_LAYERS, FULL_VISION = 80, 32
 TEXT = dict(hidden=8192, intermediate=29568, heads=64, kv_heads=8, head_dim=128, vocab=152064)
@@ -47,33 +46,83 @@ def qwen25vl_shapes(layers: int, blocks: int, shrink: int = 1) -> tuple[dict, di
     shapes: dict[str, tuple[int, ...]] = {lm + "embed_tokens.weight": (vocab, h), lm + "norm.weight": (h,)}
     for i in range(layers):
         p = f"{lm}layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
-                       p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-                       p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (inter, h),
-                       p + "mlp.up_proj.weight": (inter, h), p + "mlp.down_proj.weight": (h, inter)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
+        )
     v = "model.visual."
     shapes[v + "patch_embed.proj.weight"] = (vh, 3, VISION["temporal"], VISION["patch"], VISION["patch"])
     for j in range(blocks):
         p = f"{v}blocks.{j}."
-        shapes.update({p + "norm1.weight": (vh,), p + "norm2.weight": (vh,), p + "attn.qkv.weight": (3 * vh, vh),
-                       p + "attn.qkv.bias": (3 * vh,), p + "attn.proj.weight": (vh, vh), p + "attn.proj.bias": (vh,),
-                       p + "mlp.gate_proj.weight": (vi, vh), p + "mlp.gate_proj.bias": (vi,),
-                       p + "mlp.up_proj.weight": (vi, vh), p + "mlp.up_proj.bias": (vi,),
-                       p + "mlp.down_proj.weight": (vh, vi), p + "mlp.down_proj.bias": (vh,)})
-    shapes.update({v + "merger.ln_q.weight": (vh,), v + "merger.mlp.0.weight": (merged, merged),
-                   v + "merger.mlp.0.bias": (merged,), v + "merger.mlp.2.weight": (h, merged),
-                   v + "merger.mlp.2.bias": (h,), "lm_head.weight": (vocab, h)})
-    text_cfg = {"model_type": "qwen2_5_vl_text", "hidden_size": h, "intermediate_size": inter,
-                "num_hidden_layers": layers, "num_attention_heads": TEXT["heads"] // s or 1,
-                "num_key_value_heads": TEXT["kv_heads"] // s or 1, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-                "max_position_embeddings": 128000, "tie_word_embeddings": False}
-    vision_cfg = {"model_type": "qwen2_5_vl", "depth": blocks, "hidden_size": vh, "intermediate_size": vi,
-                  "num_heads": 16, "out_hidden_size": h, "patch_size": VISION["patch"],
-                  "spatial_merge_size": VISION["merge"], "temporal_patch_size": VISION["temporal"]}
-    cfg = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-           "text_config": text_cfg, "vision_config": vision_cfg, "tie_word_embeddings": False, "dtype": "bfloat16"}
+        shapes.update(
+            {
+                p + "norm1.weight": (vh,),
+                p + "norm2.weight": (vh,),
+                p + "attn.qkv.weight": (3 * vh, vh),
+                p + "attn.qkv.bias": (3 * vh,),
+                p + "attn.proj.weight": (vh, vh),
+                p + "attn.proj.bias": (vh,),
+                p + "mlp.gate_proj.weight": (vi, vh),
+                p + "mlp.gate_proj.bias": (vi,),
+                p + "mlp.up_proj.weight": (vi, vh),
+                p + "mlp.up_proj.bias": (vi,),
+                p + "mlp.down_proj.weight": (vh, vi),
+                p + "mlp.down_proj.bias": (vh,),
+            }
+        )
+    shapes.update(
+        {
+            v + "merger.ln_q.weight": (vh,),
+            v + "merger.mlp.0.weight": (merged, merged),
+            v + "merger.mlp.0.bias": (merged,),
+            v + "merger.mlp.2.weight": (h, merged),
+            v + "merger.mlp.2.bias": (h,),
+            "lm_head.weight": (vocab, h),
+        }
+    )
+    text_cfg = {
+        "model_type": "qwen2_5_vl_text",
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": TEXT["heads"] // s or 1,
+        "num_key_value_heads": TEXT["kv_heads"] // s or 1,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128000,
+        "tie_word_embeddings": False,
+    }
+    vision_cfg = {
+        "model_type": "qwen2_5_vl",
+        "depth": blocks,
+        "hidden_size": vh,
+        "intermediate_size": vi,
+        "num_heads": 16,
+        "out_hidden_size": h,
+        "patch_size": VISION["patch"],
+        "spatial_merge_size": VISION["merge"],
+        "temporal_patch_size": VISION["temporal"],
+    }
+    cfg = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "text_config": text_cfg,
+        "vision_config": vision_cfg,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
     return cfg, shapes
 
 
@@ -81,19 +130,25 @@ def recipe_text(dirs: list[Path], method: str) -> str:
     """float32 compute, bf16 output; ties/task_arithmetic: first dir is the base; linear: all dirs are inputs."""
     head = "dtype: float32\nout_dtype: bfloat16\n"
     if method == "linear":
-        return head + "merge_method: linear\nmodels:\n" + "".join(
-            f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs)
+        return (
+            head
+            + "merge_method: linear\nmodels:\n"
+            + "".join(f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs)
+        )
     per = "weight: 0.5, density: 0.5" if method == "ties" else "weight: 0.5"
-    return (head + f"merge_method: {method}\nbase_model: {dirs[0]}\nmodels:\n"
-            + "".join(f"  - model: {d}\n    parameters: {{{per}}}\n" for d in dirs[1:]))
+    return (
+        head
+        + f"merge_method: {method}\nbase_model: {dirs[0]}\nmodels:\n"
+        + "".join(f"  - model: {d}\n    parameters: {{{per}}}\n" for d in dirs[1:])
+    )
 
 
 def _child(argv: list[str]) -> int:
     """Child process: run the merge on Ray, recording every unit's key and worker-side seconds."""
     recipe, out, workers, chunk_mb = argv
-    from engine import executor
-    from engine.plan import build_plan
-    from engine.recipe import load_recipe
+    from shardmerge.engine.plan.build import build_plan
+    from shardmerge.engine.recipe.schema import load_recipe
+    from shardmerge.engine.run import executor
 
     plan = build_plan(load_recipe(recipe), shard_size="5GB", source=recipe)
     times: list[tuple[str, float, int]] = []
@@ -105,10 +160,19 @@ def _child(argv: list[str]) -> int:
 
     executor._Driver.unit_finished = record
     t0 = time.perf_counter()
-    summary = executor.execute(plan, out, workers=int(workers), chunk_bytes=int(float(chunk_mb) * 2**20),
-                               progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "pool_start_s": summary.get("pool_start_s"),
-                      "units": times, "bytes": summary["bytes"]}))
+    summary = executor.execute(
+        plan, out, workers=int(workers), chunk_bytes=int(float(chunk_mb) * 2**20), progress=False
+    )
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t0,
+                "pool_start_s": summary.get("pool_start_s"),
+                "units": times,
+                "bytes": summary["bytes"],
+            }
+        )
+    )
     return 0
 
 
@@ -121,11 +185,16 @@ def extrapolate(units: list, layers: int, blocks: int, workers: int) -> dict:
     per_layer = statistics.median(lm) if lm else 0.0
     per_block = statistics.median(vis) if vis else 0.0
     total = other + FULL_LAYERS * per_layer + FULL_VISION * per_block
-    return {"per_layer_s": per_layer, "per_vision_block_s": per_block, "other_units_s": other,
-            "full_model_worker_s": total, "full_model_wall_estimate_s": total / max(1, workers)}
+    return {
+        "per_layer_s": per_layer,
+        "per_vision_block_s": per_block,
+        "other_units_s": other,
+        "full_model_worker_s": total,
+        "full_model_wall_estimate_s": total / max(1, workers),
+    }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge bench memory-72b", description=__doc__.split("\n")[0])
     p.add_argument("--models", type=int, default=3, help="checkpoints (base + experts), 2 or 3 (default 3)")
     p.add_argument("--layers", type=int, default=1, help="LM decoder layers per checkpoint (default 1)")
@@ -152,20 +221,43 @@ def main(argv: Optional[list[str]] = None) -> int:
                 write_checkpoint(d, shapes, cfg, model=m, noise=0.0 if m == 0 else 0.5)
             dirs.append(d)
         largest = max(shapes, key=lambda n: _numel(shapes[n]))
-        print(f"# {args.models} checkpoints x {dir_bytes(dirs[0]) / 1e9:.2f} GB (generated in "
-              f"{time.perf_counter() - t0:.0f} s); largest tensor {largest} {shapes[largest]} = "
-              f"{_numel(shapes[largest]) * 2 / 1e9:.2f} GB bf16, {_numel(shapes[largest]) * 4 / 1e9:.2f} GB float32",
-              flush=True)
+        print(
+            f"# {args.models} checkpoints x {dir_bytes(dirs[0]) / 1e9:.2f} GB (generated in "
+            f"{time.perf_counter() - t0:.0f} s); largest tensor {largest} {shapes[largest]} = "
+            f"{_numel(shapes[largest]) * 2 / 1e9:.2f} GB bf16, {_numel(shapes[largest]) * 4 / 1e9:.2f} GB float32",
+            flush=True,
+        )
         (work / "r.yaml").write_text(recipe_text(dirs, args.method))
-        r = run_child([sys.executable, "-m", "jobs.bench_memory72b", "child", str(work / "r.yaml"),
-                       str(work / "out"), str(args.workers), str(args.chunk_mb)],
-                      env={"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")})
+        r = run_child(
+            [
+                sys.executable,
+                "-m",
+                "shardmerge.jobs.bench_memory72b",
+                "child",
+                str(work / "r.yaml"),
+                str(work / "out"),
+                str(args.workers),
+                str(args.chunk_mb),
+            ],
+            env={"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")},
+        )
         res = r.last_json()
         est = extrapolate(res["units"], args.layers, args.vision_blocks, args.workers)
         report(args, r, res, est)
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "wall_s": r.wall_s,
-                                                  "mem": r.mem, "run": res, "estimate": est}, indent=1))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "machine": machine,
+                        "args": vars(args),
+                        "wall_s": r.wall_s,
+                        "mem": r.mem,
+                        "run": res,
+                        "estimate": est,
+                    },
+                    indent=1,
+                )
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.models_dir:
@@ -183,15 +275,24 @@ def _numel(shape: tuple[int, ...]) -> int:
 def report(args, r, res: dict, est: dict) -> None:
     m = r.mem
     peaks = ", ".join(gib(x) for x in m["worker_private_peaks"])
-    print(f"{args.method} of {args.models} checkpoints, {args.workers} workers, chunk {args.chunk_mb:g} MiB: wall "
-          f"{r.wall_s:.1f} s (merge {res['seconds']:.1f} s, {res['bytes'] / 1e9:.2f} GB written)", flush=True)
-    print(f"peak private memory per worker: {peaks} (target <= 1.5 GB each); driver {gib(m['driver_private_peak'])}; "
-          f"Ray's other processes {gib(m['ray_private_peak_sum'])}; whole tree {gib(m['tree_private_peak'])}; "
-          f"max RSS of a worker {gib(m['worker_max_rss'])} ({m['samples']} samples)", flush=True)
-    print(f"per LM layer {est['per_layer_s']:.1f} s, per vision block {est['per_vision_block_s']:.2f} s, "
-          f"embeddings/head/merger/other {est['other_units_s']:.1f} s (worker seconds) -> full model ({FULL_LAYERS} "
-          f"layers, {FULL_VISION} blocks): {est['full_model_worker_s'] / 60:.1f} worker-minutes, about "
-          f"{est['full_model_wall_estimate_s'] / 60:.1f} min on {args.workers} workers", flush=True)
+    print(
+        f"{args.method} of {args.models} checkpoints, {args.workers} workers, chunk {args.chunk_mb:g} MiB: wall "
+        f"{r.wall_s:.1f} s (merge {res['seconds']:.1f} s, {res['bytes'] / 1e9:.2f} GB written)",
+        flush=True,
+    )
+    print(
+        f"peak private memory per worker: {peaks} (target <= 1.5 GB each); driver {gib(m['driver_private_peak'])}; "
+        f"Ray's other processes {gib(m['ray_private_peak_sum'])}; whole tree {gib(m['tree_private_peak'])}; "
+        f"max RSS of a worker {gib(m['worker_max_rss'])} ({m['samples']} samples)",
+        flush=True,
+    )
+    print(
+        f"per LM layer {est['per_layer_s']:.1f} s, per vision block {est['per_vision_block_s']:.2f} s, "
+        f"embeddings/head/merger/other {est['other_units_s']:.1f} s (worker seconds) -> full model ({FULL_LAYERS} "
+        f"layers, {FULL_VISION} blocks): {est['full_model_worker_s'] / 60:.1f} worker-minutes, about "
+        f"{est['full_model_wall_estimate_s'] / 60:.1f} min on {args.workers} workers",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

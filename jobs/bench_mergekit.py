@@ -2,7 +2,7 @@
 alternating runs, each in a fresh process; prints wall time, shardmerge's fixed Ray cost, sustained time, max RSS and
 peak private memory, and the ratios.
 
-    python -m jobs.bench vs-mergekit [--size-gb 1.1] [--models 3] [--methods linear,task_arithmetic,ties,...]
+    python -m shardmerge.jobs.bench vs-mergekit [--size-gb 1.1] [--models 3] [--methods linear,task_arithmetic,ties,...]
     (--methods also takes della, della_linear, sce, ram, ramplus_tl)
                                      [--repeats 1] [--workers N] [--threads T] [--chunk-mb 64] [--models-dir DIR]
                                      [--json FILE]
@@ -33,10 +33,17 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
-from jobs.bench_common import (dir_bytes, gib, llama_config, print_machine, read_all, run_child, shardmerge_cmd,
-                               write_checkpoint)
+from shardmerge.jobs.bench_common import (
+    dir_bytes,
+    gib,
+    llama_config,
+    print_machine,
+    read_all,
+    run_child,
+    shardmerge_cmd,
+    write_checkpoint,
+)
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")  # the default set
 MORE_METHODS = ("della", "della_linear", "sce", "ram", "ramplus_tl")  # accepted by --methods
@@ -49,7 +56,8 @@ def recipes(dirs: list[Path], method: str) -> tuple[str, str]:
     if method == "linear":
         w = [round(1.0 / len(dirs), 4)] * len(dirs)
         body = "merge_method: linear\nmodels:\n" + "".join(
-            f"  - model: {d}\n    parameters: {{weight: {wi}}}\n" for d, wi in zip(dirs, w))
+            f"  - model: {d}\n    parameters: {{weight: {wi}}}\n" for d, wi in zip(dirs, w)
+        )
         return HEAD + body, HEAD + body
     if method == "slerp":
         body = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {experts[0]}\nparameters: {{t: 0.4}}\n"
@@ -60,9 +68,13 @@ def recipes(dirs: list[Path], method: str) -> tuple[str, str]:
         body = f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}{glob}"
         return HEAD + body, HEAD + body
     w = round(1.0 / len(experts), 4)
-    per = {"della": f"weight: {w}, density: 0.5", "della_linear": f"weight: {w}, density: 0.5",
-           "task_arithmetic": f"weight: {w}", "ties": f"weight: {w}, density: 0.5",
-           "dare_ties": f"weight: {w}, density: 0.5"}[method]
+    per = {
+        "della": f"weight: {w}, density: 0.5",
+        "della_linear": f"weight: {w}, density: 0.5",
+        "task_arithmetic": f"weight: {w}",
+        "ties": f"weight: {w}, density: 0.5",
+        "dare_ties": f"weight: {w}, density: 0.5",
+    }[method]
     models = "".join(f"  - model: {d}\n    parameters: {{{per}}}\n" for d in experts)
     body = f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}"
     extra = {"ties": "parameters: {normalize: true}\n", "dare_ties": "parameters: {normalize: true}\n"}.get(method, "")
@@ -87,25 +99,36 @@ def make_models(root: Path, k: int, size_gb: float) -> list[Path]:
 def run_mergekit(recipe: Path, out: Path) -> dict:
     r = run_child(["mergekit-yaml", str(recipe), str(out), "--quiet", "--random-seed", "1"])
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": r.wall_s, "fixed_s": 0.0, "startup_s": 0.0, "sustained_s": r.wall_s,
-            "max_rss": r.mem["driver_max_rss"], "private_peak": r.mem["driver_private_peak"],
-            "tree_private_peak": r.mem["tree_private_peak"]}
+    return {
+        "wall_s": r.wall_s,
+        "fixed_s": 0.0,
+        "startup_s": 0.0,
+        "sustained_s": r.wall_s,
+        "max_rss": r.mem["driver_max_rss"],
+        "private_peak": r.mem["driver_private_peak"],
+        "tree_private_peak": r.mem["tree_private_peak"],
+    }
 
 
-def run_shardmerge(recipe: Path, out: Path, workers: Optional[int], chunk_mb: float,
-                   threads: Optional[int] = None) -> dict:
+def run_shardmerge(recipe: Path, out: Path, workers: int | None, chunk_mb: float, threads: int | None = None) -> dict:
     r = run_child(shardmerge_cmd(recipe, out, workers=workers, chunk_mb=chunk_mb, threads=threads))
     shutil.rmtree(out, ignore_errors=True)
     t = r.last_json()
     startup = t["ray_up_s"] + t["pool_start_s"]
     fixed = startup + t["ray_down_s"]
     m = r.mem
-    return {"wall_s": r.wall_s, "fixed_s": fixed, "startup_s": startup, "sustained_s": r.wall_s - fixed,
-            "max_rss": max(m["driver_max_rss"], m["worker_max_rss"]),
-            "private_peak": max([m["driver_private_peak"]] + m["worker_private_peaks"]),
-            "worker_private_peak": max(m["worker_private_peaks"], default=0),
-            "driver_private_peak": m["driver_private_peak"], "tree_private_peak": m["tree_private_peak"],
-            "phases": t}
+    return {
+        "wall_s": r.wall_s,
+        "fixed_s": fixed,
+        "startup_s": startup,
+        "sustained_s": r.wall_s - fixed,
+        "max_rss": max(m["driver_max_rss"], m["worker_max_rss"]),
+        "private_peak": max([m["driver_private_peak"]] + m["worker_private_peaks"]),
+        "worker_private_peak": max(m["worker_private_peaks"], default=0),
+        "driver_private_peak": m["driver_private_peak"],
+        "tree_private_peak": m["tree_private_peak"],
+        "phases": t,
+    }
 
 
 def _median(runs: list[dict]) -> dict:
@@ -116,8 +139,15 @@ def _median(runs: list[dict]) -> dict:
     return out
 
 
-def bench_method(method: str, dirs: list[Path], work: Path, repeats: int, workers: Optional[int],
-                 chunk_mb: float, threads: Optional[int] = None) -> dict:
+def bench_method(
+    method: str,
+    dirs: list[Path],
+    work: Path,
+    repeats: int,
+    workers: int | None,
+    chunk_mb: float,
+    threads: int | None = None,
+) -> dict:
     """Alternate mergekit and shardmerge runs (order swapped every repeat); medians per tool."""
     mk_text, sm_text = recipes(dirs, method)
     (work / "mk.yaml").write_text(mk_text)
@@ -137,17 +167,23 @@ def bench_method(method: str, dirs: list[Path], work: Path, repeats: int, worker
 def print_row(r: dict) -> None:
     mk, sm = r["mergekit"], r["shardmerge"]
     print(f"{r['method']:<16} load average {r.get('load', '?')}", flush=True)
-    print(f"{r['method']:<16} mergekit wall {mk['wall_s']:7.1f} s  max RSS {gib(mk['max_rss'])}  "
-          f"private {gib(mk['private_peak'])} | shardmerge wall {sm['wall_s']:6.1f} s  fixed {sm['fixed_s']:4.1f} s "
-          f"(start-up {sm['startup_s']:.1f} s)  sustained {sm['sustained_s']:6.1f} s  max RSS {gib(sm['max_rss'])}  "
-          f"private worker {gib(sm['worker_private_peak'])} driver {gib(sm['driver_private_peak'])} "
-          f"tree {gib(sm['tree_private_peak'])}", flush=True)
-    print(f"{'':<16} ratios (mergekit / shardmerge): end-to-end {mk['wall_s'] / sm['wall_s']:.2f}x  "
-          f"sustained {mk['sustained_s'] / sm['sustained_s']:.2f}x  "
-          f"peak private (largest process) {mk['private_peak'] / max(1, sm['private_peak']):.2f}x", flush=True)
+    print(
+        f"{r['method']:<16} mergekit wall {mk['wall_s']:7.1f} s  max RSS {gib(mk['max_rss'])}  "
+        f"private {gib(mk['private_peak'])} | shardmerge wall {sm['wall_s']:6.1f} s  fixed {sm['fixed_s']:4.1f} s "
+        f"(start-up {sm['startup_s']:.1f} s)  sustained {sm['sustained_s']:6.1f} s  max RSS {gib(sm['max_rss'])}  "
+        f"private worker {gib(sm['worker_private_peak'])} driver {gib(sm['driver_private_peak'])} "
+        f"tree {gib(sm['tree_private_peak'])}",
+        flush=True,
+    )
+    print(
+        f"{'':<16} ratios (mergekit / shardmerge): end-to-end {mk['wall_s'] / sm['wall_s']:.2f}x  "
+        f"sustained {mk['sustained_s'] / sm['sustained_s']:.2f}x  "
+        f"peak private (largest process) {mk['private_peak'] / max(1, sm['private_peak']):.2f}x",
+        flush=True,
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge bench vs-mergekit", description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.1, help="size of each checkpoint in GB (default 1.1)")
     p.add_argument("--models", type=int, default=3, help="checkpoints: a base and K-1 experts (default 3)")
@@ -155,8 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
     p.add_argument("--workers", type=int, default=None, help="shardmerge workers (default: the engine's default)")
     p.add_argument("--chunk-mb", type=float, default=64, help="shardmerge --chunk-mb (default 64)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per shardmerge worker (default: the CPUs it reserves)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per shardmerge worker (default: the CPUs it reserves)"
+    )
     p.add_argument("--models-dir", default=None, help="keep generated checkpoints here (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -165,8 +202,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + MORE_METHODS)}")
     if shutil.which("mergekit-yaml") is None:
-        print("vs-mergekit: mergekit-yaml not found; install the bench extra: pip install 'shardmerge[bench]'",
-              file=sys.stderr)
+        print(
+            "vs-mergekit: mergekit-yaml not found; install the bench extra: pip install 'shardmerge[bench]'",
+            file=sys.stderr,
+        )
         return 2
     machine = print_machine()
     root = Path(args.models_dir) if args.models_dir else Path(tempfile.mkdtemp(prefix="sm-bench-"))
@@ -174,16 +213,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         dirs = make_models(root, args.models, args.size_gb)
         seconds, nbytes = read_all([f for d in dirs for f in sorted(d.glob("*.safetensors"))])
-        print(f"# inputs: {len(dirs)} x {dir_bytes(dirs[0]) / 1e9:.2f} GB bf16 (read from page cache in "
-              f"{seconds:.1f} s); wall/fixed/sustained in seconds, memory in GiB", flush=True)
+        print(
+            f"# inputs: {len(dirs)} x {dir_bytes(dirs[0]) / 1e9:.2f} GB bf16 (read from page cache in "
+            f"{seconds:.1f} s); wall/fixed/sustained in seconds, memory in GiB",
+            flush=True,
+        )
         results = []
         for method in methods:
-            results.append(bench_method(method, dirs, work, args.repeats, args.workers, args.chunk_mb,
-                                        args.threads))
+            results.append(bench_method(method, dirs, work, args.repeats, args.workers, args.chunk_mb, args.threads))
             print_row(results[-1])
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "results": results},
-                                                  indent=1, default=str))
+            Path(args.json).write_text(
+                json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1, default=str)
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.models_dir:

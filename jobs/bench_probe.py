@@ -1,4 +1,4 @@
-"""`python -m jobs.bench probe`: what a whole cut-layer sweep of the probe costs, in unmasked passes.
+"""`python -m shardmerge.jobs.bench probe`: what a whole cut-layer sweep of the probe costs, in unmasked passes.
 
 For the same samples it times (1) one unmasked forward, (2) the fast path over every cut (one traced pass plus
 batched text-only suffixes), (3) the exact path (one masked forward per cut, the reference cost). The target is a
@@ -14,11 +14,11 @@ import argparse
 import json
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from engine.probe import core, fixtures, paths
+from shardmerge.engine.probe import core, fixtures, paths
 
 
 def _time(fn, repeats: int, sync) -> float:
@@ -40,12 +40,25 @@ def predicted_ratio(num_layers: int, cuts: Sequence[int], suffix_share: float) -
     return 1.0 + suffix_share * sum(num_layers - c for c in cuts if c < num_layers) / num_layers
 
 
-def bench(family: str, layers: int, hidden: int, heads: int, grid: tuple, before: int, after: int,
-          samples: int, repeats: int, device: str, dtype: torch.dtype, exact: bool = True) -> dict:
+def bench(
+    family: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    grid: tuple,
+    before: int,
+    after: int,
+    samples: int,
+    repeats: int,
+    device: str,
+    dtype: torch.dtype,
+    exact: bool = True,
+) -> dict:
     """Timings and ratios for one model shape (see the module docstring)."""
     side = grid[0]
-    model = fixtures.tiny_model(family, layers, seed=0, dtype=dtype, hidden=hidden, heads=heads,
-                                llava_side=side).to(device)
+    model = fixtures.tiny_model(family, layers, seed=0, dtype=dtype, hidden=hidden, heads=heads, llava_side=side).to(
+        device
+    )
     parts = core.install(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cuts = list(range(layers + 1))
@@ -64,17 +77,39 @@ def bench(family: str, layers: int, hidden: int, heads: int, grid: tuple, before
         first_image = int(torch.nonzero(inputs.image_mask)[0])
         suffix = int((~inputs.image_mask[first_image:]).sum())
         share = suffix / inputs.seq_len
-        rows.append(dict(sample=s, seq_len=inputs.seq_len, image_tokens=int(inputs.image_mask.sum()),
-                         text_before_image=first_image, suffix_tokens=suffix, suffix_share=share,
-                         unmasked_s=t_full, fast_sweep_s=t_fast, exact_sweep_s=t_exact,
-                         fast_ratio=t_fast / t_full, exact_ratio=(t_exact / t_full) if exact else None,
-                         predicted_fast_ratio=predicted_ratio(layers, cuts, share)))
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    return dict(family=family, layers=layers, hidden=hidden, heads=heads, grid=list(grid), device=device,
-                dtype=str(dtype).replace("torch.", ""), cuts=len(cuts), samples=rows,
-                fast_ratio=mean("fast_ratio"), exact_ratio=mean("exact_ratio") if exact else None,
-                predicted_fast_ratio=mean("predicted_fast_ratio"), target_fast_ratio=3.0,
-                meets_target=mean("fast_ratio") <= 3.0)
+        rows.append(
+            dict(
+                sample=s,
+                seq_len=inputs.seq_len,
+                image_tokens=int(inputs.image_mask.sum()),
+                text_before_image=first_image,
+                suffix_tokens=suffix,
+                suffix_share=share,
+                unmasked_s=t_full,
+                fast_sweep_s=t_fast,
+                exact_sweep_s=t_exact,
+                fast_ratio=t_fast / t_full,
+                exact_ratio=(t_exact / t_full) if exact else None,
+                predicted_fast_ratio=predicted_ratio(layers, cuts, share),
+            )
+        )
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+    return dict(
+        family=family,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        grid=list(grid),
+        device=device,
+        dtype=str(dtype).replace("torch.", ""),
+        cuts=len(cuts),
+        samples=rows,
+        fast_ratio=mean("fast_ratio"),
+        exact_ratio=mean("exact_ratio") if exact else None,
+        predicted_fast_ratio=mean("predicted_fast_ratio"),
+        target_fast_ratio=3.0,
+        meets_target=mean("fast_ratio") <= 3.0,
+    )
 
 
 def _grid(text: str) -> tuple:
@@ -88,13 +123,17 @@ def _grid(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench probe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shardmerge.jobs.bench probe", description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=fixtures.FAMILIES, default="qwen2_5_vl")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--grid", type=_grid, default=(32, 32), help="image patches HxW (Qwen: HW/4 image tokens; "
-                   "LLaVA: H*H tokens) [32x32]")
+    p.add_argument(
+        "--grid",
+        type=_grid,
+        default=(32, 32),
+        help="image patches HxW (Qwen: HW/4 image tokens; LLaVA: H*H tokens) [32x32]",
+    )
     p.add_argument("--before", type=int, default=16, help="text tokens before the image [16]")
     p.add_argument("--after", type=int, default=40, help="text tokens after the image [40]")
     p.add_argument("--samples", type=int, default=2)
@@ -106,14 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.hidden % args.heads or (args.hidden // args.heads) % 2:
-        print(f"bench probe: error: hidden {args.hidden} must split into {args.heads} heads of even size",
-              file=sys.stderr)
+        print(
+            f"bench probe: error: hidden {args.hidden} must split into {args.heads} heads of even size", file=sys.stderr
+        )
         return 2
-    result = bench(args.family, args.layers, args.hidden, args.heads, args.grid, args.before, args.after,
-                   args.samples, args.repeats, args.device, getattr(torch, args.dtype), exact=not args.no_exact)
+    result = bench(
+        args.family,
+        args.layers,
+        args.hidden,
+        args.heads,
+        args.grid,
+        args.before,
+        args.after,
+        args.samples,
+        args.repeats,
+        args.device,
+        getattr(torch, args.dtype),
+        exact=not args.no_exact,
+    )
     text = json.dumps(result, indent=2)
     if args.json:
         with open(args.json, "w") as f:

@@ -6,7 +6,7 @@ instance is started first and shared by all runs, so Ray's own start-up is not t
 starting its worker actors (each imports torch), reported separately as `pool_start_s` (time to the first ready
 worker).
 
-    python -m jobs.bench scaling [--workers 1,2] [--layers 8] [--hidden 384] [--experts 2] [--repeats 1]
+    python -m shardmerge.jobs.bench scaling [--workers 1,2] [--layers 8] [--hidden 384] [--experts 2] [--repeats 1]
                                  [--chunk-mb 4] [--threads T] [--models DIR] [--json out.json]
 """
 
@@ -22,19 +22,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 
 def build_models(root: Path, *, layers: int, hidden: int, experts: int) -> Path:
     """Base + experts (float32) and a TIES recipe under root; reused when already there."""
-    from engine.tiny_models import build_llm
+    from shardmerge.engine.tiny_models import build_llm
 
     recipe = root / f"ties-L{layers}-H{hidden}-E{experts}.yaml"
     if recipe.exists():
         return recipe
-    shape = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=3 * hidden,
-                 num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-                 vocab_size=4096, tokenizer=False)
+    shape = dict(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        vocab_size=4096,
+        tokenizer=False,
+    )
     tag = f"L{layers}-H{hidden}"
     base = build_llm(root / f"base-{tag}", seed=0, max_shard_size="200MB", **shape)
     lines = [f"merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\nmodels:"]
@@ -49,10 +54,10 @@ def _shards(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("model-*.safetensors"))}
 
 
-def run_once(plan, out: Path, workers: int, chunk_bytes: int, threads: Optional[int]) -> dict:
+def run_once(plan, out: Path, workers: int, chunk_bytes: int, threads: int | None) -> dict:
     import torch
 
-    from engine.executor import execute
+    from shardmerge.engine.run.executor import execute
 
     before = torch.get_num_threads()
     if workers == 0 and threads:
@@ -65,16 +70,24 @@ def run_once(plan, out: Path, workers: int, chunk_bytes: int, threads: Optional[
         torch.set_num_threads(before)
     wall = time.perf_counter() - t0
     start = s.get("pool_start_s") or 0.0
-    return {"workers": workers, "wall_s": wall, "pool_start_s": start, "merge_s": wall - start,
-            "cpus_per_worker": s.get("cpus_per_worker"), "threads_per_worker": s.get("threads_per_worker"),
-            "units": s["units"], "bytes": s["bytes"]}
+    return {
+        "workers": workers,
+        "wall_s": wall,
+        "pool_start_s": start,
+        "merge_s": wall - start,
+        "cpus_per_worker": s.get("cpus_per_worker"),
+        "threads_per_worker": s.get("threads_per_worker"),
+        "units": s["units"],
+        "bytes": s["bytes"],
+    }
 
 
-def measure(recipe: Path, work: Path, counts: list[int], repeats: int, chunk_bytes: int,
-            threads: Optional[int] = None) -> list[dict]:
+def measure(
+    recipe: Path, work: Path, counts: list[int], repeats: int, chunk_bytes: int, threads: int | None = None
+) -> list[dict]:
     """Median of `repeats` runs per worker count (0 = in-process); every output must equal the first one."""
-    from engine.plan import build_plan
-    from engine.recipe import load_recipe
+    from shardmerge.engine.plan.build import build_plan
+    from shardmerge.engine.recipe.schema import load_recipe
 
     plan = build_plan(load_recipe(recipe), shard_size="50MB", source=str(recipe))
     rows, reference = [], None
@@ -84,10 +97,15 @@ def measure(recipe: Path, work: Path, counts: list[int], repeats: int, chunk_byt
         if reference is None:
             reference = shards
         elif shards != reference:
-            raise RuntimeError(f"output with {w} worker(s) differs from the first run's; the merge is not "
-                               "deterministic across worker counts")
-        row = dict(runs[0], repeats=repeats,
-                   **{k: statistics.median(r[k] for r in runs) for k in ("wall_s", "pool_start_s", "merge_s")})
+            raise RuntimeError(
+                f"output with {w} worker(s) differs from the first run's; the merge is not "
+                "deterministic across worker counts"
+            )
+        row = dict(
+            runs[0],
+            repeats=repeats,
+            **{k: statistics.median(r[k] for r in runs) for k in ("wall_s", "pool_start_s", "merge_s")},
+        )
         rows.append(row)
         print(f"workers={w}: {row['wall_s']:.2f} s (pool start {row['pool_start_s']:.2f} s)", file=sys.stderr)
     return rows
@@ -98,13 +116,19 @@ def report(rows: list[dict]) -> dict:
     one = by_w.get(1)
     speedups = {w: one["wall_s"] / r["wall_s"] for w, r in by_w.items() if one and w > 1}
     merge_speedups = {w: one["merge_s"] / r["merge_s"] for w, r in by_w.items() if one and w > 1}
-    return {"rows": rows, "speedup_vs_1_worker": speedups, "merge_speedup_vs_1_worker": merge_speedups,
-            "identical_outputs": True, "cpus": os.cpu_count(),
-            "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.python_version()}",
-            "date": time.strftime("%Y-%m-%d"), "load_avg_1min": os.getloadavg()[0]}
+    return {
+        "rows": rows,
+        "speedup_vs_1_worker": speedups,
+        "merge_speedup_vs_1_worker": merge_speedups,
+        "identical_outputs": True,
+        "cpus": os.cpu_count(),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "load_avg_1min": os.getloadavg()[0],
+    }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge bench scaling", description=__doc__.split("\n")[0])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts; 0 = in-process (default 1,2)")
     p.add_argument("--layers", type=int, default=8)
@@ -112,9 +136,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--experts", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--chunk-mb", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker, and of this process for the in-process run (default: the CPUs a "
-                        "worker reserves: all of them for 1 worker)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker, and of this process for the in-process run (default: the CPUs a "
+        "worker reserves: all of them for 1 worker)",
+    )
     p.add_argument("--models", default=None, help="directory to build/reuse the models in (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
@@ -124,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     started = False
     if any(counts):
-        from engine.ray_pool import connect
+        from shardmerge.engine.run.ray_pool import connect
 
         started = connect(None, num_cpus=os.cpu_count())
     try:
@@ -138,14 +166,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    result["command"] = "python -m jobs.bench scaling " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python -m shardmerge.jobs.bench scaling " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     for r in result["rows"]:
-        print(f"workers {r['workers']} ({r['threads_per_worker'] or '-'} torch threads each): {r['wall_s']:.2f} s "
-              f"wall, pool start {r['pool_start_s']:.2f} s, merge after start {r['merge_s']:.2f} s, "
-              f"{r['bytes'] / 2**20:.1f} MiB out")
+        print(
+            f"workers {r['workers']} ({r['threads_per_worker'] or '-'} torch threads each): {r['wall_s']:.2f} s "
+            f"wall, pool start {r['pool_start_s']:.2f} s, merge after start {r['merge_s']:.2f} s, "
+            f"{r['bytes'] / 2**20:.1f} MiB out"
+        )
     for w, s in result["speedup_vs_1_worker"].items():
-        print(f"speedup 1 -> {w} workers: {s:.2f}x wall, {result['merge_speedup_vs_1_worker'][w]:.2f}x after pool "
-              "start")
+        print(
+            f"speedup 1 -> {w} workers: {s:.2f}x wall, {result['merge_speedup_vs_1_worker'][w]:.2f}x after pool start"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -1,6 +1,6 @@
 """Benchmark of the SVD merge methods against a straightforward per-matrix `torch.linalg.svd` loop.
 
-`python -m jobs.bench_svd` (or `python -m jobs.bench svd`) times tsv, iso_c, iso_cts and cart on K experts of an
+`python -m shardmerge.jobs.bench_svd` (or `python -m shardmerge.jobs.bench svd`) times tsv, iso_c, iso_cts and cart on K experts of an
 up_proj-shaped weight (4096 x 11008 at --scale 1; the default --scale 0.26 = 1065 x 2862 runs in under
 3 minutes on a 2-core CPU) and, for each, the naive implementation the papers' code uses: a Python loop of full
 `torch.linalg.svd` calls per matrix, SVD-based polar factors. Prints both times, their ratio and the largest
@@ -9,7 +9,7 @@ difference between the two results relative to the largest entry of the naive up
 Synthetic task vectors have a power-law spectrum (sigma_i ~ 1 / i, like fine-tuning updates) plus 1 % white noise;
 pure Gaussian updates (flat spectrum) are the worst case for randomized SVD and not what merges see.
 With --layers L > 1 the same-shape matrices of L layers are also merged in ONE batched call of the core on the
-(L, K, m, n) stack (what the engine does with batching on, engine.unit) and timed side by side with our per-matrix
+(L, K, m, n) stack (what the engine does with batching on, shardmerge.engine.run.unit) and timed side by side with our per-matrix
 loop (one core call per layer, the engine without batching): columns batched_s, batch_x = ours_s / batched_s and
 batch_diff = the largest batched-vs-loop difference relative to the loop's largest entry. On the CPU LAPACK loops
 over a batch, so batch_x ~ 1 is expected there; the batch is meant for GPUs (one cuSOLVER/cuBLAS launch instead of L).
@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.methods import svd
-from jobs.bench_common import print_machine
+from shardmerge.engine.methods import svd
+from shardmerge.jobs.bench_common import print_machine
 
 BASE_SHAPE = (4096, 11008)
 METHODS = ("tsv", "iso_c", "iso_cts", "cart")
@@ -124,8 +124,14 @@ def run(method: str, taus: torch.Tensor, float64_reference: bool = False) -> dic
     warm = taus[:2, :, :8, :12]  # first LAPACK / cuSOLVER calls pay one-off set-up costs: not part of the timing
     OURS[method](warm), OURS[method](warm[0]), NAIVE[method](warm[0])
     ours_s, ours = _timed(lambda: torch.stack([OURS[method](t) for t in taus]), taus.device)
-    row = {"method": method, "layers": taus.shape[0], "ours_s": ours_s, "batched_s": None, "batch_x": None,
-           "batch_diff": None}
+    row = {
+        "method": method,
+        "layers": taus.shape[0],
+        "ours_s": ours_s,
+        "batched_s": None,
+        "batch_x": None,
+        "batch_diff": None,
+    }
     if taus.shape[0] > 1:
         batched_s, batched = _timed(lambda: OURS[method](taus), taus.device)
         row.update(batched_s=batched_s, batch_x=ours_s / batched_s, batch_diff=_rel(batched, ours))
@@ -141,28 +147,41 @@ def _line(row: dict) -> str:
     def opt(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    return (f"{row['method']:<8} {row['ours_s']:9.3f} {opt(row['batched_s'], '9.3f'):>9} "
-            f"{opt(row['batch_x'], '7.2f'):>7} {row['naive_s']:9.3f} {row['ratio']:7.2f} {row['rel_diff']:9.2e} "
-            f"{opt(row['batch_diff'], '10.2e'):>10}" + (
-                f" {row['ours_f64']:9.2e} {row['naive_f64']:9.2e}" if row.get("ours_f64") is not None else ""))
+    return (
+        f"{row['method']:<8} {row['ours_s']:9.3f} {opt(row['batched_s'], '9.3f'):>9} "
+        f"{opt(row['batch_x'], '7.2f'):>7} {row['naive_s']:9.3f} {row['ratio']:7.2f} {row['rel_diff']:9.2e} "
+        f"{opt(row['batch_diff'], '10.2e'):>10}"
+        + (f" {row['ours_f64']:9.2e} {row['naive_f64']:9.2e}" if row.get("ours_f64") is not None else "")
+    )
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench svd", description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=0.26, help="fraction of 4096 x 11008 (1.0 = full size)")
     p.add_argument("--rows", type=int, default=None, help="override the row count")
     p.add_argument("--cols", type=int, default=None, help="override the column count")
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--layers", type=int, default=1,
-                   help="same-shape layers: looped per matrix, and (L > 1) decomposed in one batched call")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="same-shape layers: looped per matrix, and (L > 1) decomposed in one batched call",
+    )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default torch's; 1 = a merge worker's, and steady on a busy machine)")
-    p.add_argument("--float64-reference", action="store_true",
-                   help="also run the naive loop in float64 (untimed) and print how far ours and the float32 naive "
-                        "result are from it (ours_f64, naive_f64): tells approximation error from ill-conditioning")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default torch's; 1 = a merge worker's, and steady on a busy machine)",
+    )
+    p.add_argument(
+        "--float64-reference",
+        action="store_true",
+        help="also run the naive loop in float64 (untimed) and print how far ours and the float32 naive "
+        "result are from it (ours_f64, naive_f64): tells approximation error from ill-conditioning",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
@@ -179,7 +198,7 @@ def _device(choice: str) -> torch.device:
     return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print one line per method. Returns the process exit code."""
     args = parse_args(argv)
     device = _device(args.device)
@@ -189,11 +208,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n = args.cols or max(1, round(BASE_SHAPE[1] * args.scale))
     machine = print_machine()
     taus = synthetic_updates(args.layers, args.experts, m, n, args.seed).to(device)
-    print(f"# svd bench: {args.layers} layer(s) x {args.experts} experts of {m} x {n} float32 on {device}, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"{'method':<8} {'ours_s':>9} {'batched_s':>9} {'batch_x':>7} {'naive_s':>9} {'ratio':>7} "
-          f"{'rel_diff':>9} {'batch_diff':>10}" + (f" {'ours_f64':>9} {'naive_f64':>9}" if args.float64_reference
-                                                    else ""))
+    print(
+        f"# svd bench: {args.layers} layer(s) x {args.experts} experts of {m} x {n} float32 on {device}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    print(
+        f"{'method':<8} {'ours_s':>9} {'batched_s':>9} {'batch_x':>7} {'naive_s':>9} {'ratio':>7} "
+        f"{'rel_diff':>9} {'batch_diff':>10}" + (f" {'ours_f64':>9} {'naive_f64':>9}" if args.float64_reference else "")
+    )
     rows = []
     for method in args.methods.split(","):
         row = run(method, taus, args.float64_reference)
@@ -201,8 +223,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_line(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "device": str(device), "shape": [m, n], "experts": args.experts,
-                       "layers": args.layers, "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "machine": machine,
+                    "device": str(device),
+                    "shape": [m, n],
+                    "experts": args.experts,
+                    "layers": args.layers,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional
 
 COMMANDS = {
     "merge": "merge models from a YAML recipe into a Hugging Face-layout directory",
@@ -22,12 +21,16 @@ COMMANDS = {
 PASSTHROUGH = {"probe", "plam", "bench"}  # these modules parse their own argv via main(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="shardmerge", description="Distributed, sharded merge engine for (multimodal) "
-                                "LLMs on Ray.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="commands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items())
-                                + "\n\n`shardmerge COMMAND --help` for a command's options.")
+    p = argparse.ArgumentParser(
+        prog="shardmerge",
+        description="Distributed, sharded merge engine for (multimodal) LLMs on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items())
+        + "\n\n`shardmerge COMMAND --help` for a command's options.",
+    )
     p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     if not argv or argv[0] not in COMMANDS:
         p.print_help() if not argv or argv[0] in ("-h", "--help") else p.parse_args(argv[:1])

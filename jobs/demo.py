@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 RECIPE = """\
 # TIES merge of two fine-tunes of a tiny Llama-style base (built locally by the demo)
@@ -43,8 +42,8 @@ def run_demo(root: Path, workers: int = 2) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.tiny_models import build_llm
-    from jobs.merge import run_merge
+    from shardmerge.engine.tiny_models import build_llm
+    from shardmerge.jobs.merge import run_merge
 
     t0 = _step(f"building tiny models in {root}")
     models = {"base": build_llm(root / "models" / "base", seed=0)}
@@ -95,8 +94,8 @@ def _pivot_part(root: Path, workers: int) -> dict:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
-    from engine.tiny_models import build_mllm, derive_projector_expert
-    from jobs.merge import run_merge
+    from shardmerge.engine.tiny_models import build_mllm, derive_projector_expert
+    from shardmerge.jobs.merge import run_merge
 
     _step("PivotMerge of three tiny LLaVA experts' projectors, weighted by calibration gains")
     base = root / "pivot"
@@ -114,16 +113,22 @@ def _pivot_part(root: Path, workers: int) -> dict:
     s = run_merge(recipe, base / "merged", workers=workers, overwrite=True, progress=False)
     AutoModelForImageTextToText.from_pretrained(base / "merged", trust_remote_code=False)
     report = json.loads((base / "merged" / "pivot_report.json").read_text())
-    lam = {r["tensor"].rsplit(".", 2)[-2]: [round(x, 3) for x in r["lambda"]]
-           for r in report["tensors"] if r["kind"] == "svd"}
-    return {"pivot_merged_dir": str(base / "merged"), "pivot_verified": s.get("verified", False),
-            "pivot_lambda_per_layer": lam}
+    lam = {
+        r["tensor"].rsplit(".", 2)[-2]: [round(x, 3) for x in r["lambda"]]
+        for r in report["tensors"]
+        if r["kind"] == "svd"
+    }
+    return {
+        "pivot_merged_dir": str(base / "merged"),
+        "pivot_verified": s.get("verified", False),
+        "pivot_lambda_per_layer": lam,
+    }
 
 
 def _mllm_part(root: Path, workers: int) -> dict:
     """The PlaM pipeline on tiny MLLMs, when that part of the engine is installed."""
     try:
-        from jobs.plam import demo_pipeline
+        from shardmerge.jobs.plam import demo_pipeline
     except ImportError:
         return {}
     _step("PlaM pipeline on a tiny Qwen2.5-VL: probe -> plateau -> merge -> verify")
@@ -144,7 +149,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0 if ok and result.get("plam_verified", True) else 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge demo", description=__doc__.split("\n")[0])
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

@@ -1,4 +1,4 @@
-"""`shardmerge merge` / `python -m jobs.merge RECIPE.yaml --out DIR` (the entry point for `ray job submit`).
+"""`shardmerge merge` / `python -m shardmerge.jobs.merge RECIPE.yaml --out DIR` (the entry point for `ray job submit`).
 
 Without --address (and without RAY_ADDRESS) an embedded local Ray instance is started in-process; with
 `--address auto` or a cluster address the same code runs on the cluster. Inputs and --out must be on storage every
@@ -12,15 +12,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (mergekit-compatible subset; see README)")
     p.add_argument("--out", required=True, help="output directory (Hugging Face layout)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="merge workers (Ray actors); default: one per GPU with --device cuda, else one per CPU; "
-                        "0 runs in this process without Ray")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="merge workers (Ray actors); default: one per GPU with --device cuda, else one per CPU; "
+        "0 runs in this process without Ray",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' for the local cluster)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge in --out")
@@ -28,14 +31,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", default="5GB", help="max output shard size (default 5GB)")
     p.add_argument("--chunk-mb", type=float, default=64, help="row-chunk size per input tensor (MiB, default 64)")
     p.add_argument("--max-memory-per-worker", default=None, help="per-worker memory budget for Ray (e.g. 8GB)")
-    p.add_argument("--threads-per-worker", type=int, default=None,
-                   help="torch threads per worker (default 1: streaming merges scale by workers, not threads)")
-    p.add_argument("--svd-batch-layers", type=int, default=None, metavar="N",
-                   help="consecutive decoder layers per work unit for SVD-family recipes, so their same-shape "
-                        "matrices share batched SVD calls (default 1 with --device cpu, 4 with cuda)")
-    p.add_argument("--random-seed", type=int, default=None, metavar="N",
-                   help="seed of the keyed randomness of dare_linear/dare_ties/della/della_linear (default: the "
-                        "recipe's random_seed, else 0); recorded in the plan hash and the model card")
+    p.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        help="torch threads per worker (default 1: streaming merges scale by workers, not threads)",
+    )
+    p.add_argument(
+        "--svd-batch-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="consecutive decoder layers per work unit for SVD-family recipes, so their same-shape "
+        "matrices share batched SVD calls (default 1 with --device cpu, 4 with cuda)",
+    )
+    p.add_argument(
+        "--random-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the keyed randomness of dare_linear/dare_ties/della/della_linear (default: the "
+        "recipe's random_seed, else 0); recorded in the plan hash and the model card",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that contain NaN/Inf")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip re-verifying the output")
@@ -55,39 +72,70 @@ def default_workers(device: str) -> int:
     return max(1, os.cpu_count() or 1)  # one single-threaded worker per CPU slot (see executor.default_worker_count)
 
 
-def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int] = None, device: str = "cpu",
-              address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
-              shard_size: str | int = "5GB", chunk_mb: float = 64, max_memory_per_worker: Optional[str] = None,
-              allow_nonfinite: bool = False, progress: bool = True, verify: bool = True,
-              fault: Optional[str] = None, threads_per_worker: Optional[int] = None,
-              svd_batch_layers: Optional[int] = None, svd_batch: Optional[bool] = None,
-              random_seed: Optional[int] = None) -> dict:
+def run_merge(
+    recipe_path: str | Path,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    device: str = "cpu",
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard_size: str | int = "5GB",
+    chunk_mb: float = 64,
+    max_memory_per_worker: str | None = None,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+    verify: bool = True,
+    fault: str | None = None,
+    threads_per_worker: int | None = None,
+    svd_batch_layers: int | None = None,
+    svd_batch: bool | None = None,
+    random_seed: int | None = None,
+) -> dict:
     """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause.
-    `svd_batch_layers` None: engine.plan.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
-    or off (None: on off the CPU; see engine.executor.execute). `random_seed` is --random-seed
-    (engine.recipe.with_random_seed)."""
-    from engine.executor import execute
-    from engine.plan import SVD_BATCH_LAYERS, build_plan, parse_size
-    from engine.recipe import load_recipe, with_random_seed
-    from engine.verify import verify_dir
-    from engine.writer import state_dir
+    `svd_batch_layers` None: shardmerge.engine.plan.build.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
+    or off (None: on off the CPU; see shardmerge.engine.run.executor.execute). `random_seed` is --random-seed
+    (shardmerge.engine.recipe.schema.with_random_seed)."""
+    from shardmerge.engine.io.writer import state_dir
+    from shardmerge.engine.plan.build import SVD_BATCH_LAYERS, build_plan, parse_size
+    from shardmerge.engine.recipe.schema import load_recipe, with_random_seed
+    from shardmerge.engine.run.executor import execute
+    from shardmerge.engine.verify import verify_dir
 
     if chunk_mb <= 0:
         raise ValueError(f"--chunk-mb must be positive, got {chunk_mb}")
     recipe = with_random_seed(load_recipe(recipe_path), random_seed, str(recipe_path))
-    plan = build_plan(recipe, shard_size=shard_size, source=str(recipe_path),
-                      state=state_dir(Path(out)) if resume else None, address=address,
-                      svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers)
+    plan = build_plan(
+        recipe,
+        shard_size=shard_size,
+        source=str(recipe_path),
+        state=state_dir(Path(out)) if resume else None,
+        address=address,
+        svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers,
+    )
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
         # on a cluster, execute() sizes the pool from the cluster's resources; on this machine a small merge runs
         # in this process, since starting an embedded Ray and its workers costs more than the merge itself
         small = device == "cpu" and fault is None and plan.total_bytes <= IN_PROCESS_MAX_BYTES
         workers = 0 if small else default_workers(device)
-    summary = execute(plan, out, workers=workers, device=device, resume=resume, overwrite=overwrite,
-                      chunk_bytes=max(1, int(chunk_mb * 2**20)), allow_nonfinite=allow_nonfinite,
-                      progress=progress, fault=fault, address=address, threads_per_worker=threads_per_worker,
-                      svd_batch=svd_batch, protect=(recipe_path,),
-                      memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None)
+    summary = execute(
+        plan,
+        out,
+        workers=workers,
+        device=device,
+        resume=resume,
+        overwrite=overwrite,
+        chunk_bytes=max(1, int(chunk_mb * 2**20)),
+        allow_nonfinite=allow_nonfinite,
+        progress=progress,
+        fault=fault,
+        address=address,
+        threads_per_worker=threads_per_worker,
+        svd_batch=svd_batch,
+        protect=(recipe_path,),
+        memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None,
+    )
     if plan.notes:
         summary["notes"] = list(plan.notes)
     if verify:
@@ -98,7 +146,7 @@ def run_merge(recipe_path: str | Path, out: str | Path, *, workers: Optional[int
     return summary
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge merge", description=__doc__.split("\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
@@ -134,8 +182,12 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def _interrupted(args: argparse.Namespace, name: str, code: int) -> int:
-    print(f"shardmerge merge: interrupted by {name}; the unfinished merge in {Path(args.out).resolve()} is kept. "
-          f"Continue it with: {resume_command(args)}", file=sys.stderr, flush=True)
+    print(
+        f"shardmerge merge: interrupted by {name}; the unfinished merge in {Path(args.out).resolve()} is kept. "
+        f"Continue it with: {resume_command(args)}",
+        file=sys.stderr,
+        flush=True,
+    )
     return code
 
 
@@ -169,17 +221,30 @@ def run_from_args(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         summary = run_merge(
-            args.recipe, args.out, workers=args.workers, device=args.device, address=args.address,
-            resume=args.resume, overwrite=args.overwrite, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
-            max_memory_per_worker=args.max_memory_per_worker, allow_nonfinite=args.allow_nonfinite,
-            progress=not args.no_progress, verify=not args.no_verify, fault=os.environ.get("SHARDMERGE_FAULT"),
-            threads_per_worker=args.threads_per_worker, svd_batch_layers=args.svd_batch_layers,
+            args.recipe,
+            args.out,
+            workers=args.workers,
+            device=args.device,
+            address=args.address,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            shard_size=args.shard_size,
+            chunk_mb=args.chunk_mb,
+            max_memory_per_worker=args.max_memory_per_worker,
+            allow_nonfinite=args.allow_nonfinite,
+            progress=not args.no_progress,
+            verify=not args.no_verify,
+            fault=os.environ.get("SHARDMERGE_FAULT"),
+            threads_per_worker=args.threads_per_worker,
+            svd_batch_layers=args.svd_batch_layers,
             random_seed=args.random_seed,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"shardmerge merge: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("units_by_worker", "worker_stats")}, sort_keys=True))
+    print(
+        json.dumps({k: v for k, v in summary.items() if k not in ("units_by_worker", "worker_stats")}, sort_keys=True)
+    )
     return 0
 
 

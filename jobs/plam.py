@@ -1,4 +1,4 @@
-"""`shardmerge plam` / `python -m jobs.plam`: probe → plateau → PlaM merge → verify → (optional) re-probe, as one job.
+"""`shardmerge plam` / `python -m shardmerge.jobs.plam`: probe → plateau → PlaM merge → verify → (optional) re-probe, as one job.
 
 shardmerge plam --mllm M --base B --bench FILE_OR_DIR --out DIR [--alpha A] [--targets qkvo|attn|mlp|norms|all]
                 [--layers S E] [--workers N] [--device auto|cpu|cuda] [--address ADDR] [--reprobe] [--limit N]
@@ -25,8 +25,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import yaml
 
@@ -39,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (probe/, merged/, plam.yaml, plam_summary.json)")
     p.add_argument("--alpha", type=float, default=0.1, help="W = (1-α)·W_mllm + α·W_base [0.1]")
     p.add_argument("--targets", default="qkvo", help="qkvo | attn | mlp | norms | all [qkvo]")
-    p.add_argument("--layers", type=int, nargs=2, metavar=("S", "E"), default=None,
-                   help="merge layers S..E (inclusive) instead of the probe's plateau")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs=2,
+        metavar=("S", "E"),
+        default=None,
+        help="merge layers S..E (inclusive) instead of the probe's plateau",
+    )
     p.add_argument("--workers", type=int, default=None, help="probe actors and merge workers [auto]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
@@ -51,15 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default="fast", help="probe path: fast | exact [fast]")
     p.add_argument("--shard-size", default="5GB", help="merged shard size [5GB]")
     p.add_argument("--weights", default=None, help="MLLM,BASE: unnormalised W = a·W_mllm + b·W_base (+ control)")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction of question groups held out for the before/after evaluation [0: none]")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of question groups held out for the before/after evaluation [0: none]",
+    )
     p.add_argument("--seed", type=int, default=0, help="split and bootstrap seed [0]")
     p.add_argument("--max-ci-width", type=int, default=4, help="refuse a c* interval wider than this [4 layers]")
     p.add_argument("--force", action="store_true", help="merge even when the probe is uninformative")
     return p
 
 
-def _weights(text: Optional[str]) -> Optional[tuple[float, float]]:
+def _weights(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
@@ -81,13 +91,29 @@ def informative(probe: dict, max_ci_width: int) -> list[str]:
     return reasons
 
 
-def _probe(model: str, args, out: Path, workers: int, side: str = "probe", cuts: Optional[str] = None) -> dict:
-    from engine.probe.runner import run_probe
-    from jobs.probe import build_parser as probe_parser
-    from jobs.probe import job_from_args
+def _probe(model: str, args, out: Path, workers: int, side: str = "probe", cuts: str | None = None) -> dict:
+    from shardmerge.engine.probe.runner import run_probe
+    from shardmerge.jobs.probe import build_parser as probe_parser
+    from shardmerge.jobs.probe import job_from_args
 
-    argv = ["--model", model, "--out", str(out), "--workers", str(workers), "--metric", args.metric,
-            "--cuts", cuts or args.cuts, "--path", args.path, "--device", args.device, "--seed", str(args.seed)]
+    argv = [
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--metric",
+        args.metric,
+        "--cuts",
+        cuts or args.cuts,
+        "--path",
+        args.path,
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+    ]
     if args.holdout:
         argv += ["--holdout", str(args.holdout), "--side", side]
     for b in args.bench:
@@ -97,7 +123,7 @@ def _probe(model: str, args, out: Path, workers: int, side: str = "probe", cuts:
     return run_probe(job_from_args(probe_parser().parse_args(argv)))
 
 
-def _recipe(args, probe_json: Path, weights: Optional[tuple] = None) -> dict:
+def _recipe(args, probe_json: Path, weights: tuple | None = None) -> dict:
     params: dict = {"targets": args.targets}
     if weights:
         params["weights"] = {"mllm": weights[0], "base": weights[1]}
@@ -119,31 +145,53 @@ def _check_probe(args, probe: dict, out: Path) -> list[str]:
         )
     reasons = informative(probe, args.max_ci_width)
     if reasons and not args.force:
-        raise ValueError(f"the probe of {args.mllm} is not informative, no merge: {'; '.join(reasons)}; see "
-                         f"{out / 'probe' / 'probe.png'}; use more or other benchmark rows, or --force to merge anyway")
+        raise ValueError(
+            f"the probe of {args.mllm} is not informative, no merge: {'; '.join(reasons)}; see "
+            f"{out / 'probe' / 'probe.png'}; use more or other benchmark rows, or --force to merge anyway"
+        )
     return reasons
 
 
-def _merge(args, out: Path, name: str, weights: Optional[tuple]) -> dict:
-    from jobs.merge import run_merge
+def _merge(args, out: Path, name: str, weights: tuple | None) -> dict:
+    from shardmerge.jobs.merge import run_merge
 
     recipe = out / f"{'plam' if name == 'merged' else name}.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(args, out / "probe" / "probe.json", weights), sort_keys=False))
     device = "cuda" if args.device == "cuda" else "cpu"
-    merge = run_merge(recipe, out / name, workers=args.workers, device=device, address=args.address,
-                      shard_size=args.shard_size, overwrite=True)
-    return {"recipe": str(recipe), "dir": str(out / name), "verified": merge.get("verified", False),
-            "shards": merge["shards"]}
+    merge = run_merge(
+        recipe,
+        out / name,
+        workers=args.workers,
+        device=device,
+        address=args.address,
+        shard_size=args.shard_size,
+        overwrite=True,
+    )
+    return {
+        "recipe": str(recipe),
+        "dir": str(out / name),
+        "verified": merge.get("verified", False),
+        "shards": merge["shards"],
+    }
 
 
 def _evaluate(args, out: Path, workers: int, models: dict) -> dict:
     """m(L) (unmasked accuracy / metric) of each model on the held-out side of the split, per benchmark."""
-    result = {"side": "eval", "holdout": args.holdout, "seed": args.seed, "split": "seeded, by question group",
-              "metric": args.metric, "models": {}}
+    result = {
+        "side": "eval",
+        "holdout": args.holdout,
+        "seed": args.seed,
+        "split": "seeded, by question group",
+        "metric": args.metric,
+        "models": {},
+    }
     for name, model in models.items():
         probe = _probe(model, args, out / f"eval_{name}", workers, side="eval", cuts="0")
-        result["models"][name] = {"pooled": probe["pooled"]["curve"][-1], "samples": probe["samples"],
-                                  "benchmarks": {b: v["curve"][-1] for b, v in probe["benchmarks"].items()}}
+        result["models"][name] = {
+            "pooled": probe["pooled"]["curve"][-1],
+            "samples": probe["samples"],
+            "benchmarks": {b: v["curve"][-1] for b, v in probe["benchmarks"].items()},
+        }
     base = result["models"]["mllm"]["pooled"]
     result["gain"] = {k: v["pooled"] - base for k, v in result["models"].items() if k != "mllm"}
     return result
@@ -151,7 +199,7 @@ def _evaluate(args, out: Path, workers: int, models: dict) -> dict:
 
 def run_plam(args: argparse.Namespace) -> dict:
     """Run every stage; returns the summary also written to DIR/plam_summary.json."""
-    from engine.ray_pool import connect
+    from shardmerge.engine.run.ray_pool import connect
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,11 +211,18 @@ def run_plam(args: argparse.Namespace) -> dict:
         forced = _check_probe(args, probe, out)
         merged = _merge(args, out, "merged", weights)
         summary = {
-            "plateau_start": probe.get("plateau_start"), "plateau_start_ci": probe.get("plateau_start_ci"),
-            "stages": probe.get("stages"), "probe_warnings": probe.get("warnings"), "forced_past": forced,
-            "layers": list(args.layers) if args.layers else None, "recipe": merged["recipe"],
-            "merged": merged["dir"], "verified": merged["verified"], "shards": merged["shards"],
-            "probe_png": str(out / "probe" / "probe.png"), "weights": list(weights) if weights else None,
+            "plateau_start": probe.get("plateau_start"),
+            "plateau_start_ci": probe.get("plateau_start_ci"),
+            "stages": probe.get("stages"),
+            "probe_warnings": probe.get("warnings"),
+            "forced_past": forced,
+            "layers": list(args.layers) if args.layers else None,
+            "recipe": merged["recipe"],
+            "merged": merged["dir"],
+            "verified": merged["verified"],
+            "shards": merged["shards"],
+            "probe_png": str(out / "probe" / "probe.png"),
+            "weights": list(weights) if weights else None,
             "probe_rows": "the probe side of the split" if args.holdout else "every row",
         }
         models = {"mllm": args.mllm, "merged": merged["dir"]}
@@ -195,23 +250,47 @@ def demo_pipeline(root: Path, workers: int = 2) -> dict:
 
     Random tiny weights do not use the image, so their probe finds no plateau (the probe says so); the demo therefore
     passes --layers for the merge and reports the probe's verdict alongside."""
-    from engine.probe.fixtures import bench_rows, write_ours
-    from engine.tiny_models import build_base_llm, build_mllm
+    from shardmerge.engine.probe.fixtures import bench_rows, write_ours
+    from shardmerge.engine.tiny_models import build_base_llm, build_mllm
 
     root.mkdir(parents=True, exist_ok=True)
     mllm = build_mllm(root / "qwen2_5_vl", "qwen2_5_vl", seed=0, num_layers=4)
     base = build_base_llm(root / "qwen2_base", "qwen2_5_vl", seed=1, from_mllm=mllm)
     bench = write_ours(root / "bench.parquet", bench_rows(8, seed=0, kinds=("choice", "yesno")))
-    args = build_parser().parse_args(["--mllm", str(mllm), "--base", str(base), "--bench", str(bench),
-                                      "--out", str(root / "out"), "--layers", "2", "3", "--workers", str(workers),
-                                      "--device", "cpu", "--shard-size", "200KB", "--force"])
+    args = build_parser().parse_args(
+        [
+            "--mllm",
+            str(mllm),
+            "--base",
+            str(base),
+            "--bench",
+            str(bench),
+            "--out",
+            str(root / "out"),
+            "--layers",
+            "2",
+            "3",
+            "--workers",
+            str(workers),
+            "--device",
+            "cpu",
+            "--shard-size",
+            "200KB",
+            "--force",
+        ]
+    )
     s = run_plam(args)
-    return {"plam_merged_dir": s["merged"], "plam_verified": s["verified"], "plam_layers": s["layers"],
-            "probe_plateau_start": s["plateau_start"], "probe_png": s["probe_png"],
-            "probe_warnings": s["probe_warnings"]}
+    return {
+        "plam_merged_dir": s["merged"],
+        "plam_verified": s["verified"],
+        "plam_layers": s["layers"],
+        "probe_plateau_start": s["plateau_start"],
+        "probe_png": s["probe_png"],
+        "probe_warnings": s["probe_warnings"],
+    }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,4 +1,4 @@
-"""`shardmerge probe` / `python -m jobs.probe`: the vision-token-masking probe of an MLLM on benchmarks.
+"""`shardmerge probe` / `python -m shardmerge.jobs.probe`: the vision-token-masking probe of an MLLM on benchmarks.
 
 shardmerge probe --model M --bench FILE_OR_DIR --out DIR [--workers N] [--metric accuracy|logprob|kl]
                  [--cuts all|0,4,8|0:28:2] [--path fast|exact] [--attention [--attention-sample ID]]
@@ -16,16 +16,16 @@ import argparse
 import json
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from engine.probe import readers
-from engine.probe.actors import DEVICES
-from engine.probe.runner import METRICS, ProbeJob, run_probe
-from engine.probe.scoring import PATHS, ScoreSettings
-from engine.probe.worker import DTYPES, WorkerSettings
+from shardmerge.engine.probe import readers
+from shardmerge.engine.probe.actors import DEVICES
+from shardmerge.engine.probe.runner import METRICS, ProbeJob, run_probe
+from shardmerge.engine.probe.scoring import PATHS, ScoreSettings
+from shardmerge.engine.probe.worker import DTYPES, WorkerSettings
 
 
-def parse_cuts(text: str) -> Optional[tuple[int, ...]]:
+def parse_cuts(text: str) -> tuple[int, ...] | None:
     """'all' -> None (every cut); '0,4,8' -> (0, 4, 8); '0:28:2' -> range(0, 28, 2) (0 and L are always added)."""
     text = text.strip()
     if text == "all":
@@ -44,8 +44,12 @@ def parse_cuts(text: str) -> Optional[tuple[int, ...]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardmerge probe", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="MLLM directory (Hugging Face layout)")
-    p.add_argument("--bench", required=True, action="append",
-                   help="benchmark .parquet/.tsv file or a directory of them (repeatable)")
+    p.add_argument(
+        "--bench",
+        required=True,
+        action="append",
+        help="benchmark .parquet/.tsv file or a directory of them (repeatable)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, default=1, help="probe actors, one model replica each [1]")
     p.add_argument("--metric", choices=sorted(METRICS), default="accuracy", help="curve metric [accuracy]")
@@ -55,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-sample", default=None, help="sample id for the focus heat map [first sample]")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when Ray sees a GPU [auto]")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                   help="auto: float32 on CPU, the checkpoint's dtype on GPU")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help="auto: float32 on CPU, the checkpoint's dtype on GPU",
+    )
     p.add_argument("--limit", type=int, default=None, help="at most N rows per benchmark file")
     p.add_argument("--format", choices=readers.FORMATS, default="auto", help="benchmark format [auto]")
     p.add_argument("--rows-per-shard", type=int, default=16, help="rows per work unit [16]")
@@ -65,17 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.1, help="early stage: p(c) <= delta [0.1]")
     p.add_argument("--epsilon", type=float, default=0.05, help="plateau: p(c') >= 1 - epsilon after c* [0.05]")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed [0]")
-    p.add_argument("--pooling", choices=("macro", "samples"), default="macro",
-                   help="pooled curve: macro (each benchmark weighs the same) or samples [macro]")
+    p.add_argument(
+        "--pooling",
+        choices=("macro", "samples"),
+        default="macro",
+        help="pooled curve: macro (each benchmark weighs the same) or samples [macro]",
+    )
     p.add_argument("--system-prompt", default=None, help="a system turn before the question [none]")
-    p.add_argument("--min-pixels", type=int, default=None,
-                   help="Qwen-VL: lower bound of the resized image's pixels [the model's; lmms-eval: 200704]")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="Qwen-VL: upper bound of the resized image's pixels [the model's; lmms-eval: 1605632]")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="hold out this fraction of question groups (seeded by --seed) [0: probe every row]")
-    p.add_argument("--side", choices=("probe", "eval"), default="probe",
-                   help="with --holdout: probe the probe side or the held-out side [probe]")
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen-VL: lower bound of the resized image's pixels [the model's; lmms-eval: 200704]",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen-VL: upper bound of the resized image's pixels [the model's; lmms-eval: 1605632]",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of question groups (seeded by --seed) [0: probe every row]",
+    )
+    p.add_argument(
+        "--side",
+        choices=("probe", "eval"),
+        default="probe",
+        help="with --holdout: probe the probe side or the held-out side [probe]",
+    )
     p.add_argument("--local", action="store_true", help="no Ray: one replica in this process")
     return p
 
@@ -88,17 +116,38 @@ def _split(args: argparse.Namespace) -> tuple:
 
 def job_from_args(args: argparse.Namespace) -> ProbeJob:
     score = ScoreSettings(cuts=parse_cuts(args.cuts), path=args.path, max_new_tokens=args.max_new_tokens)
-    worker = WorkerSettings(model=args.model, device=args.device, dtype=args.dtype, score=score,
-                            attention=args.attention, attention_sample=args.attention_sample,
-                            system_prompt=args.system_prompt, min_pixels=args.min_pixels,
-                            max_pixels=args.max_pixels, split=_split(args))
-    return ProbeJob(benches=tuple(args.bench), out=args.out, worker=worker, workers=args.workers,
-                    metric=args.metric, fmt=args.format, rows_per_shard=args.rows_per_shard, limit=args.limit,
-                    address=args.address, use_ray=not args.local, n_boot=args.bootstrap, delta=args.delta,
-                    epsilon=args.epsilon, seed=args.seed, pooling=args.pooling)
+    worker = WorkerSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        score=score,
+        attention=args.attention,
+        attention_sample=args.attention_sample,
+        system_prompt=args.system_prompt,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        split=_split(args),
+    )
+    return ProbeJob(
+        benches=tuple(args.bench),
+        out=args.out,
+        worker=worker,
+        workers=args.workers,
+        metric=args.metric,
+        fmt=args.format,
+        rows_per_shard=args.rows_per_shard,
+        limit=args.limit,
+        address=args.address,
+        use_ray=not args.local,
+        n_boot=args.bootstrap,
+        delta=args.delta,
+        epsilon=args.epsilon,
+        seed=args.seed,
+        pooling=args.pooling,
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

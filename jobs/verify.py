@@ -1,10 +1,9 @@
-"""`shardmerge verify DIR` / `python -m jobs.verify DIR`: re-check a merged output directory; exit 1 on a problem."""
+"""`shardmerge verify DIR` / `python -m shardmerge.jobs.verify DIR`: re-check a merged output directory; exit 1 on a problem."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from engine.verify import verify_dir
+    from shardmerge.engine.verify import verify_dir
 
     problems = verify_dir(args.dir, hashes=not args.no_hash)
     if problems:
@@ -25,7 +24,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardmerge verify", description=__doc__.split("\n")[0])
     add_arguments(p)
     return run_from_args(p.parse_args(argv))

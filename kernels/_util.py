@@ -9,7 +9,7 @@ first launch, not merely before the first import of `kernels.*`.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

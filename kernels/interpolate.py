@@ -22,7 +22,7 @@ Thresholds instead of top-k: mergekit keeps exactly k = max(1, int(density·n)) 
 per-tensor threshold (`magnitude_threshold`, `outlier_thresholds`) reproduces that whenever the k-th and (k+1)-th
 magnitudes differ, and keeps all tied entries otherwise (argsort's tie order is unspecified in mergekit too).
 DARE: mergekit draws torch.bernoulli masks, which no chunked engine can reproduce; here the mask is the counter-based
-Philox stream of kernels.philox keyed per (seed, tensor, expert) at the element's flat offset, so it is independent
+Philox stream of shardmerge.kernels.philox keyed per (seed, tensor, expert) at the element's flat offset, so it is independent
 of chunking, block size and device. Survivor scale s_k: default 1 / density_k (the DARE paper's rule); pass
 `scales` from `dare_l1_partials` + `l1_rescale` for mergekit's L1-norm-matching rule (its default `rescale: true`).
 """
@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from kernels import philox as _ph
-from kernels._util import check_float_dtype, check_same_shape, import_triton, use_triton
+from shardmerge.kernels import philox as _ph
+from shardmerge.kernels._util import check_float_dtype, check_same_shape, import_triton, use_triton
 
 MODES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 _TRIM_LO = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
@@ -46,7 +46,7 @@ _DARE = frozenset({"dare_linear", "dare_ties"})
 _CONSENSUS = frozenset({"ties", "dare_ties", "breadcrumbs_ties"})
 
 # Elements per Triton program. 1024 with 4 warps is the usual choice for a memory-bound elementwise kernel; it has
-# NOT been tuned on hardware yet (no GPU in the session that wrote it): `python -m jobs.bench kernels` on a CUDA
+# NOT been tuned on hardware yet (no GPU in the session that wrote it): `python -m shardmerge.jobs.bench kernels` on a CUDA
 # machine measures it against a device copy.
 BLOCK = 1024
 
@@ -77,7 +77,7 @@ def _f32(v: float) -> float:
     return float(torch.tensor(float(v), dtype=torch.float32))
 
 
-def _per_expert(name: str, values, k: int, mode: str, needed: bool) -> Optional[tuple]:
+def _per_expert(name: str, values, k: int, mode: str, needed: bool) -> tuple | None:
     if values is None:
         if needed:
             raise ValueError(f"interpolate: mode {mode!r} needs {name} (one value per input); got None")
@@ -95,7 +95,9 @@ def _check_tensors(tensors, base, mode) -> None:
     for i, t in enumerate(tensors):
         check_float_dtype("interpolate", t, f"inputs[{i}]")
         if t.dtype != tensors[0].dtype:
-            raise ValueError(f"interpolate: inputs[{i}] has dtype {t.dtype}; expected {tensors[0].dtype} like inputs[0]")
+            raise ValueError(
+                f"interpolate: inputs[{i}] has dtype {t.dtype}; expected {tensors[0].dtype} like inputs[0]"
+            )
     if (mode == "linear") != (base is None):
         raise ValueError(f"interpolate: mode {mode!r} {'takes no' if mode == 'linear' else 'needs a'} base tensor")
     if base is not None:
@@ -103,8 +105,21 @@ def _check_tensors(tensors, base, mode) -> None:
         check_float_dtype("interpolate", base, "base")
 
 
-def _resolve(tensors, weights, mode, base, normalize, lam, thresholds, upper_thresholds, dare_keys, densities,
-             scales, elem_offset, out_dtype) -> _Resolved:
+def _resolve(
+    tensors,
+    weights,
+    mode,
+    base,
+    normalize,
+    lam,
+    thresholds,
+    upper_thresholds,
+    dare_keys,
+    densities,
+    scales,
+    elem_offset,
+    out_dtype,
+) -> _Resolved:
     """Validate every argument once (ValueError naming the bad one) and normalise it for both paths."""
     if mode not in MODES:
         raise ValueError(f"interpolate: unknown mode {mode!r}; expected one of {MODES}")
@@ -135,9 +150,20 @@ def _resolve(tensors, weights, mode, base, normalize, lam, thresholds, upper_thr
     out_dtype = out_dtype or (base.dtype if base is not None else tensors[0].dtype)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"interpolate: out_dtype {out_dtype} unsupported; expected float32/float16/bfloat16")
-    f = lambda vs: tuple(_f32(v) for v in vs)  # noqa: E731
-    return _Resolved(mode, f(weights), f(lo), f(hi), tuple(int(x) for x in keys), thr24, f(scales),
-                     bool(normalize), _f32(lam), elem_offset, out_dtype)
+    f = lambda vs: tuple(_f32(v) for v in vs)
+    return _Resolved(
+        mode,
+        f(weights),
+        f(lo),
+        f(hi),
+        tuple(int(x) for x in keys),
+        thr24,
+        f(scales),
+        bool(normalize),
+        _f32(lam),
+        elem_offset,
+        out_dtype,
+    )
 
 
 def _linear_divisor(cfg: _Resolved, mode_name: str) -> float:
@@ -207,16 +233,38 @@ def _reference_linear(cfg: _Resolved, tensors) -> torch.Tensor:
     return acc.to(cfg.out_dtype)
 
 
-def interpolate_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, mode: str = "linear",
-                          base: Optional[torch.Tensor] = None, normalize: bool = False, lam: float = 1.0,
-                          thresholds: Optional[Sequence[float]] = None,
-                          upper_thresholds: Optional[Sequence[float]] = None,
-                          dare_keys: Optional[Sequence[int]] = None, densities: Optional[Sequence[float]] = None,
-                          scales: Optional[Sequence[float]] = None, elem_offset: int = 0,
-                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def interpolate_reference(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    mode: str = "linear",
+    base: torch.Tensor | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+    thresholds: Sequence[float] | None = None,
+    upper_thresholds: Sequence[float] | None = None,
+    dare_keys: Sequence[int] | None = None,
+    densities: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
+    elem_offset: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Plain-torch K-way interpolation (the CPU path); arguments as in `interpolate`."""
-    cfg = _resolve(tensors, weights, mode, base, normalize, lam, thresholds, upper_thresholds, dare_keys,
-                   densities, scales, elem_offset, out_dtype)
+    cfg = _resolve(
+        tensors,
+        weights,
+        mode,
+        base,
+        normalize,
+        lam,
+        thresholds,
+        upper_thresholds,
+        dare_keys,
+        densities,
+        scales,
+        elem_offset,
+        out_dtype,
+    )
     if cfg.mode == "linear":
         return _reference_linear(cfg, list(tensors))
     return _reference_task(cfg, list(tensors), base)
@@ -262,16 +310,23 @@ def outlier_thresholds(tau: torch.Tensor, density: float, gamma: float) -> tuple
     return float(ordered[bottom]), hi
 
 
-def dare_l1_partials(tensors: Sequence[torch.Tensor], base: torch.Tensor, dare_keys: Sequence[int],
-                     densities: Sequence[float], elem_offset: int = 0) -> torch.Tensor:
+def dare_l1_partials(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    dare_keys: Sequence[int],
+    densities: Sequence[float],
+    elem_offset: int = 0,
+) -> torch.Tensor:
     """Per-expert (Σ|τ_k|, Σ|τ_k · keep_k|) over one chunk, float64, shape (K, 2).
 
     Summed over all chunks of a tensor they give mergekit's L1 rescale (`l1_rescale`) with the DARE mask that
     `interpolate` will apply, so a `prepare` pass can compute the scales chunk by chunk.
     """
     if len(tensors) != len(dare_keys) or len(tensors) != len(densities):
-        raise ValueError(f"dare_l1_partials: {len(tensors)} tensors but {len(dare_keys)} keys / "
-                         f"{len(densities)} densities; expected one each")
+        raise ValueError(
+            f"dare_l1_partials: {len(tensors)} tensors but {len(dare_keys)} keys / "
+            f"{len(densities)} densities; expected one each"
+        )
     out = torch.zeros((len(tensors), 2), dtype=torch.float64)
     for k, (x, key, dens) in enumerate(zip(tensors, dare_keys, densities)):
         tau = (x.float() - base.float()).abs()
@@ -298,7 +353,7 @@ tl = _round_bf16 = _sparsify = _interp_kernel = None
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Define the Triton kernels on first use (see kernels._util for why this is deferred).
+    """Define the Triton kernels on first use (see shardmerge.kernels._util for why this is deferred).
 
     They are bound as module globals: Triton resolves the names a kernel uses (tl, helper kernels) through the
     module's globals, not through closures.
@@ -323,8 +378,18 @@ def _define_helpers(triton) -> None:
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _sparsify(t, k, offs, pi_ptr, pf_ptr, K: tl.constexpr, TRIM_LO: tl.constexpr, TRIM_HI: tl.constexpr,
-                  DARE: tl.constexpr, RESCALE: tl.constexpr):
+    def _sparsify(
+        t,
+        k,
+        offs,
+        pi_ptr,
+        pf_ptr,
+        K: tl.constexpr,
+        TRIM_LO: tl.constexpr,
+        TRIM_HI: tl.constexpr,
+        DARE: tl.constexpr,
+        RESCALE: tl.constexpr,
+    ):
         # pf = [w | lo | hi | scale] (K floats each), pi = [pointers | keys | thr24] (K int64 each)
         if TRIM_LO:
             a = tl.abs(t)
@@ -344,11 +409,29 @@ def _define_interp_kernel(triton) -> None:
     global _interp_kernel
 
     @triton.jit
-    def _interp_kernel(pi_ptr, pf_ptr, base_ptr, out_ptr, n, elem_offset, divisor, lam,
-                       K: tl.constexpr, IN_DTYPE: tl.constexpr, HAS_BASE: tl.constexpr, TRIM_LO: tl.constexpr,
-                       TRIM_HI: tl.constexpr, DARE: tl.constexpr, RESCALE: tl.constexpr, CONSENSUS: tl.constexpr,
-                       NORMALIZE: tl.constexpr, APPLY_LAM: tl.constexpr, OUT_BF16: tl.constexpr,
-                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    def _interp_kernel(
+        pi_ptr,
+        pf_ptr,
+        base_ptr,
+        out_ptr,
+        n,
+        elem_offset,
+        divisor,
+        lam,
+        K: tl.constexpr,
+        IN_DTYPE: tl.constexpr,
+        HAS_BASE: tl.constexpr,
+        TRIM_LO: tl.constexpr,
+        TRIM_HI: tl.constexpr,
+        DARE: tl.constexpr,
+        RESCALE: tl.constexpr,
+        CONSENSUS: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        APPLY_LAM: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = idx < n
         b = tl.zeros([BLOCK], tl.float32)
@@ -410,39 +493,88 @@ def _launch(cfg: _Resolved, tensors, base, block: int, num_warps: int) -> torch.
     pi, pf = pi.to(dev), pf.to(dev)
     tl_in = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[xs[0].dtype]
     kernel[(triton.cdiv(n, block),)](
-        pi, pf, b if b is not None else out, out, n, cfg.elem_offset,
-        _linear_divisor(cfg, "interpolate_triton"), cfg.lam,
-        K=k, IN_DTYPE=tl_in, HAS_BASE=b is not None, TRIM_LO=cfg.mode in _TRIM_LO, TRIM_HI=cfg.mode in _TRIM_HI,
-        DARE=cfg.mode in _DARE, RESCALE=any(s != 1.0 for s in cfg.scales), CONSENSUS=cfg.consensus,
-        NORMALIZE=cfg.normalize, APPLY_LAM=cfg.lam != 1.0, OUT_BF16=cfg.out_dtype == torch.bfloat16,
-        ALIGNED=all(p % 16 == 0 for p in ptrs), BLOCK=block, num_warps=num_warps,
+        pi,
+        pf,
+        b if b is not None else out,
+        out,
+        n,
+        cfg.elem_offset,
+        _linear_divisor(cfg, "interpolate_triton"),
+        cfg.lam,
+        K=k,
+        IN_DTYPE=tl_in,
+        HAS_BASE=b is not None,
+        TRIM_LO=cfg.mode in _TRIM_LO,
+        TRIM_HI=cfg.mode in _TRIM_HI,
+        DARE=cfg.mode in _DARE,
+        RESCALE=any(s != 1.0 for s in cfg.scales),
+        CONSENSUS=cfg.consensus,
+        NORMALIZE=cfg.normalize,
+        APPLY_LAM=cfg.lam != 1.0,
+        OUT_BF16=cfg.out_dtype == torch.bfloat16,
+        ALIGNED=all(p % 16 == 0 for p in ptrs),
+        BLOCK=block,
+        num_warps=num_warps,
         enable_fp_fusion=False,  # no FMA contraction: each product and sum rounds as in the torch reference
     )
     return out
 
 
-def interpolate_triton(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, mode: str = "linear",
-                       base: Optional[torch.Tensor] = None, normalize: bool = False, lam: float = 1.0,
-                       thresholds: Optional[Sequence[float]] = None,
-                       upper_thresholds: Optional[Sequence[float]] = None,
-                       dare_keys: Optional[Sequence[int]] = None, densities: Optional[Sequence[float]] = None,
-                       scales: Optional[Sequence[float]] = None, elem_offset: int = 0,
-                       out_dtype: Optional[torch.dtype] = None, block: int = BLOCK,
-                       num_warps: int = 4) -> torch.Tensor:
+def interpolate_triton(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    mode: str = "linear",
+    base: torch.Tensor | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+    thresholds: Sequence[float] | None = None,
+    upper_thresholds: Sequence[float] | None = None,
+    dare_keys: Sequence[int] | None = None,
+    densities: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
+    elem_offset: int = 0,
+    out_dtype: torch.dtype | None = None,
+    block: int = BLOCK,
+    num_warps: int = 4,
+) -> torch.Tensor:
     """The fused Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); arguments as `interpolate`."""
-    cfg = _resolve(tensors, weights, mode, base, normalize, lam, thresholds, upper_thresholds, dare_keys,
-                   densities, scales, elem_offset, out_dtype)
+    cfg = _resolve(
+        tensors,
+        weights,
+        mode,
+        base,
+        normalize,
+        lam,
+        thresholds,
+        upper_thresholds,
+        dare_keys,
+        densities,
+        scales,
+        elem_offset,
+        out_dtype,
+    )
     if block < 16 or block & (block - 1):
         raise ValueError(f"interpolate_triton: block must be a power of two >= 16, got {block}")
     return _launch(cfg, list(tensors), base, block, num_warps)
 
 
-def interpolate(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, mode: str = "linear",
-                base: Optional[torch.Tensor] = None, normalize: bool = False, lam: float = 1.0,
-                thresholds: Optional[Sequence[float]] = None, upper_thresholds: Optional[Sequence[float]] = None,
-                dare_keys: Optional[Sequence[int]] = None, densities: Optional[Sequence[float]] = None,
-                scales: Optional[Sequence[float]] = None, elem_offset: int = 0,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def interpolate(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    mode: str = "linear",
+    base: torch.Tensor | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+    thresholds: Sequence[float] | None = None,
+    upper_thresholds: Sequence[float] | None = None,
+    dare_keys: Sequence[int] | None = None,
+    densities: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
+    elem_offset: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Merge K same-shape chunks in one pass: Triton for CUDA tensors, the torch reference otherwise.
 
     tensors: the K expert chunks (one dtype: float32/float16/bfloat16); weights: w_k, one per chunk.
@@ -454,9 +586,19 @@ def interpolate(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, mo
     elem_offset: flat index of the chunk's first element in the whole tensor (DARE offsets).
     out_dtype: result dtype (default: the base's, else the inputs').
     """
-    args = dict(mode=mode, base=base, normalize=normalize, lam=lam, thresholds=thresholds,
-                upper_thresholds=upper_thresholds, dare_keys=dare_keys, densities=densities, scales=scales,
-                elem_offset=elem_offset, out_dtype=out_dtype)
+    args = dict(
+        mode=mode,
+        base=base,
+        normalize=normalize,
+        lam=lam,
+        thresholds=thresholds,
+        upper_thresholds=upper_thresholds,
+        dare_keys=dare_keys,
+        densities=densities,
+        scales=scales,
+        elem_offset=elem_offset,
+        out_dtype=out_dtype,
+    )
     if use_triton(list(tensors) + ([base] if base is not None else [])):
         return interpolate_triton(tensors, weights, **args)
     return interpolate_reference(tensors, weights, **args)

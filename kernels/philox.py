@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from kernels._util import import_triton
+from shardmerge.kernels._util import import_triton
 
 # Philox4x32 constants, as in triton/language/random.py (uint32 branch).
 PHILOX_KEY_A = 0x9E3779B9
@@ -53,7 +53,7 @@ def stream_key(seed: int, tensor_name: str, expert: int) -> int:
         raise ValueError(f"stream_key: tensor_name must be a str, got {tensor_name!r}")
     if not isinstance(expert, int) or isinstance(expert, bool) or expert < 0:
         raise ValueError(f"stream_key: expert must be an int >= 0, got {expert!r}")
-    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{expert}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{expert}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -128,7 +128,7 @@ tl = _philox_kernel = None
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Define the Triton kernel on first use (see kernels._util for why this is deferred).
+    """Define the Triton kernel on first use (see shardmerge.kernels._util for why this is deferred).
 
     Bound as a module global: Triton resolves the names a kernel uses through the module's globals, not closures.
     """

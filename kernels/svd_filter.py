@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 
-from kernels._util import check_float_dtype, import_triton
+from shardmerge.kernels._util import check_float_dtype, import_triton
 
 ELECTIONS = ("energy", "sum")
 PIVOT_SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")  # kernel constexpr WEIGHT = index
@@ -54,7 +53,7 @@ def _batched(name: str, t: torch.Tensor, ndim: int, what: str) -> tuple[torch.Te
     return t, False
 
 
-def _per_bk(name: str, v, b: int, k: int, what: str, device) -> Optional[torch.Tensor]:
+def _per_bk(name: str, v, b: int, k: int, what: str, device) -> torch.Tensor | None:
     """Per-(matrix, expert) values as a float32 (B, K) tensor; a (K,) input is shared across the batch."""
     if v is None:
         return None
@@ -90,14 +89,17 @@ def project(deltas: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Ten
     v, _ = _batched("project", V, 3, "V (B, n, s)")
     b, _, m, n = d.shape
     if u.shape[0] not in (1, b) or v.shape[0] not in (1, b) or u.shape[1] != m or v.shape[1] != n:
-        raise ValueError(f"project: U {tuple(U.shape)} / V {tuple(V.shape)} do not fit deltas {tuple(deltas.shape)}"
-                         f"; expected U (B, {m}, r) and V (B, {n}, s) with B = {b} or 1")
+        raise ValueError(
+            f"project: U {tuple(U.shape)} / V {tuple(V.shape)} do not fit deltas {tuple(deltas.shape)}"
+            f"; expected U (B, {m}, r) and V (B, {n}, s) with B = {b} or 1"
+        )
     c = u.float().transpose(-1, -2).unsqueeze(1) @ d.float() @ v.float().unsqueeze(1)
     return c.squeeze(0) if squeezed else c
 
 
-def reconstruct(merged: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reconstruct(
+    merged: torch.Tensor, U: torch.Tensor, V: torch.Tensor, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """U M Vᵀ for merged (B, r, s) or (r, s), cast to out_dtype."""
     mm, squeezed = _batched("reconstruct", merged, 3, "merged (B, r, s)")
     u, _ = _batched("reconstruct", U, 3, "U (B, m, r)")
@@ -152,8 +154,9 @@ def shared_basis(deltas: torch.Tensor, energy: float = 0.9) -> tuple[torch.Tenso
 # ------------------------------------------------------------------------------------------------ torch reference
 
 
-def filter_coords_reference(coords: torch.Tensor, lambdas, *, thresholds=None, election: str = "energy",
-                            normalize: bool = False) -> torch.Tensor:
+def filter_coords_reference(
+    coords: torch.Tensor, lambdas, *, thresholds=None, election: str = "energy", normalize: bool = False
+) -> torch.Tensor:
     """Trim, elect, suppress and combine in plain torch: coords (B, K, r, s) -> merged (B, r, s), float32."""
     c, squeezed, lam, thr = _check_filter_args("filter_coords_reference", coords, lambdas, thresholds, election)
     c = c.float()
@@ -172,12 +175,22 @@ def filter_coords_reference(coords: torch.Tensor, lambdas, *, thresholds=None, e
     return merged.squeeze(0) if squeezed else merged
 
 
-def svd_filter_reference(deltas: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lambdas, *, thresholds=None,
-                         density: Optional[float] = None, election: str = "energy", normalize: bool = False,
-                         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def svd_filter_reference(
+    deltas: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    lambdas,
+    *,
+    thresholds=None,
+    density: float | None = None,
+    election: str = "energy",
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The whole op in plain torch; arguments as in `svd_filter`."""
-    return _svd_filter(filter_coords_reference, deltas, U, V, lambdas, thresholds, density, election, normalize,
-                       out_dtype)
+    return _svd_filter(
+        filter_coords_reference, deltas, U, V, lambdas, thresholds, density, election, normalize, out_dtype
+    )
 
 
 def _svd_filter(filter_fn, deltas, U, V, lambdas, thresholds, density, election, normalize, out_dtype):
@@ -199,14 +212,24 @@ tl = _filter_kernel = None
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Define the Triton kernel on first use (see kernels._util); bound as module globals, as Triton resolves names
+    """Define the Triton kernel on first use (see shardmerge.kernels._util); bound as module globals, as Triton resolves names
     through the module's globals, not closures."""
     global tl, _filter_kernel
     triton, tl = import_triton()
 
     @triton.jit
-    def _filter_kernel(c_ptr, lam_ptr, thr_ptr, out_ptr, RS, K: tl.constexpr, ENERGY: tl.constexpr,
-                       TRIM: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    def _filter_kernel(
+        c_ptr,
+        lam_ptr,
+        thr_ptr,
+        out_ptr,
+        RS,
+        K: tl.constexpr,
+        ENERGY: tl.constexpr,
+        TRIM: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         b = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = j < RS
@@ -239,8 +262,15 @@ def _kernels():
     return triton, _filter_kernel
 
 
-def filter_coords_triton(coords: torch.Tensor, lambdas, *, thresholds=None, election: str = "energy",
-                         normalize: bool = False, block: int = BLOCK) -> torch.Tensor:
+def filter_coords_triton(
+    coords: torch.Tensor,
+    lambdas,
+    *,
+    thresholds=None,
+    election: str = "energy",
+    normalize: bool = False,
+    block: int = BLOCK,
+) -> torch.Tensor:
     """The fused Triton trim/elect/suppress/combine (CUDA, or CPU under TRITON_INTERPRET=1); as the reference."""
     c, squeezed, lam, thr = _check_filter_args("filter_coords_triton", coords, lambdas, thresholds, election)
     if block < 16 or block & (block - 1):
@@ -251,30 +281,56 @@ def filter_coords_triton(coords: torch.Tensor, lambdas, *, thresholds=None, elec
     out = torch.empty((b, r, s), dtype=torch.float32, device=c.device)
     if out.numel():
         kernel[(b, triton.cdiv(r * s, block))](
-            c, lam, thr if thr is not None else lam, out, r * s,
-            K=k, ENERGY=election == "energy", TRIM=thr is not None, NORMALIZE=bool(normalize), BLOCK=block,
+            c,
+            lam,
+            thr if thr is not None else lam,
+            out,
+            r * s,
+            K=k,
+            ENERGY=election == "energy",
+            TRIM=thr is not None,
+            NORMALIZE=bool(normalize),
+            BLOCK=block,
         )
     return out.squeeze(0) if squeezed else out
 
 
-def filter_coords(coords: torch.Tensor, lambdas, *, thresholds=None, election: str = "energy",
-                  normalize: bool = False) -> torch.Tensor:
+def filter_coords(
+    coords: torch.Tensor, lambdas, *, thresholds=None, election: str = "energy", normalize: bool = False
+) -> torch.Tensor:
     """Dispatcher for the fused step: Triton for CUDA coords, the torch reference otherwise."""
     fn = filter_coords_triton if coords.is_cuda else filter_coords_reference
     return fn(coords, lambdas, thresholds=thresholds, election=election, normalize=normalize)
 
 
-def svd_filter_triton(deltas: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lambdas, *, thresholds=None,
-                      density: Optional[float] = None, election: str = "energy", normalize: bool = False,
-                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def svd_filter_triton(
+    deltas: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    lambdas,
+    *,
+    thresholds=None,
+    density: float | None = None,
+    election: str = "energy",
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The whole op with the fused step in Triton (matmuls in torch); arguments as in `svd_filter`."""
-    return _svd_filter(filter_coords_triton, deltas, U, V, lambdas, thresholds, density, election, normalize,
-                       out_dtype)
+    return _svd_filter(filter_coords_triton, deltas, U, V, lambdas, thresholds, density, election, normalize, out_dtype)
 
 
-def svd_filter(deltas: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lambdas, *, thresholds=None,
-               density: Optional[float] = None, election: str = "energy", normalize: bool = False,
-               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def svd_filter(
+    deltas: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    lambdas,
+    *,
+    thresholds=None,
+    density: float | None = None,
+    election: str = "energy",
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """U (Σ_k λ_k C̃_k) Vᵀ for B same-shape matrices; Triton for the fused step on CUDA, torch otherwise.
 
     deltas: (B, K, m, n) task vectors (or (K, m, n) for one matrix); U: (B, m, r); V: (B, n, s) (or unbatched).
@@ -284,8 +340,17 @@ def svd_filter(deltas: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lambdas, 
     Returns (B, m, n) (or (m, n)).
     """
     fn = svd_filter_triton if deltas.is_cuda else svd_filter_reference
-    return fn(deltas, U, V, lambdas, thresholds=thresholds, density=density, election=election,
-              normalize=normalize, out_dtype=out_dtype)
+    return fn(
+        deltas,
+        U,
+        V,
+        lambdas,
+        thresholds=thresholds,
+        density=density,
+        election=election,
+        normalize=normalize,
+        out_dtype=out_dtype,
+    )
 
 
 # ------------------------------------------------------------------------------------ PivotMerge's sign election
@@ -309,13 +374,15 @@ def _check_pivot_args(name, coords, lambdas, floor, sign_weight, tie_rtol):
     return c, squeezed, lam, fl.contiguous()
 
 
-def pivot_filter_coords_reference(coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy",
-                                  tie_rtol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def pivot_filter_coords_reference(
+    coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy", tie_rtol: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PivotMerge's noise floor, weighted sign election, suppression and combine in plain torch (the same
     operations in the same order as engine/methods/pivot.py's CPU path, so its results are bit-identical).
     Returns (merged (B, r, s) float32, conflicts (B,) int64); arguments as in `pivot_filter_coords`."""
-    c, squeezed, lam, fl = _check_pivot_args("pivot_filter_coords_reference", coords, lambdas, floor,
-                                             sign_weight, tie_rtol)
+    c, squeezed, lam, fl = _check_pivot_args(
+        "pivot_filter_coords_reference", coords, lambdas, floor, sign_weight, tie_rtol
+    )
     c = c.float()
     real = c.abs() > fl[:, None, None, None]
     sign = torch.where(real, c.sign(), torch.zeros_like(c))
@@ -343,8 +410,20 @@ def _pivot_kernels():
     triton, tl = import_triton()
 
     @triton.jit
-    def _pivot_filter_kernel(c_ptr, lam_ptr, energy_ptr, floor_ptr, out_ptr, count_ptr, RS, NBLK, tie_rtol,
-                             K: tl.constexpr, WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    def _pivot_filter_kernel(
+        c_ptr,
+        lam_ptr,
+        energy_ptr,
+        floor_ptr,
+        out_ptr,
+        count_ptr,
+        RS,
+        NBLK,
+        tie_rtol,
+        K: tl.constexpr,
+        WEIGHT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # One pass over the K experts: the merge for each possible outcome (+, -, tie, no sign when the score is
         # NaN) is accumulated in expert order, as the reference sums, and the election picks one at the end.
         b = tl.program_id(0).to(tl.int64)
@@ -392,12 +471,20 @@ def _pivot_kernels():
     return triton, _pivot_filter_kernel
 
 
-def pivot_filter_coords_triton(coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy",
-                               tie_rtol: float = 1e-5, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def pivot_filter_coords_triton(
+    coords: torch.Tensor,
+    lambdas,
+    *,
+    floor,
+    sign_weight: str = "expert_energy",
+    tie_rtol: float = 1e-5,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PivotMerge's fused step in Triton (CUDA, or CPU under TRITON_INTERPRET=1); as the reference. Conflicts are
     counted per block and summed in torch (deterministic, no atomics); expert energies are a torch reduction."""
-    c, squeezed, lam, fl = _check_pivot_args("pivot_filter_coords_triton", coords, lambdas, floor,
-                                             sign_weight, tie_rtol)
+    c, squeezed, lam, fl = _check_pivot_args(
+        "pivot_filter_coords_triton", coords, lambdas, floor, sign_weight, tie_rtol
+    )
     if block < 16 or block & (block - 1):
         raise ValueError(f"pivot_filter_coords_triton: block must be a power of two >= 16, got {block}")
     triton, kernel = _pivot_kernels()
@@ -408,16 +495,29 @@ def pivot_filter_coords_triton(coords: torch.Tensor, lambdas, *, floor, sign_wei
     out = torch.empty((b, r, s), dtype=torch.float32, device=c.device)
     counts = torch.zeros((b, max(nblk, 1)), dtype=torch.int32, device=c.device)
     if out.numel() and k:
-        kernel[(b, nblk)](c, lam, energy, fl, out, counts, r * s, nblk, float(tie_rtol),
-                          K=k, WEIGHT=PIVOT_SIGN_WEIGHTS.index(sign_weight), BLOCK=block)
+        kernel[(b, nblk)](
+            c,
+            lam,
+            energy,
+            fl,
+            out,
+            counts,
+            r * s,
+            nblk,
+            float(tie_rtol),
+            K=k,
+            WEIGHT=PIVOT_SIGN_WEIGHTS.index(sign_weight),
+            BLOCK=block,
+        )
     elif out.numel():
         out.zero_()
     conflicts = counts.sum(dim=1)
     return (out[0], conflicts[0]) if squeezed else (out, conflicts)
 
 
-def pivot_filter_coords(coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy",
-                        tie_rtol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def pivot_filter_coords(
+    coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy", tie_rtol: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_k λ_bk C̃_bk under PivotMerge's election, and the conflict count; Triton for CUDA coords, torch otherwise.
 
     coords: (B, K, r, s) shared coordinates C (or (K, r, s) for one matrix). lambdas: λ per (matrix, expert), (B, K)

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import sys
 
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
 
 _REGISTRY: dict[str, MethodSpec] = {}  # canonical name -> spec
 _ALIASES: dict[str, str] = {}  # alias -> canonical name
@@ -46,11 +46,13 @@ def _load_all() -> None:
         return
     _loaded = True
     for mod in method_modules():
-        importlib.import_module(f"engine.methods.{mod}")
+        importlib.import_module(f"shardmerge.engine.methods.{mod}")
     for mod in method_modules():
-        if not _REGISTERED_BY.get(f"engine.methods.{mod}"):
-            raise ImportError(f"engine/methods/{mod}.py registered no merge method; a method module calls "
-                              "engine.methods.register(MethodSpec(...)), shared code belongs in HELPER_MODULES")
+        if not _REGISTERED_BY.get(f"shardmerge.engine.methods.{mod}"):
+            raise ImportError(
+                f"engine/methods/{mod}.py registered no merge method; a method module calls "
+                "shardmerge.engine.methods.register(MethodSpec(...)), shared code belongs in HELPER_MODULES"
+            )
 
 
 def canonical(name: str) -> str:
@@ -64,9 +66,7 @@ def get(name: str) -> MethodSpec:
     try:
         return _REGISTRY[_ALIASES.get(name, name)]
     except KeyError:
-        raise ValueError(
-            f"unknown merge_method {name!r}; known methods: {', '.join(names(aliases=True))}"
-        ) from None
+        raise ValueError(f"unknown merge_method {name!r}; known methods: {', '.join(names(aliases=True))}") from None
 
 
 def names(aliases: bool = False) -> list[str]:
@@ -80,5 +80,15 @@ def specs() -> list[MethodSpec]:
     return [_REGISTRY[n] for n in names()]
 
 
-__all__ = ["Chunk", "ChunkReader", "MethodSpec", "Param", "TensorInfo", "canonical", "get", "names", "register",
-           "specs"]
+__all__ = [
+    "Chunk",
+    "ChunkReader",
+    "MethodSpec",
+    "Param",
+    "TensorInfo",
+    "canonical",
+    "get",
+    "names",
+    "register",
+    "specs",
+]

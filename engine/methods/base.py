@@ -11,7 +11,7 @@ Two kinds of method:
 - whole-tensor (SVD family): `chunkwise=False`; `merge` gets the full tensors once; the plan budgets memory for it
   with the spec's `memory` estimate.
 
-A method is one module under engine/methods/ that registers its MethodSpec(s) on import (engine.methods discovers
+A method is one module under engine/methods/ that registers its MethodSpec(s) on import (shardmerge.engine.methods discovers
 the modules). The spec is the single place that describes the method to the rest of the engine: its parameters
 (`Param`: kind, default, per-model or global, required, valid range or choices), its input contract (model count,
 what the base model is for), whether it streams, its whole-matrix memory estimate, its report, a reference and
@@ -21,9 +21,10 @@ nothing else keys behaviour on a parameter's or a method's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class TensorInfo:
 
     name: str  # output tensor name, e.g. "model.layers.3.mlp.up_proj.weight"
     shape: tuple[int, ...]
-    layer: Optional[int] = None  # language-model decoder layer index, None for embeddings/head/other
+    layer: int | None = None  # language-model decoder layer index, None for embeddings/head/other
     num_layers: int = 0
 
 
@@ -48,9 +49,7 @@ class Chunk:
 
 
 # A reader yields, in row order, (chunk, expert tensors (float32), base tensor (float32) or None).
-ChunkReader = Callable[[], Iterator[tuple[Chunk, Sequence[torch.Tensor], Optional[torch.Tensor]]]]
-
-
+ChunkReader = Callable[[], Iterator[tuple[Chunk, Sequence[torch.Tensor], torch.Tensor | None]]]
 
 
 PARAM_KINDS = ("float", "int", "bool", "str")
@@ -70,8 +69,8 @@ class Param:
     kind: str = "float"
     default: Any = None
     per_model: bool = False
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
     hi_models: bool = False
@@ -86,7 +85,7 @@ class Param:
     def required(self) -> bool:
         return self.default is None
 
-    def range_text(self, n_models: Optional[int] = None) -> str:
+    def range_text(self, n_models: int | None = None) -> str:
         """The valid range as interval text ("(0, 1]", ">= 0", "(0, K]"), or "" when unbounded."""
         hi = "K" if self.hi_models and n_models is None else (n_models if self.hi_models else self.hi)
         if self.lo is not None and hi is not None:
@@ -97,7 +96,7 @@ class Param:
             return f"{'<' if self.hi_open else '<='} {_num(hi)}"
         return ""
 
-    def check(self, value: Any, where: str, n_models: Optional[int] = None) -> None:
+    def check(self, value: Any, where: str, n_models: int | None = None) -> None:
         """Raise ValueError naming `where`, the value and what is expected, unless the value is valid."""
         if value is None or _same(value, self.default):
             return
@@ -109,8 +108,9 @@ class Param:
             if not isinstance(value, str):
                 raise ValueError(f"{where}: expected a string, got {value!r}")
             if self.choices and value not in self.choices:
-                raise ValueError(f"{where}: {self.name} must be one of {', '.join(map(str, self.choices))}, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{where}: {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+                )
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
@@ -122,10 +122,9 @@ class Param:
             shown = self.range_text(n_models)
             interval = shown[0] in "[("
             suffix = " (K = the number of input models)" if self.hi_models and n_models is None else ""
-            raise ValueError(f"{where}: {self.name} must be {'in ' if interval else ''}{shown}{suffix}, "
-                             f"got {value!r}")
+            raise ValueError(f"{where}: {self.name} must be {'in ' if interval else ''}{shown}{suffix}, got {value!r}")
 
-    def _in_range(self, v: float, n_models: Optional[int]) -> bool:
+    def _in_range(self, v: float, n_models: int | None) -> bool:
         hi = n_models if self.hi_models else self.hi
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
@@ -148,11 +147,14 @@ def _same_dict(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _legacy_params(per_model: Mapping[str, Any], global_: Mapping[str, Any]) -> tuple[Param, ...]:
     """Params of a spec written with the name -> default dicts: kind from the default, no declared range."""
+
     def kind(default: Any) -> str:
         return "bool" if isinstance(default, bool) else "str" if isinstance(default, str) else "float"
 
-    return tuple([Param(k, kind(d), d, per_model=True) for k, d in per_model.items()]
-                 + [Param(k, kind(d), d) for k, d in global_.items()])
+    return tuple(
+        [Param(k, kind(d), d, per_model=True) for k, d in per_model.items()]
+        + [Param(k, kind(d), d) for k, d in global_.items()]
+    )
 
 
 # Estimated peak bytes of a whole-matrix merge of one tensor: (shape, number of non-base inputs, base given).
@@ -185,7 +187,7 @@ class MethodSpec:
       B same-shape tensors with identical params in one call: inputs[b] / bases[b] / infos[b] are what `merge`
       would get for tensor b; returns the B results in order, equal to B `merge` calls up to float rounding.
       Why: on GPU one batched decomposition of B same-shape matrices (across layers and experts) replaces B
-      small launches. The engine batches only when the device is not the CPU or when asked (engine.unit).
+      small launches. The engine batches only when the device is not the CPU or when asked (shardmerge.engine.run.unit).
     merge_with_report(same arguments as merge) -> (Tensor, JSON-able dict)   (optional, whole-tensor methods)
       the engine calls it instead of `merge` and gathers the dicts into `<report>_report.json`.
 
@@ -202,23 +204,23 @@ class MethodSpec:
     needs_base: bool
     per_model_params: Mapping[str, Any] = field(default_factory=dict)  # name -> default (None = required)
     global_params: Mapping[str, Any] = field(default_factory=dict)  # name -> default (None = required)
-    prepare: Optional[Callable[..., Any]] = None
+    prepare: Callable[..., Any] | None = None
     chunkwise: bool = True
     # linear-style methods treat a listed base model as one more input instead of a reference point
     base_is_input: bool = False
     min_models: int = 1
-    max_models: Optional[int] = None
+    max_models: int | None = None
     doc: str = ""
-    merge_batch: Optional[Callable[..., list]] = None
+    merge_batch: Callable[..., list] | None = None
     params: tuple[Param, ...] = ()
     base: str = ""
-    memory: Optional[MemoryEstimate] = None  # whole-matrix methods: peak bytes for one tensor
+    memory: MemoryEstimate | None = None  # whole-matrix methods: peak bytes for one tensor
     whole_tensor_stats: str = ""  # chunkwise methods: the statistics `prepare` computes over the whole tensor
     reference: str = ""  # paper or code the method follows
-    mergekit_name: Optional[str] = None  # mergekit 0.1.5's name for the same method (None: not in mergekit)
+    mergekit_name: str | None = None  # mergekit 0.1.5's name for the same method (None: not in mergekit)
     aliases: tuple[str, ...] = ()
     report: str = ""  # name of the report file (<report>_report.json) written by merge_with_report
-    merge_with_report: Optional[Callable[..., tuple]] = None
+    merge_with_report: Callable[..., tuple] | None = None
 
     def __post_init__(self) -> None:
         if self.params:
@@ -226,8 +228,10 @@ class MethodSpec:
             global_ = {p.name: p.default for p in self.params if not p.per_model}
             given = (dict(self.per_model_params), dict(self.global_params))
             if any(given) and not (_same_dict(given[0], per_model) and _same_dict(given[1], global_)):
-                raise ValueError(f"method {self.name!r}: per_model_params / global_params disagree with `params`; "
-                                 "declare the parameters once, as `params`")
+                raise ValueError(
+                    f"method {self.name!r}: per_model_params / global_params disagree with `params`; "
+                    "declare the parameters once, as `params`"
+                )
             object.__setattr__(self, "per_model_params", per_model)
             object.__setattr__(self, "global_params", global_)
         else:
@@ -237,12 +241,14 @@ class MethodSpec:
         derived = "required" if self.needs_base else "input" if self.base_is_input else "optional"
         base = self.base or derived
         if base not in BASE_ROLES or (base == "required") != self.needs_base or (base == "input") != self.base_is_input:
-            raise ValueError(f"method {self.name!r}: base {self.base!r} contradicts needs_base={self.needs_base}, "
-                             f"base_is_input={self.base_is_input}; expected one of {BASE_ROLES} consistent with them")
+            raise ValueError(
+                f"method {self.name!r}: base {self.base!r} contradicts needs_base={self.needs_base}, "
+                f"base_is_input={self.base_is_input}; expected one of {BASE_ROLES} consistent with them"
+            )
         object.__setattr__(self, "base", base)
         if self.merge_with_report is not None and not self.report:
             raise ValueError(f"method {self.name!r}: merge_with_report needs the report's name (`report`)")
 
-    def param(self, name: str) -> Optional[Param]:
+    def param(self, name: str) -> Param | None:
         """The declared parameter `name`, None when the method has none by that name."""
         return next((p for p in self.params if p.name == name), None)

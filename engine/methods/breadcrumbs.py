@@ -12,13 +12,28 @@ rescale [false], lambda [1.0], int8_mask [false] (no numeric effect, as in merge
 
 from __future__ import annotations
 
-from engine.methods import register
-from engine.methods.base import ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import (DENSITY, WEIGHT, SparsifyStats, check_fraction, gta_params, per_model,
-                                   prepare_magnitude, windowed_merge)
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import (
+    DENSITY,
+    WEIGHT,
+    SparsifyStats,
+    check_fraction,
+    gta_params,
+    per_model,
+    prepare_magnitude,
+    windowed_merge,
+)
 
-GAMMA = Param("gamma", default=0.01, per_model=True, lo=0, hi=1, hi_open=True,
-              doc="fraction of the largest |tau| entries dropped as outliers")
+GAMMA = Param(
+    "gamma",
+    default=0.01,
+    per_model=True,
+    lo=0,
+    hi=1,
+    hi_open=True,
+    doc="fraction of the largest |tau| entries dropped as outliers",
+)
 
 
 def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:

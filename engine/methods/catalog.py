@@ -1,17 +1,17 @@
 """The method catalogue rendered from the specs: the table in docs/methods.md and the method section of the
-model card. Generated text only; tests/test_method_contract.py regenerates docs/methods.md and compares.
+model card. Generated text only; tests/unit/test_method_contract.py regenerates docs/methods.md and compares.
 
-    python -m engine.methods.catalog > docs/methods.md
+    python -m shardmerge.engine.methods.catalog > docs/methods.md
 """
 
 from __future__ import annotations
 
-from engine import methods
-from engine.methods.base import MethodSpec, Param
+from shardmerge.engine import methods
+from shardmerge.engine.methods.base import MethodSpec, Param
 
 HEADER = """# Merge methods
 
-Generated from the method specs (`python -m engine.methods.catalog > docs/methods.md`); a test fails when this
+Generated from the method specs (`python -m shardmerge.engine.methods.catalog > docs/methods.md`); a test fails when this
 file and the specs disagree. Each method is one module under `engine/methods/`.
 
 - **streams**: chunkwise methods read each tensor in row chunks (`--chunk-mb`); the *whole-tensor statistics*
@@ -64,8 +64,9 @@ def details() -> str:
             stats = spec.whole_tensor_stats or "none (elementwise on each chunk)"
         else:
             stats = spec.whole_tensor_stats or "whole matrix"
-        out.append(f"### `{spec.name}`\n\n{spec.doc}\n\n- whole-tensor statistics: {stats}\n"
-                   f"- reference: {spec.reference}\n")
+        out.append(
+            f"### `{spec.name}`\n\n{spec.doc}\n\n- whole-tensor statistics: {stats}\n- reference: {spec.reference}\n"
+        )
     return "\n".join(out)
 
 

@@ -7,8 +7,8 @@
   bounds come from the exact streaming selection in `select.py`;
 - `combine_deltas`: mergekit's generalized task arithmetic (weights, TIES "sum" sign consensus, divisor, lambda);
 - the fused kernel path: `on_kernel_device` / `fused_merge` / `window_thresholds`: chunks on CUDA are merged by
-  ONE call of `kernels.interpolate.interpolate` (the Triton kernel); CPU chunks keep the eager torch code above,
-  whose operation order the kernel's torch reference restates bit for bit (tests/test_kernel_wiring.py);
+  ONE call of `shardmerge.kernels.interpolate.interpolate` (the Triton kernel); CPU chunks keep the eager torch code above,
+  whose operation order the kernel's torch reference restates bit for bit (tests/kernels/test_kernel_wiring.py);
 - `run_in_memory`: a reference driver that runs a chunkwise method over in-memory tensors in row chunks, the way
   the engine does (for tests and in-memory reference merges; the engine itself never rebuilds a tensor).
 """
@@ -16,15 +16,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.select import keep_in_window, rank_streaming
-from kernels._util import use_triton
-from kernels.interpolate import interpolate
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.select import keep_in_window, rank_streaming
+from shardmerge.kernels._util import use_triton
+from shardmerge.kernels.interpolate import interpolate
 
 RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor: no rescale when either L1 norm is below this
 
@@ -32,8 +33,15 @@ RESCALE_EPS = 1e-7  # mergekit.sparsify.rescaled_masked_tensor: no rescale when 
 # ----------------------------------------------------------------------------------------------- declarations
 MERGEKIT_URL = "https://github.com/arcee-ai/mergekit/blob/v0.1.5/docs/merge_methods.md"
 WEIGHT = Param("weight", per_model=True, doc="the model's weight in the sum")
-DENSITY = Param("density", default=1.0, per_model=True, lo=0, lo_open=True, hi=1,
-                doc="fraction of the task vector's entries kept (1 = all)")
+DENSITY = Param(
+    "density",
+    default=1.0,
+    per_model=True,
+    lo=0,
+    lo_open=True,
+    hi=1,
+    doc="fraction of the task vector's entries kept (1 = all)",
+)
 
 
 def gta_params(normalize: bool, rescale: bool = False) -> tuple[Param, ...]:
@@ -63,7 +71,7 @@ def per_model(name: str, values: Any, n: int, info: TensorInfo) -> tuple[float, 
     return tuple(out)
 
 
-def check_fraction(name: str, values: Sequence[float], info: TensorInfo, upper: Optional[float] = None) -> None:
+def check_fraction(name: str, values: Sequence[float], info: TensorInfo, upper: float | None = None) -> None:
     """density/gamma must be >= 0 (and <= upper when given); mergekit treats density >= 1 as 'keep all'."""
     for v in values:
         if v < 0 or (upper is not None and v > upper):
@@ -71,8 +79,9 @@ def check_fraction(name: str, values: Sequence[float], info: TensorInfo, upper: 
             raise ValueError(f"tensor {info.name!r}: {name} must be {bound}, got {v!r}")
 
 
-def check_inputs(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], info: TensorInfo,
-                 needs_base: bool) -> None:
+def check_inputs(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, info: TensorInfo, needs_base: bool
+) -> None:
     """Every input float32 and of one shape; the base present when the method needs one."""
     if not tensors:
         raise ValueError(f"tensor {info.name!r}: no input tensors to merge")
@@ -145,11 +154,11 @@ class Window:
     Exactly-k cuts inside ties (select.py ranks ties by flat index): of the entries with |tau| == lo only those at
     flat index <= lo_last survive, of those with |tau| == hi only those at flat index >= hi_first (None: all)."""
 
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     drop_all: bool = False
-    lo_last: Optional[int] = None
-    hi_first: Optional[int] = None
+    lo_last: int | None = None
+    hi_first: int | None = None
 
     @property
     def keeps_all(self) -> bool:
@@ -164,7 +173,7 @@ class SparsifyStats:
     scales: tuple[float, ...]
 
 
-def magnitude_ks(n: int, density: float) -> Optional[tuple[int, Optional[int]]]:
+def magnitude_ks(n: int, density: float) -> tuple[int, int | None] | None:
     """mergekit `magnitude`: keep the top k = max(1, int(density * n)) |tau|. Returns (k_lo, k_hi) ranks from the
     top (k_hi None = no upper bound), None to keep all (density >= 1), (0, None) to drop all."""
     if density >= 1:
@@ -174,7 +183,7 @@ def magnitude_ks(n: int, density: float) -> Optional[tuple[int, Optional[int]]]:
     return (max(1, int(density * n)), None)
 
 
-def outlier_ks(n: int, density: float, gamma: float) -> Optional[tuple[int, Optional[int]]]:
+def outlier_ks(n: int, density: float, gamma: float) -> tuple[int, int | None] | None:
     """mergekit `magnitude_outliers`: drop the int(gamma * n) largest |tau| (fewer when needed to keep the target),
     then keep the next int(density * n). In descending rank: keep ranks [drop_top, drop_top + target_n)."""
     if density >= 1:
@@ -192,8 +201,9 @@ def _taus(read: ChunkReader, experts: Sequence[int]):
     return lambda: ([tensors[e] - base for e in experts] for _, tensors, base in read())
 
 
-def select_windows(read: ChunkReader, ks: Sequence[Optional[tuple[int, Optional[int]]]],
-                   info: TensorInfo) -> tuple[Window, ...]:
+def select_windows(
+    read: ChunkReader, ks: Sequence[tuple[int, int | None] | None], info: TensorInfo
+) -> tuple[Window, ...]:
     """Turn per-expert rank bounds into exact |tau| windows that keep exactly the ranks asked for: two streaming
     passes, plus one when a bound cuts through tied magnitudes (none at all if nothing is to be selected)."""
     chosen = [e for e, k in enumerate(ks) if k is not None and k[0] > 0]
@@ -211,12 +221,15 @@ def select_windows(read: ChunkReader, ks: Sequence[Optional[tuple[int, Optional[
             windows.append(Window(drop_all=True))
         else:
             lo, *hi = found[chosen.index(e)]
-            windows.append(Window(lo=lo.value, hi=hi[0].value if hi else None, lo_last=lo.index,
-                                  hi_first=hi[0].index if hi else None))
+            windows.append(
+                Window(
+                    lo=lo.value, hi=hi[0].value if hi else None, lo_last=lo.index, hi_first=hi[0].index if hi else None
+                )
+            )
     return tuple(windows)
 
 
-def window_mask(tau: torch.Tensor, window: Window, elem_offset: int = 0) -> Optional[torch.Tensor]:
+def window_mask(tau: torch.Tensor, window: Window, elem_offset: int = 0) -> torch.Tensor | None:
     """Boolean keep mask of tau (a chunk starting at flat index `elem_offset`) for a window (None: keep all)."""
     if window.keeps_all:
         return None
@@ -225,7 +238,7 @@ def window_mask(tau: torch.Tensor, window: Window, elem_offset: int = 0) -> Opti
     return keep_in_window(tau.abs(), window.lo, window.hi, window.lo_last, window.hi_first, elem_offset)
 
 
-MaskFn = Callable[[int, Chunk, torch.Tensor], Optional[torch.Tensor]]
+MaskFn = Callable[[int, Chunk, torch.Tensor], torch.Tensor | None]
 
 
 def l1_scales(read: ChunkReader, mask_fn: MaskFn, n_experts: int, info: TensorInfo) -> tuple[float, ...]:
@@ -250,8 +263,9 @@ def l1_scales(read: ChunkReader, mask_fn: MaskFn, n_experts: int, info: TensorIn
     return tuple(scales)
 
 
-def masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, chunk, mask_fn: MaskFn,
-                  scales: Sequence[float]) -> list[torch.Tensor]:
+def masked_deltas(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, chunk, mask_fn: MaskFn, scales: Sequence[float]
+) -> list[torch.Tensor]:
     """Each expert's task vector on this chunk with its keep mask applied (mask_fn may return None: keep all) and
     its L1 rescale factor (from l1_scales) multiplied in: the drop-and-rescale step DARE and DELLA share."""
     deltas = []
@@ -266,8 +280,14 @@ def masked_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, chunk, ma
     return deltas
 
 
-def prepare_magnitude(read: ChunkReader, info: TensorInfo, n_experts: int, density: Sequence[float],
-                      gamma: Optional[Sequence[float]], rescale: bool) -> SparsifyStats:
+def prepare_magnitude(
+    read: ChunkReader,
+    info: TensorInfo,
+    n_experts: int,
+    density: Sequence[float],
+    gamma: Sequence[float] | None,
+    rescale: bool,
+) -> SparsifyStats:
     """Whole-tensor statistics of TIES / breadcrumbs sparsification: 2 passes, plus 1 when `rescale` is on."""
     n = numel_of(info)
     if gamma is None:
@@ -281,8 +301,9 @@ def prepare_magnitude(read: ChunkReader, info: TensorInfo, n_experts: int, densi
     return SparsifyStats(windows=windows, scales=scales)
 
 
-def sparsified_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, stats: SparsifyStats,
-                      elem_offset: int = 0) -> list:
+def sparsified_deltas(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, stats: SparsifyStats, elem_offset: int = 0
+) -> list:
     """tau_e * mask_e * scale_e for every expert of one chunk (mergekit's sparsify + rescaled_masked_tensor)."""
     out = []
     for e, t in enumerate(tensors):
@@ -297,8 +318,15 @@ def sparsified_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, stats
 
 
 # ----------------------------------------------------------------------------------------------- combination
-def combine_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
-                   consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+def combine_deltas(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
     """mergekit GeneralizedTaskArithmeticMerge after sparsification: weight the deltas; with consensus elect the
     sign of sum_k w_k d_k per element (ties to +) and keep only agreeing entries; divide by the (agreeing) weight
     sum when `normalize` (a zero divisor becomes 1); scale by lambda; add to the base. Elementwise, so any
@@ -320,8 +348,9 @@ def combine_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: 
     return mixed.add_(base)  # == base + mixed: IEEE addition is commutative
 
 
-def _consensus(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float],
-               mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _consensus(
+    base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Sequence[float], mixed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES sign election: (sum of the agreeing weighted deltas, sum of their weights with 0 -> 1).
 
     Written with preallocated outputs and in-place updates; every value goes through the same operations in the
@@ -346,22 +375,39 @@ def _consensus(base: torch.Tensor, weighted: Sequence[torch.Tensor], weights: Se
 
 
 # ----------------------------------------------------------------------------------------------- fused kernel path
-def on_kernel_device(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor]) -> bool:
+def on_kernel_device(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> bool:
     """True when every input of the chunk is a CUDA tensor: the chunk is then merged in one pass by the fused
     Triton kernel (inputs read once, output written once) instead of one eager torch op per step. CPU chunks keep
     the eager path, which is the CPU reference the kernel is tested against."""
     return use_triton(list(tensors) + ([base] if base is not None else []))
 
 
-def fused_merge(mode: str, tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor],
-                weights: Sequence[float], chunk: Chunk, *, normalize: bool, lam: float = 1.0,
-                **sparsify: Any) -> torch.Tensor:
-    """Merge one chunk with a single `kernels.interpolate.interpolate` call (float32 out: the engine casts).
+def fused_merge(
+    mode: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    weights: Sequence[float],
+    chunk: Chunk,
+    *,
+    normalize: bool,
+    lam: float = 1.0,
+    **sparsify: Any,
+) -> torch.Tensor:
+    """Merge one chunk with a single `shardmerge.kernels.interpolate.interpolate` call (float32 out: the engine casts).
 
     `sparsify` holds the mode's per-expert arguments (thresholds, upper_thresholds, dare_keys, densities,
     scales); `chunk.elem_offset` places the chunk's DARE counters in the whole tensor's Philox stream."""
-    return interpolate(list(tensors), tuple(weights), mode=mode, base=base, normalize=normalize, lam=lam,
-                       elem_offset=chunk.elem_offset, out_dtype=torch.float32, **sparsify)
+    return interpolate(
+        list(tensors),
+        tuple(weights),
+        mode=mode,
+        base=base,
+        normalize=normalize,
+        lam=lam,
+        elem_offset=chunk.elem_offset,
+        out_dtype=torch.float32,
+        **sparsify,
+    )
 
 
 def _float32_above(x: float) -> float:
@@ -397,8 +443,9 @@ def chunk_windows(windows: Sequence[Window], elem_offset: int, size: int) -> tup
     return tuple(out), sorted(set(cut))
 
 
-def drop_cut_ties(tensors: Sequence[torch.Tensor], base: torch.Tensor, windows: Sequence[Window],
-                  cut: Sequence[int], elem_offset: int) -> list[torch.Tensor]:
+def drop_cut_ties(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, windows: Sequence[Window], cut: Sequence[int], elem_offset: int
+) -> list[torch.Tensor]:
     """The inputs with every tied entry that an exactly-k cut drops set equal to the base (tau = 0, which adds
     nothing to any sum, sign vote or norm), so the kernel's magnitude bounds alone give the exact selection."""
     out = list(tensors)
@@ -444,7 +491,7 @@ def bind_params(spec: MethodSpec, n: int, given: Mapping[str, Any], info: Tensor
     return out
 
 
-def _chunks(shape: tuple[int, ...], rows: Optional[int]) -> list[Chunk]:
+def _chunks(shape: tuple[int, ...], rows: int | None) -> list[Chunk]:
     if len(shape) <= 1:
         return [Chunk(0, shape[0] if shape else 1, 0)]
     step = shape[0] if rows is None else rows
@@ -452,9 +499,17 @@ def _chunks(shape: tuple[int, ...], rows: Optional[int]) -> list[Chunk]:
     return [Chunk(r, min(r + step, shape[0]), r * row_numel) for r in range(0, shape[0], step)]
 
 
-def run_in_memory(spec: MethodSpec, tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *,
-                  name: str = "t", rows_per_chunk: Optional[int] = None, layer: Optional[int] = None,
-                  num_layers: int = 0, **params: Any) -> torch.Tensor:
+def run_in_memory(
+    spec: MethodSpec,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    name: str = "t",
+    rows_per_chunk: int | None = None,
+    layer: int | None = None,
+    num_layers: int = 0,
+    **params: Any,
+) -> torch.Tensor:
     """Merge in-memory float32 tensors with `spec` in chunks of `rows_per_chunk` rows (None = one chunk), the way
     the engine calls a chunkwise method: prepare once over a re-iterable reader, then merge chunk by chunk."""
     shape = tuple(tensors[0].shape)
@@ -462,15 +517,17 @@ def run_in_memory(spec: MethodSpec, tensors: Sequence[torch.Tensor], base: Optio
     bound = bind_params(spec, len(tensors), params, info)
     chunks = _chunks(shape, rows_per_chunk)
 
-    def part(t: Optional[torch.Tensor], c: Chunk) -> Optional[torch.Tensor]:
+    def part(t: torch.Tensor | None, c: Chunk) -> torch.Tensor | None:
         return None if t is None else (t if t.dim() <= 1 else t[c.row_start : c.row_stop])
 
     def read():
         return ((c, [part(t, c) for t in tensors], part(base, c)) for c in chunks)
 
     stats = spec.prepare(read, info=info, **bound) if spec.prepare is not None else None
-    outs = [spec.merge([part(t, c) for t in tensors], part(base, c), stats=stats, chunk=c, info=info, **bound)
-            for c in chunks]
+    outs = [
+        spec.merge([part(t, c) for t in tensors], part(base, c), stats=stats, chunk=c, info=info, **bound)
+        for c in chunks
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
@@ -480,8 +537,15 @@ def windowed_merge(mode: str, consensus: bool):
     CUDA chunks take one fused kernel call with the same windows and scales."""
     upper = mode != "ties"  # TIES windows have no upper bound
 
-    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SparsifyStats,
-              chunk: Chunk, info: TensorInfo, **params) -> torch.Tensor:
+    def merge(
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        stats: SparsifyStats,
+        chunk: Chunk,
+        info: TensorInfo,
+        **params,
+    ) -> torch.Tensor:
         check_inputs(tensors, base, info, needs_base=True)
         weights = per_model("weight", params["weight"], len(tensors), info)
         normalize, lam = bool(params["normalize"]), float(params["lambda"])
@@ -490,8 +554,18 @@ def windowed_merge(mode: str, consensus: bool):
             tensors = drop_cut_ties(tensors, base, stats.windows, cut, chunk.elem_offset) if cut else tensors
             lo, hi = window_thresholds(windows)
             extra = {"upper_thresholds": hi} if upper else {}
-            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam, thresholds=lo,
-                               scales=stats.scales, **extra)
+            return fused_merge(
+                mode,
+                tensors,
+                base,
+                weights,
+                chunk,
+                normalize=normalize,
+                lam=lam,
+                thresholds=lo,
+                scales=stats.scales,
+                **extra,
+            )
         deltas = sparsified_deltas(tensors, base, stats, chunk.elem_offset)
         return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
 

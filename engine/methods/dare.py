@@ -16,14 +16,14 @@ int8_mask [false], no numeric effect) plus ours: random_seed [0], rescale_rule [
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import (
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import (
     DENSITY,
     WEIGHT,
     check_fraction,
@@ -36,7 +36,7 @@ from engine.methods.common import (
     on_kernel_device,
     per_model,
 )
-from kernels.philox import dare_keep_mask, stream_key
+from shardmerge.kernels.philox import dare_keep_mask, stream_key
 
 RESCALE_RULES = ("inverse_density", "l1")
 
@@ -45,12 +45,12 @@ RESCALE_RULES = ("inverse_density", "l1")
 class DareStats:
     """Per expert: Philox stream key (None = density >= 1, keep all), keep probability and survivor multiplier."""
 
-    keys: tuple[Optional[int], ...]
+    keys: tuple[int | None, ...]
     density: tuple[float, ...]
     scales: tuple[float, ...]
 
 
-def keep_mask(stats: DareStats, expert: int, chunk: Chunk, like: torch.Tensor) -> Optional[torch.Tensor]:
+def keep_mask(stats: DareStats, expert: int, chunk: Chunk, like: torch.Tensor) -> torch.Tensor | None:
     """The expert's keep mask for one chunk (None = keep all): element i of the chunk is flat index offset + i."""
     key = stats.keys[expert]
     if key is None:
@@ -99,16 +99,22 @@ def kernel_args(stats: DareStats) -> dict:
 def _merge(consensus: bool):
     mode = "dare_ties" if consensus else "dare_linear"
 
-    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: DareStats, chunk: Chunk,
-              info: TensorInfo, **params) -> torch.Tensor:
+    def merge(
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        stats: DareStats,
+        chunk: Chunk,
+        info: TensorInfo,
+        **params,
+    ) -> torch.Tensor:
         """Drop with the keyed masks, rescale, then sum (or TIES-combine) the weighted task vectors.
         CUDA chunks: one fused kernel call drawing the same Philox masks at the chunk's element offsets."""
         check_inputs(tensors, base, info, needs_base=True)
         weights = per_model("weight", params["weight"], len(tensors), info)
         normalize, lam = bool(params["normalize"]), float(params["lambda"])
         if on_kernel_device(tensors, base):
-            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam,
-                               **kernel_args(stats))
+            return fused_merge(mode, tensors, base, weights, chunk, normalize=normalize, lam=lam, **kernel_args(stats))
         deltas = masked_deltas(tensors, base, chunk, lambda e, c, tau: keep_mask(stats, e, c, tau), stats.scales)
         return combine_deltas(base, deltas, weights, consensus=consensus, normalize=normalize, lam=lam)
 
@@ -122,10 +128,19 @@ for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):
             merge=_merge(_consensus),
             prepare=prepare,
             needs_base=True,
-            params=(WEIGHT, DENSITY, *gta_params(normalize=False, rescale=True),
-                    Param("random_seed", "int", 0, doc="key of the random drop masks (with tensor and model)"),
-                    Param("rescale_rule", "str", "inverse_density", choices=RESCALE_RULES,
-                          doc="1/density (DARE paper) or mergekit's L1-norm ratio")),
+            params=(
+                WEIGHT,
+                DENSITY,
+                *gta_params(normalize=False, rescale=True),
+                Param("random_seed", "int", 0, doc="key of the random drop masks (with tensor and model)"),
+                Param(
+                    "rescale_rule",
+                    "str",
+                    "inverse_density",
+                    choices=RESCALE_RULES,
+                    doc="1/density (DARE paper) or mergekit's L1-norm ratio",
+                ),
+            ),
             whole_tensor_stats="with rescale_rule l1: L1 norms of tau and of its kept entries (else none: the "
             "masks are keyed by flat index)",
             reference="https://arxiv.org/abs/2311.03099",

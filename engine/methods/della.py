@@ -25,16 +25,24 @@ otherwise density +/- epsilon must lie in (0, 1), as mergekit requires.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import (DENSITY, WEIGHT, check_inputs, combine_deltas, gta_params, l1_scales,
-                                   masked_deltas, per_model)
-from kernels.philox import philox, stream_key
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import (
+    DENSITY,
+    WEIGHT,
+    check_inputs,
+    combine_deltas,
+    gta_params,
+    l1_scales,
+    masked_deltas,
+    per_model,
+)
+from shardmerge.kernels.philox import philox, stream_key
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,11 @@ class DellaStats:
     """Per expert: Philox key (None = keep all, density >= 1), density, epsilon, L1 multiplier, and for a 1-d tensor
     the ranks of its entries over the whole vector (None for matrices: their rows are whole in every chunk)."""
 
-    keys: tuple[Optional[int], ...]
+    keys: tuple[int | None, ...]
     density: tuple[float, ...]
     epsilon: tuple[float, ...]
     scales: tuple[float, ...]
-    vector_ranks: Optional[tuple[torch.Tensor, ...]] = None
+    vector_ranks: tuple[torch.Tensor, ...] | None = None
 
 
 def _stable_ranks(mag: torch.Tensor, dim: int) -> torch.Tensor:
@@ -67,7 +75,7 @@ def _thresholds(ranks: torch.Tensor, n: int, density: float, epsilon: float) -> 
     return torch.floor(p.clamp(0.0, 1.0) * float(1 << 24) + 0.5).to(torch.int64)
 
 
-def keep_mask(stats: DellaStats, expert: int, chunk: Chunk, tau: torch.Tensor) -> Optional[torch.Tensor]:
+def keep_mask(stats: DellaStats, expert: int, chunk: Chunk, tau: torch.Tensor) -> torch.Tensor | None:
     """The expert's DELLA keep mask on one chunk (None = keep all); rows are ranked along dim 1."""
     key = stats.keys[expert]
     if key is None:
@@ -95,7 +103,8 @@ def _check(params: dict, info: TensorInfo, n: int) -> tuple[tuple[float, ...], t
         if 0 < d < 1 and not (0 < d - eps and d + eps < 1):
             raise ValueError(
                 f"tensor {info.name!r}: non-base model {e + 1} (models order): density {d!r} +/- epsilon {eps!r} must lie in (0, 1); "
-                f"lower epsilon below min(density, 1 - density)")
+                f"lower epsilon below min(density, 1 - density)"
+            )
     return density, epsilon
 
 
@@ -122,20 +131,32 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> DellaStats:
 
 
 def _merge(consensus: bool):
-    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: DellaStats, chunk: Chunk,
-              info: TensorInfo, **params) -> torch.Tensor:
+    def merge(
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        stats: DellaStats,
+        chunk: Chunk,
+        info: TensorInfo,
+        **params,
+    ) -> torch.Tensor:
         """Drop by the keyed rank-dependent masks, rescale, then sum (or TIES-combine) the weighted deltas."""
         check_inputs(tensors, base, info, needs_base=True)
         weights = per_model("weight", params["weight"], len(tensors), info)
         deltas = masked_deltas(tensors, base, chunk, lambda e, c, tau: keep_mask(stats, e, c, tau), stats.scales)
-        return combine_deltas(base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]),
-                              lam=float(params["lambda"]))
+        return combine_deltas(
+            base, deltas, weights, consensus=consensus, normalize=bool(params["normalize"]), lam=float(params["lambda"])
+        )
 
     return merge
 
 
-EPSILON = Param("epsilon", default=0.15, per_model=True,
-                doc="half-width of the keep probabilities around density (density +/- epsilon within (0, 1))")
+EPSILON = Param(
+    "epsilon",
+    default=0.15,
+    per_model=True,
+    doc="half-width of the keep probabilities around density (density +/- epsilon within (0, 1))",
+)
 
 for _name, _consensus in (("della", True), ("della_linear", False)):
     register(
@@ -144,8 +165,13 @@ for _name, _consensus in (("della", True), ("della_linear", False)):
             merge=_merge(_consensus),
             prepare=prepare,
             needs_base=True,
-            params=(WEIGHT, DENSITY, EPSILON, *gta_params(normalize=_consensus, rescale=True),
-                    Param("random_seed", "int", 0, doc="key of the random drop masks (with tensor and model)")),
+            params=(
+                WEIGHT,
+                DENSITY,
+                EPSILON,
+                *gta_params(normalize=_consensus, rescale=True),
+                Param("random_seed", "int", 0, doc="key of the random drop masks (with tensor and model)"),
+            ),
             whole_tensor_stats="per model: with rescale, L1 norms of tau and of its kept entries; a 1-d tensor's "
             "magnitude ranks (matrix rows are ranked inside each chunk; masks are keyed by flat index)",
             reference="https://arxiv.org/abs/2406.11617",

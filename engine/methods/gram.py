@@ -11,12 +11,12 @@ exact in float64) so that they do not depend on the chunking:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.methods.base import ChunkReader
-from engine.methods.common import RowSum, pairwise_rows
+from shardmerge.engine.methods.base import ChunkReader
+from shardmerge.engine.methods.common import RowSum, pairwise_rows
 
 Vectors = Callable[[Sequence[torch.Tensor], "torch.Tensor | None"], list]
 

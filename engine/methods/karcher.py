@@ -13,15 +13,15 @@ the elementwise combination: the method streams.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import check_inputs
-from engine.methods.gram import gram_whole
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import check_inputs
+from shardmerge.engine.methods.gram import gram_whole
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,16 @@ def prepare(read: ChunkReader, *, info: TensorInfo, max_iter: int, tol: float) -
     return KarcherStats(coefs=tuple(karcher_coefs(gram, int(max_iter), float(tol)).tolist()))
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: KarcherStats, chunk: Chunk,
-          info: TensorInfo, max_iter: int, tol: float) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: KarcherStats,
+    chunk: Chunk,
+    info: TensorInfo,
+    max_iter: int,
+    tol: float,
+) -> torch.Tensor:
     check_inputs(tensors, None, info, needs_base=False)
     if base is not None:
         raise ValueError(f"tensor {info.name!r}: karcher takes a base model as one more input, not as `base`")
@@ -88,18 +96,22 @@ def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stat
     return out
 
 
-SPEC = register(MethodSpec(
-    name="karcher",
-    merge=merge,
-    prepare=prepare,
-    needs_base=False,
-    base="input",
-    base_is_input=True,
-    params=(Param("max_iter", "int", 10, lo=0, doc="iterations of the Riemannian mean"),
-            Param("tol", default=1e-5, lo=0, doc="convergence and angle tolerance")),
-    min_models=1,
-    doc="Karcher mean of the models' directions on the unit sphere, scaled by their mean norm.",
-    whole_tensor_stats="the Gram matrix of the inputs (the iteration runs on it)",
-    reference="https://arxiv.org/abs/2603.04972",
-    mergekit_name="karcher",
-))
+SPEC = register(
+    MethodSpec(
+        name="karcher",
+        merge=merge,
+        prepare=prepare,
+        needs_base=False,
+        base="input",
+        base_is_input=True,
+        params=(
+            Param("max_iter", "int", 10, lo=0, doc="iterations of the Riemannian mean"),
+            Param("tol", default=1e-5, lo=0, doc="convergence and angle tolerance"),
+        ),
+        min_models=1,
+        doc="Karcher mean of the models' directions on the unit sphere, scaled by their mean norm.",
+        whole_tensor_stats="the Gram matrix of the inputs (the iteration runs on it)",
+        reference="https://arxiv.org/abs/2603.04972",
+        mergekit_name="karcher",
+    )
+)

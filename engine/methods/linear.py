@@ -6,19 +6,27 @@ recipe is one more weighted input (mergekit ignores the base role for linear), h
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo
-from engine.methods.common import WEIGHT, check_inputs, fused_merge, on_kernel_device, per_model
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import WEIGHT, check_inputs, fused_merge, on_kernel_device, per_model
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
-          info: TensorInfo, weight: tuple, normalize: bool) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: None,
+    chunk: Chunk,
+    info: TensorInfo,
+    weight: tuple,
+    normalize: bool,
+) -> torch.Tensor:
     """Elementwise weighted sum in input order (mergekit: zeros, then addcmul per input), then the division.
-    CUDA chunks: one fused kernel call (kernels.interpolate, mode 'linear'), same operations per element."""
+    CUDA chunks: one fused kernel call (shardmerge.kernels.interpolate, mode 'linear'), same operations per element."""
     if base is not None:
         raise ValueError(
             f"tensor {info.name!r}: linear treats a base model as one more input (base_is_input); it must come "

@@ -4,7 +4,7 @@ With x_k = theta_k (- theta_0 when a base is given), weights w (divided by their
 [true]), u_k = x_k / (|x_k| + eps): m = sum_k w_k u_k is projected to the sphere (m / |m|), the weighted tangent
 vectors at m are mapped back with the exponential map, and the result is scaled by sum_k w_k |x_k|; plus the base.
 Every step is a linear combination of the x_k whose coefficients depend only on the Gram matrix <x_i, x_j>, so
-`prepare` computes that matrix exactly over all chunks (engine.methods.gram) and the coefficients once, and `merge`
+`prepare` computes that matrix exactly over all chunks (shardmerge.engine.methods.gram) and the coefficients once, and `merge`
 is elementwise. One model: its tensor unchanged (as mergekit, even with a base). |m| < eps: lerp for two models,
 an error for more (antipodal inputs with balancing weights).
 """
@@ -12,15 +12,15 @@ an error for more (antipodal inputs with balancing weights).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import WEIGHT, check_inputs, per_model
-from engine.methods.gram import gram_whole
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import WEIGHT, check_inputs, per_model
+from shardmerge.engine.methods.gram import gram_whole
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,10 @@ def multislerp_coefs(gram: torch.Tensor, w: torch.Tensor, eps: float, where: str
     if mean_norm < eps:
         if len(w) == 2:
             return w.clone()
-        raise ValueError(f"{where}: multislerp: the weighted sum of the unit inputs is zero (antipodal inputs "
-                         "with balancing weights); change the weights")
+        raise ValueError(
+            f"{where}: multislerp: the weighted sum of the unit inputs is zero (antipodal inputs "
+            "with balancing weights); change the weights"
+        )
     m = scaled / mean_norm  # unit mean
     dots = (gram @ m) / (norms + eps)  # <u_k, m>
     tangent = scaled - (w * dots).sum() * m  # sum_k w_k (u_k - <u_k, m> m)
@@ -65,8 +67,17 @@ def prepare(read: ChunkReader, *, info: TensorInfo, weight, normalize_weights: b
     return MultiSlerpStats(coefs=tuple(coefs.tolist()))
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: MultiSlerpStats, chunk: Chunk,
-          info: TensorInfo, weight, normalize_weights: bool, eps: float) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: MultiSlerpStats,
+    chunk: Chunk,
+    info: TensorInfo,
+    weight,
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
     check_inputs(tensors, base, info, needs_base=False)
     if len(tensors) == 1:
         return tensors[0].clone()
@@ -77,16 +88,21 @@ def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stat
     return out if base is None else out + base
 
 
-SPEC = register(MethodSpec(
-    name="multislerp",
-    merge=merge,
-    prepare=prepare,
-    needs_base=False,
-    params=(WEIGHT, Param("normalize_weights", "bool", True, doc="divide the weights by their sum"),
-            Param("eps", default=1e-8, lo=0, doc="numerical floor of norms")),
-    min_models=1,
-    doc="Barycentric spherical interpolation of N models (or of their task vectors around an optional base).",
-    whole_tensor_stats="the Gram matrix of the inputs (norms and inner products)",
-    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    mergekit_name="multislerp",
-))
+SPEC = register(
+    MethodSpec(
+        name="multislerp",
+        merge=merge,
+        prepare=prepare,
+        needs_base=False,
+        params=(
+            WEIGHT,
+            Param("normalize_weights", "bool", True, doc="divide the weights by their sum"),
+            Param("eps", default=1e-8, lo=0, doc="numerical floor of norms"),
+        ),
+        min_models=1,
+        doc="Barycentric spherical interpolation of N models (or of their task vectors around an optional base).",
+        whole_tensor_stats="the Gram matrix of the inputs (norms and inner products)",
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        mergekit_name="multislerp",
+    )
+)

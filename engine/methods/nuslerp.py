@@ -13,15 +13,15 @@ The result is c_1 v_1 + c_2 v_2 with coefficients from the Gram matrix, so every
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import WEIGHT, check_inputs, per_model
-from engine.methods.gram import gram_columns, gram_last_dim, gram_whole
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import WEIGHT, check_inputs, per_model
+from shardmerge.engine.methods.gram import gram_columns, gram_last_dim, gram_whole
 
 NORM_FLOOR = 1e-7
 EPS = 1e-8
@@ -29,7 +29,7 @@ EPS = 1e-8
 
 @dataclass(frozen=True)
 class NuslerpStats:
-    coefs: Optional[torch.Tensor]  # (..., 2) float64 on CPU: whole tensor (2,), per column (*shape[1:], 2); None per row
+    coefs: torch.Tensor | None  # (..., 2) float64 on CPU: whole tensor (2,), per column (*shape[1:], 2); None per row
 
 
 def slerp_coefs(gram: torch.Tensor, t: float) -> torch.Tensor:
@@ -37,7 +37,7 @@ def slerp_coefs(gram: torch.Tensor, t: float) -> torch.Tensor:
     n1 = gram[..., 0, 0].clamp(min=0).sqrt().clamp(min=NORM_FLOOR)
     n2 = gram[..., 1, 1].clamp(min=0).sqrt().clamp(min=NORM_FLOOR)
     cos = (gram[..., 0, 1] / (n1 * n2)).clamp(-1, 1)
-    colinear = (1 - cos * cos) <= EPS ** 2
+    colinear = (1 - cos * cos) <= EPS**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
     c1 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin)
@@ -48,8 +48,7 @@ def slerp_coefs(gram: torch.Tensor, t: float) -> torch.Tensor:
 def interpolation_t(weight, info: TensorInfo) -> float:
     """t = w_2 / (w_1 + w_2), 0.5 when the weights sum to (nearly) zero."""
     if len(weight) != 2:
-        raise ValueError(f"tensor {info.name!r}: nuslerp merges exactly 2 models besides the base, "
-                         f"got {len(weight)}")
+        raise ValueError(f"tensor {info.name!r}: nuslerp merges exactly 2 models besides the base, got {len(weight)}")
     w = per_model("weight", weight, 2, info)
     total = w[0] + w[1]
     return 0.5 if abs(total) < 1e-6 else w[1] / total
@@ -59,9 +58,11 @@ def _vectors(info: TensorInfo):
     def vectors(tensors, base):
         check_inputs(tensors, base, info, needs_base=False)
         if len(tensors) != 2:
-            raise ValueError(f"tensor {info.name!r}: nuslerp merges exactly 2 models besides the base, "
-                             f"got {len(tensors)}")
+            raise ValueError(
+                f"tensor {info.name!r}: nuslerp merges exactly 2 models besides the base, got {len(tensors)}"
+            )
         return [x - base for x in tensors] if base is not None else list(tensors)
+
     return vectors
 
 
@@ -70,8 +71,9 @@ def _per_row(info: TensorInfo, flatten: bool, row_wise: bool) -> bool:
     return not flatten and (not row_wise or len(info.shape) <= 1)
 
 
-def prepare(read: ChunkReader, *, info: TensorInfo, weight, nuslerp_row_wise: bool,
-            nuslerp_flatten: bool) -> NuslerpStats:
+def prepare(
+    read: ChunkReader, *, info: TensorInfo, weight, nuslerp_row_wise: bool, nuslerp_flatten: bool
+) -> NuslerpStats:
     t = interpolation_t(weight, info)
     if _per_row(info, nuslerp_flatten, nuslerp_row_wise):
         return NuslerpStats(coefs=None)
@@ -80,8 +82,17 @@ def prepare(read: ChunkReader, *, info: TensorInfo, weight, nuslerp_row_wise: bo
     return NuslerpStats(slerp_coefs(gram_columns(read, _vectors(info)), t))
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: NuslerpStats, chunk: Chunk,
-          info: TensorInfo, weight, nuslerp_row_wise: bool, nuslerp_flatten: bool) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: NuslerpStats,
+    chunk: Chunk,
+    info: TensorInfo,
+    weight,
+    nuslerp_row_wise: bool,
+    nuslerp_flatten: bool,
+) -> torch.Tensor:
     """(base +) c_1 v_1 + c_2 v_2 on this chunk (float32)."""
     v1, v2 = _vectors(info)(tensors, base)
     if stats.coefs is None:
@@ -96,20 +107,24 @@ def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stat
     return out if base is None else base + out
 
 
-SPEC = register(MethodSpec(
-    name="nuslerp",
-    merge=merge,
-    prepare=prepare,
-    needs_base=False,
-    params=(WEIGHT,
+SPEC = register(
+    MethodSpec(
+        name="nuslerp",
+        merge=merge,
+        prepare=prepare,
+        needs_base=False,
+        params=(
+            WEIGHT,
             Param("nuslerp_row_wise", "bool", False, doc="without flatten: slerp columns (dim 0) instead of rows"),
-            Param("nuslerp_flatten", "bool", True, doc="slerp the whole tensor as one vector")),
-    min_models=2,
-    max_models=2,
-    doc="Spherical interpolation of two models (or their task vectors around an optional base) by "
+            Param("nuslerp_flatten", "bool", True, doc="slerp the whole tensor as one vector"),
+        ),
+        min_models=2,
+        max_models=2,
+        doc="Spherical interpolation of two models (or their task vectors around an optional base) by "
         "t = w_2 / (w_1 + w_2), per tensor, row or column.",
-    whole_tensor_stats="the 2 x 2 Gram matrix of the two vectors (flatten: whole tensor; otherwise per column; "
-                       "per row needs none)",
-    reference="https://github.com/arcee-ai/mergekit/blob/v0.1.5/mergekit/merge_methods/nuslerp.py",
-    mergekit_name="nuslerp",
-))
+        whole_tensor_stats="the 2 x 2 Gram matrix of the two vectors (flatten: whole tensor; otherwise per column; "
+        "per row needs none)",
+        reference="https://github.com/arcee-ai/mergekit/blob/v0.1.5/mergekit/merge_methods/nuslerp.py",
+        mergekit_name="nuslerp",
+    )
+)

@@ -18,13 +18,13 @@ A layer's bias: b_pivot + beta * sum_k lambda_k Delta b_k with its weight's lamb
 tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
 
 `pivot_merge` is the pure function that also returns the per-layer report; the registered `merge` returns the
-tensor only and the spec's `merge_with_report` returns both, which engine.unit uses to
-collect the per-layer report. Registered as `pivot` (the recipe form, planned by engine.pivot_plan) and, for the
+tensor only and the spec's `merge_with_report` returns both, which shardmerge.engine.run.unit uses to
+collect the per-layer report. Registered as `pivot` (the recipe form, planned by shardmerge.engine.plan.forms.pivot) and, for the
 callers written before the rename, `pivotmerge`.
 
 Kernel path (issue 6): for CUDA coordinates, when Triton imports, the noise-floor / sign-election / suppression /
-lambda-weighted combine (steps 3 and 5) is one fused call, `kernels.svd_filter.pivot_filter_coords` (its torch reference
-repeats `_sign_filter` operation for operation; tests/test_pivot_kernel.py pins them together); elsewhere the torch
+lambda-weighted combine (steps 3 and 5) is one fused call, `shardmerge.kernels.svd_filter.pivot_filter_coords` (its torch reference
+repeats `_sign_filter` operation for operation; tests/kernels/test_pivot_kernel.py pins them together); elsewhere the torch
 path below runs. Both give the merge and the conflict count of `_filter_combine`. `_trim_disjoint_mean` is still
 plain torch.
 """
@@ -32,17 +32,17 @@ plain torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo, matrix_shape, whole_data_bytes
-from engine.methods.rsvd import DEFAULT_SEED, PATHS, energy_rank, truncated_svd
-from engine.methods.svd import _where, stack_inputs, svd_options
-from kernels._util import use_triton
-from kernels.svd_filter import pivot_filter_coords, triton_available
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, MethodSpec, Param, TensorInfo, matrix_shape, whole_data_bytes
+from shardmerge.engine.methods.rsvd import DEFAULT_SEED, PATHS, energy_rank, truncated_svd
+from shardmerge.engine.methods.svd import _where, stack_inputs, svd_options
+from shardmerge.kernels._util import use_triton
+from shardmerge.kernels.svd_filter import pivot_filter_coords, triton_available
 
 SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")
 CONTRIBUTIONS = ("shared", "data_free", "data")  # data_free = shared (the issue's recipe spelling)
@@ -74,8 +74,11 @@ class PivotParams:
     def validate(self, where: str) -> None:
         """Raise ValueError naming the tensor and the bad value (never assert)."""
         checks = [
-            (self.pivot in ("mean", "init") or (self.pivot.startswith("model:") and len(self.pivot) > 6),
-             "pivot", "'mean', 'init' or 'model:<name>'"),
+            (
+                self.pivot in ("mean", "init") or (self.pivot.startswith("model:") and len(self.pivot) > 6),
+                "pivot",
+                "'mean', 'init' or 'model:<name>'",
+            ),
             (0.0 < self.energy <= 1.0, "energy", "in (0, 1]"),
             (isinstance(self.rank, int) and self.rank >= 0, "rank", "an integer >= 0 (0 = energy rule)"),
             (0.0 <= self.density <= 1.0, "density", "in [0, 1]"),
@@ -90,8 +93,10 @@ class PivotParams:
             if not ok:
                 raise ValueError(f"pivot: {where}: {name} must be {expected}, got {getattr(self, name)!r}")
         if not math.isnan(self.scale) and (not math.isfinite(self.scale) or self.beta != 1.0):
-            raise ValueError(f"pivot: {where}: scale must be finite and given instead of beta (they are the same "
-                             f"factor), got scale={self.scale!r}, beta={self.beta!r}")
+            raise ValueError(
+                f"pivot: {where}: scale must be finite and given instead of beta (they are the same "
+                f"factor), got scale={self.scale!r}, beta={self.beta!r}"
+            )
 
     @property
     def factor(self) -> float:
@@ -99,7 +104,7 @@ class PivotParams:
         return self.beta if math.isnan(self.scale) else self.scale
 
 
-def resolve_pivot(stack: torch.Tensor, base: Optional[torch.Tensor], mode: str, where: str) -> torch.Tensor:
+def resolve_pivot(stack: torch.Tensor, base: torch.Tensor | None, mode: str, where: str) -> torch.Tensor:
     """The reference point W_pivot: experts' mean, or the `base` the engine passed for init / model:<name>."""
     if mode == "mean":
         return stack.mean(dim=0)
@@ -142,7 +147,7 @@ def _sign_filter(C: torch.Tensor, floor: torch.Tensor, sign_weight: str) -> tupl
     and its sign not the strict weighted majority. A tie (|score| <= TIE_RTOL * sum |votes|) elects no sign:
     every entry above the floor there is a conflict -- with K = 2 and pivot = mean (Delta_2 = -Delta_1) the shared
     part cancels to 0 instead of keeping one side chosen by rounding. The torch path (CPU, or CUDA without Triton);
-    kernels.svd_filter.pivot_filter_coords_reference repeats these operations for the fused kernel."""
+    shardmerge.kernels.svd_filter.pivot_filter_coords_reference repeats these operations for the fused kernel."""
     real = C.abs() > floor
     sign = torch.where(real, C.sign(), torch.zeros_like(C))
     if sign_weight == "expert_energy":
@@ -210,8 +215,14 @@ def standardized(contribution: torch.Tensor, spread_floor: float = SPREAD_FLOOR,
     return (centred / spread).to(contribution.dtype)
 
 
-def layer_weights(contribution: torch.Tensor, temperature: float = 1.0, dim: int = 0, *, standardize: bool = False,
-                  spread_floor: float = SPREAD_FLOOR) -> torch.Tensor:
+def layer_weights(
+    contribution: torch.Tensor,
+    temperature: float = 1.0,
+    dim: int = 0,
+    *,
+    standardize: bool = False,
+    spread_floor: float = SPREAD_FLOOR,
+) -> torch.Tensor:
     """lambda_{k, l} = softmax over experts (`dim`) of a_{k, l} / T (or of the standardised z_{k, l} / T, see
     `standardized`; the merge's default); sums to 1 per layer."""
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -229,18 +240,24 @@ def shared_contribution(C: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
-def alignment_score(image_features: torch.Tensor, caption_embeddings: torch.Tensor,
-                    image_mask: Optional[torch.Tensor] = None, caption_mask: Optional[torch.Tensor] = None):
+def alignment_score(
+    image_features: torch.Tensor,
+    caption_embeddings: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
+    caption_mask: torch.Tensor | None = None,
+):
     """Per-pair cosine between mean-pooled projected image features (N, P, d) and the caption's LLM token
     embeddings (N, T, d); masks (N, P) / (N, T) select the real tokens. The engine computes the inputs."""
+
     def pool(x, mask):
         if mask is None:
             return x.mean(dim=1)
         w = mask.to(x.dtype)[..., None]
         return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
 
-    return torch.nn.functional.cosine_similarity(pool(image_features, image_mask),
-                                                 pool(caption_embeddings, caption_mask), dim=-1)
+    return torch.nn.functional.cosine_similarity(
+        pool(image_features, image_mask), pool(caption_embeddings, caption_mask), dim=-1
+    )
 
 
 def contrastive_scores(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
@@ -250,8 +267,9 @@ def contrastive_scores(image: torch.Tensor, caption: torch.Tensor) -> torch.Tens
     the token-embedding distributions) cancels; what is left is how much closer an image lies to its own caption."""
     N = image.shape[0]
     if N < 2 or caption.shape != image.shape:
-        raise ValueError(f"contrastive_scores needs N >= 2 matched (N, d) rows, got {tuple(image.shape)} and "
-                         f"{tuple(caption.shape)}")
+        raise ValueError(
+            f"contrastive_scores needs N >= 2 matched (N, d) rows, got {tuple(image.shape)} and {tuple(caption.shape)}"
+        )
     f = torch.nn.functional.normalize(image.double(), dim=-1)
     g = torch.nn.functional.normalize(caption.double(), dim=-1)
     sim = f @ g.T
@@ -271,7 +289,7 @@ def alignment_gains(swapped_scores: torch.Tensor, pivot_scores: torch.Tensor) ->
     return (swapped_scores - pivot_scores[None]).mean(dim=-1)
 
 
-def _contributions(C, deltas, p: PivotParams, gains: Optional[Sequence[float]], where: str) -> torch.Tensor:
+def _contributions(C, deltas, p: PivotParams, gains: Sequence[float] | None, where: str) -> torch.Tensor:
     """a_k per expert: data-free shared share, or the engine's alignment gains (never silently ignored)."""
     K = deltas.shape[0]
     given = gains is not None and any(not math.isnan(float(g)) for g in gains)
@@ -320,14 +338,25 @@ def _small_tensor(stack, pivot, p: PivotParams, report: dict, gains, layer_weigh
     lam = lam.to(deltas.dtype)
     merged = pivot + p.factor * (lam.reshape(-1, *([1] * (deltas.dim() - 1))) * deltas).sum(dim=0)
     summary = f"follows its layer's lambda [{', '.join(f'{x:.3f}' for x in lam)}]"
-    return merged, {**report, "kind": "bias", "summary": summary, "contribution": [float(x) for x in a],
-                    "contribution_z": [float(x) for x in z], "lambda": [float(x) for x in lam]}
+    return merged, {
+        **report,
+        "kind": "bias",
+        "summary": summary,
+        "contribution": [float(x) for x in a],
+        "contribution_z": [float(x) for x in z],
+        "lambda": [float(x) for x in lam],
+    }
 
 
-def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None, *,
-                gains: Optional[Sequence[float]] = None, info: Optional[TensorInfo] = None,
-                layer_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                **params) -> tuple[torch.Tensor, dict]:
+def pivot_merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    gains: Sequence[float] | None = None,
+    info: TensorInfo | None = None,
+    layer_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **params,
+) -> tuple[torch.Tensor, dict]:
     """Merge one projector tensor and report what happened (pure: returns (merged float32, report dict)).
 
     report: pivot, rank_u/rank_v (shared rank kept), energy_u/energy_v (one-sided energy captured), energy_shared
@@ -354,23 +383,27 @@ def pivot_merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor] = 
     total_sq = float(deltas.double().square().sum())
     numel = deltas[0].numel()
     report.update(stats)
-    report.update({
-        "kind": "svd",
-        "energy_shared": float(C.double().square().sum()) / total_sq if total_sq > 0 else 1.0,
-        "conflict_fraction": conflicts / C.numel() if C.numel() else 0.0,
-        "contribution": [float(x) for x in a],
-        "contribution_z": [float(x) for x in z],
-        "lambda": [float(x) for x in lam],
-        "residual_kept": min(numel, int(p.density * numel)) / numel,
-    })
-    report["summary"] = (f"shared rank {stats['rank_u']}x{stats['rank_v']}, energy {stats['energy_u']:.3f}/"
-                         f"{stats['energy_v']:.3f} (shared {report['energy_shared']:.3f}), conflicting "
-                         f"{report['conflict_fraction']:.1%}, a [{', '.join(f'{x:.3g}' for x in a)}], "
-                         f"lambda [{', '.join(f'{x:.3f}' for x in lam)}]")
+    report.update(
+        {
+            "kind": "svd",
+            "energy_shared": float(C.double().square().sum()) / total_sq if total_sq > 0 else 1.0,
+            "conflict_fraction": conflicts / C.numel() if C.numel() else 0.0,
+            "contribution": [float(x) for x in a],
+            "contribution_z": [float(x) for x in z],
+            "lambda": [float(x) for x in lam],
+            "residual_kept": min(numel, int(p.density * numel)) / numel,
+        }
+    )
+    report["summary"] = (
+        f"shared rank {stats['rank_u']}x{stats['rank_v']}, energy {stats['energy_u']:.3f}/"
+        f"{stats['energy_v']:.3f} (shared {report['energy_shared']:.3f}), conflicting "
+        f"{report['conflict_fraction']:.1%}, a [{', '.join(f'{x:.3g}' for x in a)}], "
+        f"lambda [{', '.join(f'{x:.3f}' for x in lam)}]"
+    )
     return merged, report
 
 
-def split_layer_weight(tensors, params: dict) -> tuple[list, Optional[tuple], dict]:
+def split_layer_weight(tensors, params: dict) -> tuple[list, tuple | None, dict]:
     """The plan passes a projector bias as K bias inputs followed by its layer weight's K inputs (+ the weight's
     pivot for `init` / `model:<name>`), with `weight_inputs` = how many of those trail; split them off."""
     params = dict(params)
@@ -384,13 +417,21 @@ def split_layer_weight(tensors, params: dict) -> tuple[list, Optional[tuple], di
     return biases, (stack, w_pivot), params
 
 
-def merge_pivot(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
-                gain: Optional[Sequence[float]] = None, **params) -> torch.Tensor:
+def merge_pivot(
+    tensors,
+    base,
+    *,
+    stats=None,
+    chunk: Chunk | None = None,
+    info: TensorInfo | None = None,
+    gain: Sequence[float] | None = None,
+    **params,
+) -> torch.Tensor:
     """Registered entry: `pivot_merge` without the report (see the module doc for the report hook)."""
     return merge_pivot_report(tensors, base, info=info, gain=gain, **params)[0]
 
 
-def require_identical(tensors: Sequence[torch.Tensor], info: Optional[TensorInfo] = None) -> torch.Tensor:
+def require_identical(tensors: Sequence[torch.Tensor], info: TensorInfo | None = None) -> torch.Tensor:
     """For the non-projector tensors of a PivotMerge: return the shared tensor or raise ValueError naming the
     first expert that differs (PivotMerge assumes a shared vision encoder and LLM)."""
     for k, t in enumerate(tensors[1:], start=1):
@@ -403,9 +444,16 @@ def require_identical(tensors: Sequence[torch.Tensor], info: Optional[TensorInfo
     return tensors[0]
 
 
-def merge_pivot_report(tensors, base, *, stats=None, chunk: Optional[Chunk] = None,
-                       info: Optional[TensorInfo] = None, gain: Optional[Sequence[float]] = None,
-                       **params) -> tuple[torch.Tensor, dict]:
+def merge_pivot_report(
+    tensors,
+    base,
+    *,
+    stats=None,
+    chunk: Chunk | None = None,
+    info: TensorInfo | None = None,
+    gain: Sequence[float] | None = None,
+    **params,
+) -> tuple[torch.Tensor, dict]:
     """The spec's `merge_with_report`: the registered signature, returning (merged tensor, report dict)."""
     tensors, layer_weight, params = split_layer_weight(tensors, params)
     return pivot_merge(tensors, base, gains=gain, info=info, layer_weight=layer_weight, **params)
@@ -423,13 +471,19 @@ _DOCS = {
     "beta": "scale of the merged update",
     "scale": "the recipe name of beta (give one of them)",
     "contribution": "shared / data_free (data-free weights) or data (calibrated gains)",
-    "svd_path": "decomposition path (engine.methods.rsvd)",
+    "svd_path": "decomposition path (shardmerge.engine.methods.rsvd)",
     "seed": "seed of randomized decompositions",
 }
-_RANGES = {"energy": dict(lo=0, lo_open=True, hi=1), "rank": dict(lo=0), "density": dict(lo=0, lo_open=True, hi=1),
-           "temperature": dict(lo=0, lo_open=True), "spread_floor": dict(lo=0, lo_open=True),
-           "sign_weight": dict(choices=SIGN_WEIGHTS),
-           "contribution": dict(choices=CONTRIBUTIONS), "svd_path": dict(choices=PATHS)}
+_RANGES = {
+    "energy": dict(lo=0, lo_open=True, hi=1),
+    "rank": dict(lo=0),
+    "density": dict(lo=0, lo_open=True, hi=1),
+    "temperature": dict(lo=0, lo_open=True),
+    "spread_floor": dict(lo=0, lo_open=True),
+    "sign_weight": dict(choices=SIGN_WEIGHTS),
+    "contribution": dict(choices=CONTRIBUTIONS),
+    "svd_path": dict(choices=PATHS),
+}
 
 
 def _params() -> tuple[Param, ...]:
@@ -443,7 +497,7 @@ def _params() -> tuple[Param, ...]:
 
 def pivot_memory(shape: tuple, n_inputs: int, has_base: bool) -> int:
     """Peak bytes of one projector merge: the data, the stacked copy and full spectra of the horizontal
-    (m x K n) and vertical (K m x n) stacks (24 a b + 40 a^2 each, a <= b; see engine.memory), summed although
+    (m x K n) and vertical (K m x n) stacks (24 a b + 40 a^2 each, a <= b; see shardmerge.engine.run.memory), summed although
     they run one after the other, because the allocator does not hand the first one's pages back in time."""
     data = whole_data_bytes(shape, n_inputs, has_base)
     if len(shape) < 2:
@@ -454,10 +508,19 @@ def pivot_memory(shape: tuple, n_inputs: int, has_base: bool) -> int:
     return data + 4 * k * m * n + sum(24 * a * b + 40 * a * a for a, b in stacks)
 
 
-register(MethodSpec(
-    name="pivot", merge=merge_pivot, needs_base=False, chunkwise=False, params=_params(),
-    doc="PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around a pivot; "
-        "projector-only recipe form (engine.pivot_plan).",
-    merge_with_report=merge_pivot_report, report="pivot", memory=pivot_memory,
-    reference="https://arxiv.org/abs/2604.22823", aliases=("pivotmerge",),
-))
+register(
+    MethodSpec(
+        name="pivot",
+        merge=merge_pivot,
+        needs_base=False,
+        chunkwise=False,
+        params=_params(),
+        doc="PivotMerge (our reconstruction of arXiv 2604.22823): shared-space sign filtering around a pivot; "
+        "projector-only recipe form (shardmerge.engine.plan.forms.pivot).",
+        merge_with_report=merge_pivot_report,
+        report="pivot",
+        memory=pivot_memory,
+        reference="https://arxiv.org/abs/2604.22823",
+        aliases=("pivotmerge",),
+    )
+)

@@ -2,7 +2,7 @@
 
 The engine passes tensors = (W_mllm, W_base) in that order (the base LLM is an input, not a reference point) for the
 targeted tensors of the chosen decoder layers only; everything else is copied from the MLLM by the planner, and the
-MLLM <-> base name pairing comes from engine.layout.check_lm_pairs.
+MLLM <-> base name pairing comes from shardmerge.engine.layout.roles.check_lm_pairs.
 
   alpha form [default, alpha = 0.1]:  W = (1 - alpha) W_mllm + alpha W_base,   0 <= alpha <= 1
   weights form (the authors' later runs used 0.9 / 0.3, unnormalised):  W = a W_mllm + b W_base
@@ -14,13 +14,14 @@ Elementwise, so any row chunking gives the same bytes.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo
-from engine.methods.common import check_inputs
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import check_inputs
 
 DEFAULT_ALPHA = 0.1
 AUTO = "auto"  # "not set": MethodSpec treats a None default as "required", so optional parameters use this
@@ -38,21 +39,36 @@ def coefficients(alpha: Any, weights_mllm: Any, weights_base: Any, info: TensorI
     if any(given):
         if not all(given):
             missing = "weights_base" if given[0] else "weights_mllm"
-            raise ValueError(f"tensor {info.name!r}: plam weights form needs both weights_mllm and weights_base; "
-                             f"{missing} is missing")
+            raise ValueError(
+                f"tensor {info.name!r}: plam weights form needs both weights_mllm and weights_base; "
+                f"{missing} is missing"
+            )
         if alpha != AUTO:
-            raise ValueError(f"tensor {info.name!r}: plam got alpha={alpha!r} and weights_mllm/weights_base; "
-                             "use one form: alpha (W = (1-alpha) W_mllm + alpha W_base) or the two weights")
+            raise ValueError(
+                f"tensor {info.name!r}: plam got alpha={alpha!r} and weights_mllm/weights_base; "
+                "use one form: alpha (W = (1-alpha) W_mllm + alpha W_base) or the two weights"
+            )
         return _number("weights_mllm", weights_mllm, info), _number("weights_base", weights_base, info)
     a = DEFAULT_ALPHA if alpha == AUTO else _number("alpha", alpha, info)
     if not 0.0 <= a <= 1.0:
-        raise ValueError(f"tensor {info.name!r}: plam alpha must be in [0, 1], got {a!r}; for other mixes give "
-                         "weights_mllm and weights_base")
+        raise ValueError(
+            f"tensor {info.name!r}: plam alpha must be in [0, 1], got {a!r}; for other mixes give "
+            "weights_mllm and weights_base"
+        )
     return 1.0 - a, a
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
-          info: TensorInfo, alpha: Any = AUTO, weights_mllm: Any = AUTO, weights_base: Any = AUTO) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: None,
+    chunk: Chunk,
+    info: TensorInfo,
+    alpha: Any = AUTO,
+    weights_mllm: Any = AUTO,
+    weights_base: Any = AUTO,
+) -> torch.Tensor:
     """a * W_mllm + b * W_base for one chunk (float32)."""
     if base is not None:
         raise ValueError(f"tensor {info.name!r}: plam takes its base LLM as the second input, not as base_model")
@@ -68,14 +84,16 @@ SPEC = register(
         name="plam",
         merge=merge,
         needs_base=False,
-        params=(Param("alpha", default=AUTO, lo=0, hi=1, doc=f"W = (1 - alpha) W_mllm + alpha W_base [{DEFAULT_ALPHA}]"),
-                Param("weights_mllm", default=AUTO, doc="a of W = a W_mllm + b W_base (with weights_base)"),
-                Param("weights_base", default=AUTO, doc="b of W = a W_mllm + b W_base (with weights_mllm)")),
+        params=(
+            Param("alpha", default=AUTO, lo=0, hi=1, doc=f"W = (1 - alpha) W_mllm + alpha W_base [{DEFAULT_ALPHA}]"),
+            Param("weights_mllm", default=AUTO, doc="a of W = a W_mllm + b W_base (with weights_base)"),
+            Param("weights_base", default=AUTO, doc="b of W = a W_mllm + b W_base (with weights_mllm)"),
+        ),
         base="unused",
         reference="https://arxiv.org/abs/2601.07645",
         min_models=2,
         max_models=2,
         doc="PlaM: W = (1-alpha) W_mllm + alpha W_base [alpha 0.1], or a W_mllm + b W_base with "
-            "weights_mllm/weights_base; inputs (W_mllm, W_base).",
+        "weights_mllm/weights_base; inputs (W_mllm, W_base).",
     )
 )

@@ -17,14 +17,14 @@ count differently).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import check_inputs
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import check_inputs
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,7 @@ class RamStats:
 def _number(params: dict, name: str, info: TensorInfo, *, nonneg: bool = True) -> float:
     v = params[name]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (nonneg and v < 0):
-        raise ValueError(f"tensor {info.name!r}: {name} must be a finite number{' >= 0' if nonneg else ''}, "
-                         f"got {v!r}")
+        raise ValueError(f"tensor {info.name!r}: {name} must be a finite number{' >= 0' if nonneg else ''}, got {v!r}")
     return float(v)
 
 
@@ -53,8 +52,8 @@ def prepare_plus(read: ChunkReader, *, info: TensorInfo, **params) -> RamStats:
     """Whole-tensor counts of each expert's contributing overlap and unique entries -> lambda_k (one pass)."""
     epsilon = _number(params, "epsilon", info)
     r, alpha = _number(params, "r", info, nonneg=False), _number(params, "alpha", info, nonneg=False)
-    shared: Optional[torch.Tensor] = None
-    unique: Optional[torch.Tensor] = None
+    shared: torch.Tensor | None = None
+    unique: torch.Tensor | None = None
     for _, tensors, base in read():
         _, contributes, count = _contributions(tensors, base, epsilon)
         dims = tuple(range(1, contributes.dim()))
@@ -70,8 +69,15 @@ def prepare_plus(read: ChunkReader, *, info: TensorInfo, **params) -> RamStats:
 
 
 def _merge(plus: bool):
-    def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: Optional[RamStats],
-              chunk: Chunk, info: TensorInfo, **params) -> torch.Tensor:
+    def merge(
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        stats: RamStats | None,
+        chunk: Chunk,
+        info: TensorInfo,
+        **params,
+    ) -> torch.Tensor:
         """Unique entries whole (ramplus_tl: times lambda_k), overlapping ones averaged over their contributors."""
         check_inputs(tensors, base, info, needs_base=True)
         kept, _, count = _contributions(tensors, base, _number(params, "epsilon", info))
@@ -106,8 +112,11 @@ register(
         merge=_merge(True),
         prepare=prepare_plus,
         needs_base=True,
-        params=(Param("r", "float", 0.1, doc="amplification rate of unique entries"),
-                Param("alpha", "float", 0.2, doc="upper clamp of the overlap / unique ratio"), EPSILON),
+        params=(
+            Param("r", "float", 0.1, doc="amplification rate of unique entries"),
+            Param("alpha", "float", 0.2, doc="upper clamp of the overlap / unique ratio"),
+            EPSILON,
+        ),
         whole_tensor_stats="per model: counts of its contributing overlap and unique entries",
         reference=REFERENCE,
         mergekit_name="ramplus_tl",

@@ -43,7 +43,6 @@ device. A batch shares one test matrix, so the batched result equals the per-mat
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -63,7 +62,7 @@ def choose_path(
     rank: int,
     *,
     exact_threshold: int = EXACT_THRESHOLD,
-    oversample: Optional[int] = DEFAULT_OVERSAMPLE,
+    oversample: int | None = DEFAULT_OVERSAMPLE,
     randomized_max_fraction: float = RANDOMIZED_MAX_FRACTION,
 ) -> str:
     """Which algorithm `truncated_svd(path="auto")` uses for an m x n matrix and `rank` triplets (see module doc)."""
@@ -75,13 +74,14 @@ def choose_path(
     return "gram"
 
 
-def resolve_oversample(rank: int, oversample: Optional[int]) -> int:
+def resolve_oversample(rank: int, oversample: int | None) -> int:
     """The oversampling p actually used: `oversample`, or max(10, rank) when None (a sketch twice the rank)."""
     return max(10, rank) if oversample is None else oversample
 
 
-def halko_bound(m: int, n: int, rank: int, oversample: Optional[int] = DEFAULT_OVERSAMPLE,
-                n_iter: int = DEFAULT_N_ITER) -> float:
+def halko_bound(
+    m: int, n: int, rank: int, oversample: int | None = DEFAULT_OVERSAMPLE, n_iter: int = DEFAULT_N_ITER
+) -> float:
     """Factor c with ||A - A_k(randomized)||_2 <= c * sigma_{rank+1}(A) (probability >= 1 - 6 p^-p, module doc)."""
     q = max(n_iter, 0)
     p = resolve_oversample(rank, oversample)
@@ -156,10 +156,10 @@ def truncated_svd_batched(
     *,
     path: str = "auto",
     exact_threshold: int = EXACT_THRESHOLD,
-    oversample: Optional[int] = DEFAULT_OVERSAMPLE,
+    oversample: int | None = DEFAULT_OVERSAMPLE,
     n_iter: int = DEFAULT_N_ITER,
     randomized_max_fraction: float = RANDOMIZED_MAX_FRACTION,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` SVD of B same-shape matrices A (B, m, n) -> U (B, m, rank), S (B, rank), Vh (B, rank, n).
 
@@ -173,7 +173,11 @@ def truncated_svd_batched(
     m, n = A.shape[-2:]
     if path == "auto":
         path = choose_path(
-            m, n, rank, exact_threshold=exact_threshold, oversample=oversample,
+            m,
+            n,
+            rank,
+            exact_threshold=exact_threshold,
+            oversample=oversample,
             randomized_max_fraction=randomized_max_fraction,
         )
     tall = m > n
@@ -196,16 +200,22 @@ def truncated_svd(
     *,
     path: str = "auto",
     exact_threshold: int = EXACT_THRESHOLD,
-    oversample: Optional[int] = DEFAULT_OVERSAMPLE,
+    oversample: int | None = DEFAULT_OVERSAMPLE,
     n_iter: int = DEFAULT_N_ITER,
     randomized_max_fraction: float = RANDOMIZED_MAX_FRACTION,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` SVD of one matrix A (m, n) -> U (m, rank), S (rank,), Vh (rank, n); see the module doc."""
     _check_matrix(A, rank, batched=False)
     U, S, Vh = truncated_svd_batched(
-        A[None], rank, path=path, exact_threshold=exact_threshold, oversample=oversample, n_iter=n_iter,
-        randomized_max_fraction=randomized_max_fraction, generator=generator,
+        A[None],
+        rank,
+        path=path,
+        exact_threshold=exact_threshold,
+        oversample=oversample,
+        n_iter=n_iter,
+        randomized_max_fraction=randomized_max_fraction,
+        generator=generator,
     )
     return U[0], S[0], Vh[0]
 

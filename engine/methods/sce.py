@@ -21,15 +21,15 @@ tie far more often there), we in float32 with float64 sums.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import RowSum, check_inputs, numel_of
-from engine.methods.select import kth_largest_abs_streaming
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import RowSum, check_inputs, numel_of
+from shardmerge.engine.methods.select import kth_largest_abs_streaming
 
 WEIGHT_EPS = 1e-6  # mergekit: uniform weights when the summed mean squares are below this; divisor floor
 
@@ -39,7 +39,7 @@ class SceStats:
     """select: None = keep every entry; else (threshold t, last flat index of a kept entry tied at t, or -1 when
     no tie is kept); drop_all: k = 0. weights: the normalised per-expert weights."""
 
-    select: Optional[tuple[float, int]]
+    select: tuple[float, int] | None
     drop_all: bool
     weights: tuple[float, ...]
 
@@ -51,7 +51,7 @@ def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tens
     accumulates in float64 on the CPU, at a fifth of its time (torch.var over a non-contiguous dim is slow), with
     one float64 task vector alive at a time;
     prepare and merge both use this function, so their tie tests see identical values."""
-    tau = lambda t: (t - base).double()  # noqa: E731 - re-formed per pass: one float64 temporary at a time
+    tau = lambda t: (t - base).double()
     mean = tau(tensors[0])
     for t in tensors[1:]:
         mean.add_(tau(t))
@@ -62,7 +62,7 @@ def _variance(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tens
     return acc.div_(len(tensors)).float()
 
 
-def select_mask(stats: SceStats, chunk: Chunk, var: torch.Tensor) -> Optional[torch.Tensor]:
+def select_mask(stats: SceStats, chunk: Chunk, var: torch.Tensor) -> torch.Tensor | None:
     """Entries kept by Select on one chunk (None = all): var > t, or var == t up to the recorded flat index."""
     if stats.drop_all:
         return torch.zeros_like(var, dtype=torch.bool)
@@ -73,17 +73,17 @@ def select_mask(stats: SceStats, chunk: Chunk, var: torch.Tensor) -> Optional[to
     return (var > t) | ((var == t) & (flat <= last_tie))
 
 
-def _threshold(read: ChunkReader, info: TensorInfo, topk: float) -> tuple[Optional[int], float]:
+def _threshold(read: ChunkReader, info: TensorInfo, topk: float) -> tuple[int | None, float]:
     """k = int(nnz(var) * topk) and the exact k-th largest variance (three passes); k None when k == 0."""
     nnz = sum(int(torch.count_nonzero(_variance(ts, b))) for _, ts, b in read())
     k = int(nnz * topk)
     if k == 0:
         return None, 0.0
-    variances = lambda: ([_variance(ts, b)] for _, ts, b in read())  # noqa: E731 - a re-iterable stream
+    variances = lambda: ([_variance(ts, b)] for _, ts, b in read())
     return k, kth_largest_abs_streaming(variances, [[k]], label=f"tensor {info.name!r}")[0][0]
 
 
-def _kept_squares(read: ChunkReader, n: int, k: Optional[int], t: float, info: TensorInfo):
+def _kept_squares(read: ChunkReader, n: int, k: int | None, t: float, info: TensorInfo):
     """sum(tau_k^2) over the entries Select keeps, and the flat index of the last kept tie at t (-1: none).
 
     With a threshold, one counting pass first gives need = k - count(var > t) >= 1; the summing pass then keeps the
@@ -132,13 +132,19 @@ def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SceStats:
     return SceStats(select=None if k is None else (t, last_tie), drop_all=False, weights=weights)
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SceStats, chunk: Chunk,
-          info: TensorInfo, **params) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: SceStats,
+    chunk: Chunk,
+    info: TensorInfo,
+    **params,
+) -> torch.Tensor:
     """Select with the prepared threshold, erase disagreeing signs, weighted mean of the survivors, add to base."""
     check_inputs(tensors, base, info, needs_base=True)
     taus = torch.stack([t - base for t in tensors])
-    keep = select_mask(stats, chunk, _variance(tensors, base)) if stats.select is not None or stats.drop_all \
-        else None
+    keep = select_mask(stats, chunk, _variance(tensors, base)) if stats.select is not None or stats.drop_all else None
     if keep is not None:
         taus = taus * keep
     majority = torch.where(taus.sum(dim=0) >= 0, 1.0, -1.0)
@@ -154,9 +160,16 @@ SPEC = register(
         merge=merge,
         prepare=prepare,
         needs_base=True,
-        params=(Param("select_topk", "float", 1.0, doc="fraction of the entries with the largest variance across "
-                      "models kept (>= 1: all, <= 0: none, the base is returned)"),
-                Param("int8_mask", "bool", False, doc="accepted for mergekit recipes; no numeric effect")),
+        params=(
+            Param(
+                "select_topk",
+                "float",
+                1.0,
+                doc="fraction of the entries with the largest variance across "
+                "models kept (>= 1: all, <= 0: none, the base is returned)",
+            ),
+            Param("int8_mask", "bool", False, doc="accepted for mergekit recipes; no numeric effect"),
+        ),
         whole_tensor_stats="the count of nonzero variances and the exact k-th largest one (k = select_topk * "
         "count, ties cut by flat index); per model, the mean square of the selected tau",
         reference="https://arxiv.org/abs/2408.07990",

@@ -23,7 +23,8 @@ NaN magnitudes are refused (their bit patterns would sort above +inf); -0.0 coun
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -48,9 +49,7 @@ def _check_ks(ks: Sequence[Sequence[int]], n: int, label: str) -> None:
     for stream, wanted in enumerate(ks):
         for k in wanted:
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-                raise ValueError(
-                    f"{label}: stream {stream}: k must be an int in [1, numel={n}], got {k!r}"
-                )
+                raise ValueError(f"{label}: stream {stream}: k must be an int in [1, numel={n}], got {k!r}")
 
 
 def _top_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -130,7 +129,7 @@ class Rank(NamedTuple):
     value: float  # its |x|: the k-th largest magnitude
     need: int  # how many entries with |x| == value rank within the top k (1 <= need <= ties)
     ties: int  # how many entries have |x| == value
-    index: Optional[int] = None  # its flat index; None unless asked for and needed (1 < ties)
+    index: int | None = None  # its flat index; None unless asked for and needed (1 < ties)
 
 
 def _select(read: StreamReader, ks: Sequence[Sequence[int]], label: str) -> list[list[Rank]]:
@@ -160,7 +159,7 @@ def _locate(read: StreamReader, wanted: dict[tuple[int, float], set[int]]) -> di
     with |x| == value. Stops reading once every index is found."""
     found: dict[tuple[int, float, int], int] = {}
     todo = sum(len(v) for v in wanted.values())
-    seen = {key: 0 for key in wanted}
+    seen = dict.fromkeys(wanted, 0)
     offset = 0
     bits_of = {key: int(torch.tensor([key[1]], dtype=torch.float32).view(torch.int32)[0]) for key in wanted}
     for parts in read():
@@ -180,8 +179,13 @@ def _locate(read: StreamReader, wanted: dict[tuple[int, float], set[int]]) -> di
     return found
 
 
-def rank_streaming(read: StreamReader, ks: Sequence[Sequence[int]], *, label: str = "magnitude selection",
-                   locate: Callable[[int, int, Rank], bool] = lambda i, j, r: r.ties > 1) -> list[list[Rank]]:
+def rank_streaming(
+    read: StreamReader,
+    ks: Sequence[Sequence[int]],
+    *,
+    label: str = "magnitude selection",
+    locate: Callable[[int, int, Rank], bool] = lambda i, j, r: r.ties > 1,
+) -> list[list[Rank]]:
     """Exact k-th ranked entries for several streams and several k per stream: two passes over `read()`, plus a
     third for the flat indices of the ranks where `locate(stream, position in ks[stream], rank)` is true
     (default: the value is tied)."""
@@ -196,8 +200,10 @@ def rank_streaming(read: StreamReader, ks: Sequence[Sequence[int]], *, label: st
     if not wanted:
         return ranks
     found = _locate(read, wanted)
-    return [[r._replace(index=found[(i, r.value, r.need)]) if locate(i, j, r) else r for j, r in enumerate(row)]
-            for i, row in enumerate(ranks)]
+    return [
+        [r._replace(index=found[(i, r.value, r.need)]) if locate(i, j, r) else r for j, r in enumerate(row)]
+        for i, row in enumerate(ranks)
+    ]
 
 
 def kth_largest_abs_streaming(
@@ -213,7 +219,7 @@ def kth_largest_abs_streaming(
     return [[r.value for r in row] for row in _select(read, ks, label)]
 
 
-def _with_ties(mag: torch.Tensor, value: float, strict: torch.Tensor, start: Optional[int], stop: Optional[int]):
+def _with_ties(mag: torch.Tensor, value: float, strict: torch.Tensor, start: int | None, stop: int | None):
     """`strict` plus the entries with mag == value at flat chunk positions [start, stop) (None: open end)."""
     ties = (mag == value).reshape(-1)
     if start:
@@ -223,8 +229,9 @@ def _with_ties(mag: torch.Tensor, value: float, strict: torch.Tensor, start: Opt
     return strict | ties.reshape(mag.shape)
 
 
-def keep_in_window(mag: torch.Tensor, lo: float, hi: Optional[float], lo_last: Optional[int],
-                   hi_first: Optional[int], elem_offset: int = 0) -> torch.Tensor:
+def keep_in_window(
+    mag: torch.Tensor, lo: float, hi: float | None, lo_last: int | None, hi_first: int | None, elem_offset: int = 0
+) -> torch.Tensor:
     """Keep mask of a chunk of magnitudes (flat positions from `elem_offset`) for the window lo <= mag <= hi, where
     of the entries equal to lo only those at flat index <= lo_last, and of those equal to hi only those at flat
     index >= hi_first, are kept (None: all of them): the exact top-k cuts of `rank_streaming`."""
@@ -261,4 +268,12 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, chunk_rows: int | None = None) -
     return kth_largest_abs_streaming(read, [[k]])[0][0]
 
 
-__all__ = ["Rank", "StreamReader", "abs_bits", "keep_in_window", "kth_largest_abs", "kth_largest_abs_streaming", "rank_streaming"]
+__all__ = [
+    "Rank",
+    "StreamReader",
+    "abs_bits",
+    "keep_in_window",
+    "kth_largest_abs",
+    "kth_largest_abs_streaming",
+    "rank_streaming",
+]

@@ -11,14 +11,14 @@ The norms and the dot product need the whole tensor: `prepare` accumulates sum a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
-from engine.methods.common import RowSum, check_inputs
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.common import RowSum, check_inputs
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -71,8 +71,15 @@ def prepare(read: ChunkReader, *, info: TensorInfo, t: float) -> SlerpStats:
     return coefficients(t, aa.value(), bb.value(), ab.value())
 
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: SlerpStats, chunk: Chunk,
-          info: TensorInfo, t: float) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    stats: SlerpStats,
+    chunk: Chunk,
+    info: TensorInfo,
+    t: float,
+) -> torch.Tensor:
     """coef_a * base + coef_b * other on this chunk (float32)."""
     check_inputs(tensors, base, info, needs_base=True)
     if len(tensors) != 1:

@@ -16,34 +16,33 @@ The `*_update` cores take leading batch dimensions (..., K, m, n) so the engine 
 several layers and decompose them in one batched call (the GPU path): each method registers a `merge_batch` that
 stacks B same-shape 2-D tensors to (B, K, m, n) and calls its core once; `merge` calls the same core with one
 tensor, so both go through the same arithmetic (the leading dimension is the only difference).
-All decompositions go through `engine.methods.rsvd` (exact / randomized / Gram paths; triplets
+All decompositions go through `shardmerge.engine.methods.rsvd` (exact / randomized / Gram paths; triplets
 of numerically zero singular values are dropped, so results do not depend on LAPACK's arbitrary null vectors).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, Param, TensorInfo, matrix_shape, whole_data_bytes
-from engine.methods.rsvd import DEFAULT_SEED, PATHS, drop_small_triplets, polar_factor, truncated_svd_batched
-
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, MethodSpec, Param, TensorInfo, matrix_shape, whole_data_bytes
+from shardmerge.engine.methods.rsvd import DEFAULT_SEED, PATHS, drop_small_triplets, polar_factor, truncated_svd_batched
 
 # ---------------------------------------------------------------- shared input handling
 
 
-def _where(info: Optional[TensorInfo]) -> str:
+def _where(info: TensorInfo | None) -> str:
     return f"tensor {info.name!r}" if info is not None else "tensor <unnamed>"
 
 
 def stack_inputs(
     method: str,
     tensors: Sequence[torch.Tensor],
-    base: Optional[torch.Tensor],
-    info: Optional[TensorInfo],
+    base: torch.Tensor | None,
+    info: TensorInfo | None,
     *,
     needs_base: bool,
 ) -> torch.Tensor:
@@ -55,8 +54,8 @@ def stack_inputs(
 def check_inputs(
     method: str,
     tensors: Sequence[torch.Tensor],
-    base: Optional[torch.Tensor],
-    info: Optional[TensorInfo],
+    base: torch.Tensor | None,
+    info: TensorInfo | None,
     *,
     needs_base: bool,
 ) -> tuple[int, ...]:
@@ -79,25 +78,25 @@ def check_inputs(
     return ref
 
 
-def as_matrices(stack: torch.Tensor, base: Optional[torch.Tensor], lead: int) -> tuple:
+def as_matrices(stack: torch.Tensor, base: torch.Tensor | None, lead: int) -> tuple:
     """View N-D weights (lead dims, then dim 0 of the weight, then the rest) as matrices (..., out, rest)."""
     shape = tuple(stack.shape[lead:])
     if len(shape) <= 2:
         return stack, base
     m = shape[0]
     x = stack.reshape(tuple(stack.shape[:lead]) + (m, -1))
-    b = None if base is None else base.reshape(tuple(base.shape[:lead - 1]) + (m, -1))
+    b = None if base is None else base.reshape(tuple(base.shape[: lead - 1]) + (m, -1))
     return x, b
 
 
 def stack_batch(
     method: str,
     inputs: Sequence[Sequence[torch.Tensor]],
-    bases: Sequence[Optional[torch.Tensor]],
-    infos: Sequence[Optional[TensorInfo]],
+    bases: Sequence[torch.Tensor | None],
+    infos: Sequence[TensorInfo | None],
     *,
     needs_base: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate B tensors' inputs and copy them into one (B, K, *shape) stack and one (B, *shape) base stack.
 
     Every tensor is checked as `merge` checks it; the batch must share one shape and one expert count, because
@@ -105,8 +104,10 @@ def stack_batch(
     stacks plus their stack keeps the data footprint at one extra copy, as for a single tensor.
     """
     if not (len(inputs) == len(bases) == len(infos)) or not inputs:
-        raise ValueError(f"{method}: merge_batch needs one expert list, base and info per tensor (at least one); "
-                         f"got {len(inputs)} expert lists, {len(bases)} bases and {len(infos)} infos")
+        raise ValueError(
+            f"{method}: merge_batch needs one expert list, base and info per tensor (at least one); "
+            f"got {len(inputs)} expert lists, {len(bases)} bases and {len(infos)} infos"
+        )
     if not needs_base:  # a base the method does not use (cart) is not validated, as in `merge`
         bases = [None] * len(bases)
     ref = check_inputs(method, inputs[0], bases[0], infos[0], needs_base=needs_base)
@@ -130,14 +131,14 @@ def stack_batch(
     return x, base
 
 
-def svd_options(method: str, info: Optional[TensorInfo], svd_path: str, seed: int) -> dict:
+def svd_options(method: str, info: TensorInfo | None, svd_path: str, seed: int) -> dict:
     """Keyword arguments for `truncated_svd_batched` from the recipe's `svd_path` and `seed` parameters."""
     if svd_path not in PATHS:
         raise ValueError(f"{method}: {_where(info)}: svd_path must be one of {PATHS}, got {svd_path!r}")
     return {"path": svd_path, "generator": torch.Generator().manual_seed(int(seed))}
 
 
-def _check_positive(method: str, info: Optional[TensorInfo], name: str, value: float, upper=None) -> None:
+def _check_positive(method: str, info: TensorInfo | None, name: str, value: float, upper=None) -> None:
     if not (value > 0 and (upper is None or value <= upper)) or not math.isfinite(value):
         bound = f"(0, {upper}]" if upper is not None else "> 0"
         raise ValueError(f"{method}: {_where(info)}: {name} must be {bound}, got {value!r}")
@@ -276,11 +277,11 @@ def cart_update(experts: torch.Tensor, *, rank_fraction: float = 0.08, **svd) ->
 # validated there, so both entries refuse the same bad values with the same message.
 
 
-def _tsv_2d(x, base, info, *, alpha: float = 1.0, rank_fraction: float = 1.0, svd_path: str = "auto",
-            seed: int = DEFAULT_SEED):
+def _tsv_2d(
+    x, base, info, *, alpha: float = 1.0, rank_fraction: float = 1.0, svd_path: str = "auto", seed: int = DEFAULT_SEED
+):
     _check_positive("tsv", info, "rank_fraction", rank_fraction, upper=x.shape[-3])
-    update = tsv_update(x - base.unsqueeze(-3), rank_fraction=rank_fraction,
-                        **svd_options("tsv", info, svd_path, seed))
+    update = tsv_update(x - base.unsqueeze(-3), rank_fraction=rank_fraction, **svd_options("tsv", info, svd_path, seed))
     return base + alpha * update
 
 
@@ -288,15 +289,15 @@ def _iso_c_2d(x, base, info, *, alpha: float = 1.0):
     return base + alpha * iso_c_update(x - base.unsqueeze(-3))
 
 
-def _iso_cts_2d(x, base, info, *, alpha: float = 1.0, common_fraction: float = 0.8, svd_path: str = "auto",
-                seed: int = DEFAULT_SEED):
+def _iso_cts_2d(
+    x, base, info, *, alpha: float = 1.0, common_fraction: float = 0.8, svd_path: str = "auto", seed: int = DEFAULT_SEED
+):
     _check_positive("iso_cts", info, "common_fraction", common_fraction, upper=1.0)
     svd = svd_options("iso_cts", info, svd_path, seed)
     return base + alpha * iso_cts_update(x - base.unsqueeze(-3), common_fraction=common_fraction, **svd)
 
 
-def _cart_2d(x, base, info, *, rank_fraction: float = 0.08, svd_path: str = "auto", seed: int = DEFAULT_SEED,
-             **params):
+def _cart_2d(x, base, info, *, rank_fraction: float = 0.08, svd_path: str = "auto", seed: int = DEFAULT_SEED, **params):
     lam = _cart_lambda(info, params)
     _check_positive("cart", info, "rank_fraction", rank_fraction, upper=1.0)
     mean, low = cart_update(x, rank_fraction=rank_fraction, **svd_options("cart", info, svd_path, seed))
@@ -319,8 +320,18 @@ def _mean_1d(stack, base, alpha: float):
     return base + alpha * (stack - base).mean(dim=0)
 
 
-def merge_tsv(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
-              alpha: float = 1.0, rank_fraction: float = 1.0, svd_path: str = "auto", seed: int = DEFAULT_SEED):
+def merge_tsv(
+    tensors,
+    base,
+    *,
+    stats=None,
+    chunk: Chunk | None = None,
+    info: TensorInfo | None = None,
+    alpha: float = 1.0,
+    rank_fraction: float = 1.0,
+    svd_path: str = "auto",
+    seed: int = DEFAULT_SEED,
+):
     """tsv: theta_0 + alpha * TSV(tau_1..tau_K); 1-D: theta_0 + alpha * mean(tau)."""
     stack = stack_inputs("tsv", tensors, base, info, needs_base=True)
     _check_positive("tsv", info, "rank_fraction", rank_fraction, upper=len(tensors))
@@ -331,8 +342,9 @@ def merge_tsv(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info:
     return out.reshape(stack.shape[1:])
 
 
-def merge_iso_c(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
-                alpha: float = 1.0):
+def merge_iso_c(
+    tensors, base, *, stats=None, chunk: Chunk | None = None, info: TensorInfo | None = None, alpha: float = 1.0
+):
     """iso_c: theta_0 + alpha * mean(sigma(Delta)) U V^T with Delta = sum tau; 1-D: theta_0 + alpha * mean(tau)."""
     stack = stack_inputs("iso_c", tensors, base, info, needs_base=True)
     if stack.dim() < 3:
@@ -342,22 +354,40 @@ def merge_iso_c(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, inf
     return out.reshape(stack.shape[1:])
 
 
-def merge_iso_cts(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
-                  alpha: float = 1.0, common_fraction: float = 0.8, svd_path: str = "auto",
-                  seed: int = DEFAULT_SEED):
+def merge_iso_cts(
+    tensors,
+    base,
+    *,
+    stats=None,
+    chunk: Chunk | None = None,
+    info: TensorInfo | None = None,
+    alpha: float = 1.0,
+    common_fraction: float = 0.8,
+    svd_path: str = "auto",
+    seed: int = DEFAULT_SEED,
+):
     """iso_cts: theta_0 + alpha * IsoCTS(tau_1..tau_K); 1-D: theta_0 + alpha * mean(tau)."""
     stack = stack_inputs("iso_cts", tensors, base, info, needs_base=True)
     _check_positive("iso_cts", info, "common_fraction", common_fraction, upper=1.0)
     if stack.dim() < 3:
         return _mean_1d(stack, base, alpha)
     x, b = as_matrices(stack, base, lead=1)
-    out = _iso_cts_2d(x, b, info, alpha=alpha, common_fraction=common_fraction, svd_path=svd_path,
-                       seed=seed)
+    out = _iso_cts_2d(x, b, info, alpha=alpha, common_fraction=common_fraction, svd_path=svd_path, seed=seed)
     return out.reshape(stack.shape[1:])
 
 
-def merge_cart(tensors, base, *, stats=None, chunk: Optional[Chunk] = None, info: Optional[TensorInfo] = None,
-               rank_fraction: float = 0.08, svd_path: str = "auto", seed: int = DEFAULT_SEED, **params):
+def merge_cart(
+    tensors,
+    base,
+    *,
+    stats=None,
+    chunk: Chunk | None = None,
+    info: TensorInfo | None = None,
+    rank_fraction: float = 0.08,
+    svd_path: str = "auto",
+    seed: int = DEFAULT_SEED,
+    **params,
+):
     """cart: mean + lambda * sum_k lowrank(theta_k - mean); 1-D: mean. A given base is not used by CART."""
     _cart_lambda(info, params)
     stack = stack_inputs("cart", tensors, None, info, needs_base=False)
@@ -376,6 +406,7 @@ def _batch_entry(method: str, merge, formula, needs_base: bool):
     construction). The params are one set for the whole batch: the engine batches only tensors whose resolved
     params are identical, so per-layer gradients never mix.
     """
+
     def merge_batch(inputs, bases, infos, **params) -> list:
         if inputs and inputs[0] and inputs[0][0].dim() < 2:
             return [merge(xs, b, info=i, **params) for xs, b, i in zip(inputs, bases, infos)]
@@ -395,49 +426,105 @@ def svd_memory(extra: int):
     An a x b decomposition (a <= b, float64 Gram path, the largest) holds its float64 copy, factors and their
     float32 copies (~24 a b) and the Gram matrix, eigenvectors and eigh workspace (~40 a^2), less when few
     triplets are kept. N-D weights count as their (out, rest) matrix; 0-D/1-D tensors only hold data."""
+
     def estimate(shape: tuple, n_inputs: int, has_base: bool) -> int:
         data = whole_data_bytes(shape, n_inputs, has_base)
         if len(shape) < 2:
             return data
         m, n = matrix_shape(shape)
         return data + (max(1, n_inputs) + extra) * (16 * m * n + 32 * min(m, n) ** 2)
+
     return estimate
 
 
 ALPHA = Param("alpha", default=1.0, doc="scale of the merged task vector (the papers tune it, e.g. 1.0-2.0)")
-SVD_PATH = Param("svd_path", "str", "auto", choices=PATHS, doc="decomposition path (engine.methods.rsvd)")
+SVD_PATH = Param("svd_path", "str", "auto", choices=PATHS, doc="decomposition path (shardmerge.engine.methods.rsvd)")
 SEED = Param("seed", "int", DEFAULT_SEED, doc="seed of randomized decompositions")
 _MATRIX_RULE = "whole matrix (N-D weights as (out, rest); 0-D/1-D averaged)"
 
-register(MethodSpec(
-    name="tsv", merge=merge_tsv, needs_base=True, chunkwise=False,
-    params=(ALPHA, Param("rank_fraction", default=1.0, lo=0, lo_open=True, hi_models=True,
-                         doc="per-task rank = rank_fraction * min(m, n) / K; K = every task at full rank"),
-            SVD_PATH, SEED),
-    doc="Task Singular Vectors (arXiv 2412.00081): per-task top r/K triplets, orthogonalised U and V.",
-    merge_batch=_batch_entry("tsv", merge_tsv, _tsv_2d, needs_base=True),
-    memory=svd_memory(0), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2412.00081",
-))
-register(MethodSpec(
-    name="iso_c", merge=merge_iso_c, needs_base=True, chunkwise=False, params=(ALPHA,),
-    doc="Iso-C (arXiv 2502.04959): sum of task vectors with its spectrum flattened to the mean.",
-    merge_batch=_batch_entry("iso_c", merge_iso_c, _iso_c_2d, needs_base=True),
-    memory=svd_memory(0), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2502.04959",
-))
-register(MethodSpec(
-    name="iso_cts", merge=merge_iso_cts, needs_base=True, chunkwise=False,
-    params=(ALPHA, Param("common_fraction", default=0.8, lo=0, lo_open=True, hi=1,
-                         doc="fraction of the rank given to the common subspace"), SVD_PATH, SEED),
-    doc="Iso-CTS (arXiv 2502.04959): common subspace + task-specific residual directions, isotropic spectrum.",
-    merge_batch=_batch_entry("iso_cts", merge_iso_cts, _iso_cts_2d, needs_base=True),
-    memory=svd_memory(2), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2502.04959",
-))
-register(MethodSpec(
-    name="cart", merge=merge_cart, needs_base=False, base="unused", chunkwise=False,
-    params=(Param("lambda", default=1.0, doc="scale of the low-rank centred task vectors"),
+register(
+    MethodSpec(
+        name="tsv",
+        merge=merge_tsv,
+        needs_base=True,
+        chunkwise=False,
+        params=(
+            ALPHA,
+            Param(
+                "rank_fraction",
+                default=1.0,
+                lo=0,
+                lo_open=True,
+                hi_models=True,
+                doc="per-task rank = rank_fraction * min(m, n) / K; K = every task at full rank",
+            ),
+            SVD_PATH,
+            SEED,
+        ),
+        doc="Task Singular Vectors (arXiv 2412.00081): per-task top r/K triplets, orthogonalised U and V.",
+        merge_batch=_batch_entry("tsv", merge_tsv, _tsv_2d, needs_base=True),
+        memory=svd_memory(0),
+        whole_tensor_stats=_MATRIX_RULE,
+        reference="https://arxiv.org/abs/2412.00081",
+    )
+)
+register(
+    MethodSpec(
+        name="iso_c",
+        merge=merge_iso_c,
+        needs_base=True,
+        chunkwise=False,
+        params=(ALPHA,),
+        doc="Iso-C (arXiv 2502.04959): sum of task vectors with its spectrum flattened to the mean.",
+        merge_batch=_batch_entry("iso_c", merge_iso_c, _iso_c_2d, needs_base=True),
+        memory=svd_memory(0),
+        whole_tensor_stats=_MATRIX_RULE,
+        reference="https://arxiv.org/abs/2502.04959",
+    )
+)
+register(
+    MethodSpec(
+        name="iso_cts",
+        merge=merge_iso_cts,
+        needs_base=True,
+        chunkwise=False,
+        params=(
+            ALPHA,
+            Param(
+                "common_fraction",
+                default=0.8,
+                lo=0,
+                lo_open=True,
+                hi=1,
+                doc="fraction of the rank given to the common subspace",
+            ),
+            SVD_PATH,
+            SEED,
+        ),
+        doc="Iso-CTS (arXiv 2502.04959): common subspace + task-specific residual directions, isotropic spectrum.",
+        merge_batch=_batch_entry("iso_cts", merge_iso_cts, _iso_cts_2d, needs_base=True),
+        memory=svd_memory(2),
+        whole_tensor_stats=_MATRIX_RULE,
+        reference="https://arxiv.org/abs/2502.04959",
+    )
+)
+register(
+    MethodSpec(
+        name="cart",
+        merge=merge_cart,
+        needs_base=False,
+        base="unused",
+        chunkwise=False,
+        params=(
+            Param("lambda", default=1.0, doc="scale of the low-rank centred task vectors"),
             Param("rank_fraction", default=0.08, lo=0, lo_open=True, hi=1, doc="rank = rank_fraction * min(m, n)"),
-            SVD_PATH, SEED),
-    doc="CART (arXiv 2412.12153): experts' mean + lambda * sum of rank-k centred task vectors.",
-    merge_batch=_batch_entry("cart", merge_cart, _cart_2d, needs_base=False),
-    memory=svd_memory(0), whole_tensor_stats=_MATRIX_RULE, reference="https://arxiv.org/abs/2412.12153",
-))
+            SVD_PATH,
+            SEED,
+        ),
+        doc="CART (arXiv 2412.12153): experts' mean + lambda * sum of rank-k centred task vectors.",
+        merge_batch=_batch_entry("cart", merge_cart, _cart_2d, needs_base=False),
+        memory=svd_memory(0),
+        whole_tensor_stats=_MATRIX_RULE,
+        reference="https://arxiv.org/abs/2412.12153",
+    )
+)

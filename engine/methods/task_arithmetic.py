@@ -8,26 +8,28 @@ accepted, no effect here, as in mergekit].
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from engine.methods import register
-from engine.methods.base import Chunk, MethodSpec, TensorInfo
-from engine.methods.common import (
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import Chunk, MethodSpec, TensorInfo
+from shardmerge.engine.methods.common import (
     DENSITY,
     WEIGHT,
     check_fraction,
     check_inputs,
     combine_deltas,
-    gta_params,
     fused_merge,
+    gta_params,
     on_kernel_device,
     per_model,
 )
 
-def merge(tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], *, stats: None, chunk: Chunk,
-          info: TensorInfo, **params) -> torch.Tensor:
+
+def merge(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, stats: None, chunk: Chunk, info: TensorInfo, **params
+) -> torch.Tensor:
     """base + lambda * (normalized) weighted sum of the task vectors of this chunk (CUDA: one fused kernel call)."""
     check_inputs(tensors, base, info, needs_base=True)
     weights = per_model("weight", params["weight"], len(tensors), info)

@@ -11,10 +11,19 @@ the cut falls inside ties): see select.py.
 
 from __future__ import annotations
 
-from engine.methods import register
-from engine.methods.base import ChunkReader, MethodSpec, TensorInfo
-from engine.methods.common import (DENSITY, WEIGHT, SparsifyStats, check_fraction, gta_params, per_model,
-                                   prepare_magnitude, windowed_merge)
+from shardmerge.engine.methods import register
+from shardmerge.engine.methods.base import ChunkReader, MethodSpec, TensorInfo
+from shardmerge.engine.methods.common import (
+    DENSITY,
+    WEIGHT,
+    SparsifyStats,
+    check_fraction,
+    gta_params,
+    per_model,
+    prepare_magnitude,
+    windowed_merge,
+)
+
 
 def prepare(read: ChunkReader, *, info: TensorInfo, **params) -> SparsifyStats:
     """Per-expert exact magnitude thresholds (and L1 rescale factors when `rescale`) over the whole tensor."""

@@ -7,10 +7,10 @@ from `actor_options`, a pure function tested without a cluster. The GPU case ask
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
-from engine.probe.readers import Shard
-from engine.probe.worker import ShardProber, ShardResult, WorkerSettings
+from shardmerge.engine.probe.readers import Shard
+from shardmerge.engine.probe.worker import ShardProber, ShardResult, WorkerSettings
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -70,8 +70,9 @@ def collect(results: Sequence[ShardResult], shards: Sequence[Shard]) -> list[Sha
     return [seen[s.index] for s in shards]
 
 
-def run_local(settings: WorkerSettings, shards: Sequence[Shard],
-              progress: Optional[Callable[[ShardResult], None]] = None) -> list[ShardResult]:
+def run_local(
+    settings: WorkerSettings, shards: Sequence[Shard], progress: Callable[[ShardResult], None] | None = None
+) -> list[ShardResult]:
     """All shards in this process, one replica (no Ray)."""
     prober = ShardProber(settings)
     try:
@@ -85,8 +86,14 @@ def run_local(settings: WorkerSettings, shards: Sequence[Shard],
         prober.shutdown()
 
 
-def run_ray(settings: WorkerSettings, shards: Sequence[Shard], workers: int, *, cpus_per_actor: float = 1.0,
-            progress: Optional[Callable[[ShardResult], None]] = None) -> list[ShardResult]:
+def run_ray(
+    settings: WorkerSettings,
+    shards: Sequence[Shard],
+    workers: int,
+    *,
+    cpus_per_actor: float = 1.0,
+    progress: Callable[[ShardResult], None] | None = None,
+) -> list[ShardResult]:
     """Shards spread over `workers` actors on the connected Ray cluster; each actor pulls its next shard when done."""
     import ray
 

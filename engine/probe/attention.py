@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 import torch
 
@@ -30,9 +30,9 @@ class MaskState:
 
     cut: int  # decoder layers >= cut block image keys
     image_keys: torch.Tensor  # (B, S_prompt) bool: which prompt positions hold image tokens
-    noise_seed: Optional[int] = None  # replace the image tokens' K/V in blocked layers by seeded noise
+    noise_seed: int | None = None  # replace the image tokens' K/V in blocked layers by seeded noise
     block: bool = True  # False only for the sensitivity check (noise without the mask must change outputs)
-    recorder: Optional["AttentionRecorder"] = None
+    recorder: AttentionRecorder | None = None
 
 
 class AttentionRecorder:
@@ -47,7 +47,7 @@ class AttentionRecorder:
         self.rows[layer] = probs.detach().float().cpu()
 
 
-_STATE: contextvars.ContextVar[Optional[MaskState]] = contextvars.ContextVar("shardmerge_probe_state", default=None)
+_STATE: contextvars.ContextVar[MaskState | None] = contextvars.ContextVar("shardmerge_probe_state", default=None)
 
 
 @dataclass
@@ -63,8 +63,7 @@ class SharedPrefix:
     capture: bool = True  # True: record during the unmasked pass; False: prepend during suffix runs
 
 
-_PREFIX: contextvars.ContextVar[Optional[SharedPrefix]] = contextvars.ContextVar("shardmerge_probe_prefix",
-                                                                                default=None)
+_PREFIX: contextvars.ContextVar[SharedPrefix | None] = contextvars.ContextVar("shardmerge_probe_prefix", default=None)
 
 
 @contextlib.contextmanager
@@ -94,9 +93,9 @@ def masking(
     cut: int,
     image_mask: torch.Tensor,
     *,
-    noise_seed: Optional[int] = None,
+    noise_seed: int | None = None,
     block: bool = True,
-    recorder: Optional[AttentionRecorder] = None,
+    recorder: AttentionRecorder | None = None,
 ) -> Iterator[MaskState]:
     """Within the block, forwards of a probe-installed model block image keys from decoder layer `cut` on.
 
@@ -130,7 +129,7 @@ def _image_keys(state: MaskState, batch: int, kv_len: int, device: torch.device)
     return keys.expand(batch, kv_len)
 
 
-def _visible(attention_mask: Optional[torch.Tensor], q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+def _visible(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """The model's own mask as bool (B|1, 1, Q, K), or the causal mask aligned to the end of the cache."""
     if attention_mask is None:
         offset = kv_len - q_len  # queries are the last q_len positions (prefill: 0, decode: cache length)
@@ -154,7 +153,7 @@ def _noisy(t: torch.Tensor, image: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.where(image[:, None, :, None], noise * scale, t)
 
 
-def _last_row_probs(module, query, key, mask, scaling: Optional[float]) -> torch.Tensor:
+def _last_row_probs(module, query, key, mask, scaling: float | None) -> torch.Tensor:
     """Attention probabilities (B, heads, K) of the last query row, as the model computes them."""
     q = query[:, :, -1:, :].float()
     k = key.float()

@@ -3,12 +3,13 @@ image-token id; plus the per-sample input bundle both probe paths consume."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
-from engine.probe import attention
+from shardmerge.engine.probe import attention
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class ProbeInputs:
         return self.seq_len - 1
 
 
-def make_inputs(model_kwargs: Mapping[str, Any], image_token: int, *, sample: Optional[str] = None) -> ProbeInputs:
+def make_inputs(model_kwargs: Mapping[str, Any], image_token: int, *, sample: str | None = None) -> ProbeInputs:
     """Validate a batch-1 model input and derive the image-token positions from its ids."""
     where = f"sample {sample!r}: " if sample is not None else ""
     ids = model_kwargs.get("input_ids")

@@ -1,6 +1,6 @@
 """Tiny in-memory MLLMs and tiny benchmark files for the probe's tests, benchmark and demo (no downloads).
 
-The in-memory models are deliberately different from engine.tiny_models' on-disk ones (other widths, layer counts,
+The in-memory models are deliberately different from shardmerge.engine.tiny_models' on-disk ones (other widths, layer counts,
 vision settings) so that the probe is checked on more than one shape of each architecture.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -18,9 +18,19 @@ FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
 
 def _text(num_layers: int, hidden: int, heads: int, **extra) -> dict:
-    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=160,
-                max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=160,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -37,26 +47,48 @@ def tiny_config(family: str, num_layers: int = 3, *, hidden: int = 32, heads: in
     LLaVA images are 4*llava_side pixels square -> llava_side**2 image tokens; Qwen's come from the input grid."""
     from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
-    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START,
-               vision_end_token_id=V_END)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden // heads)}
-    vis = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=4,
-               spatial_merge_size=2, temporal_patch_size=2)
+    vis = dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=hidden,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
     if family == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(text_config=_text(num_layers, hidden, heads, rope_parameters=rope),
-                                vision_config={**vis, "fullatt_block_indexes": [1], "window_size": 16}, **ids)
+        return Qwen2_5_VLConfig(
+            text_config=_text(num_layers, hidden, heads, rope_parameters=rope),
+            vision_config={**vis, "fullatt_block_indexes": [1], "window_size": 16},
+            **ids,
+        )
     if family == "qwen3_vl":
         return Qwen3VLConfig(
-            text_config=_text(num_layers, hidden, heads, head_dim=hidden // heads,
-                              rope_parameters={**rope, "mrope_interleaved": True}),
-            vision_config={**vis, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]}, **ids)
+            text_config=_text(
+                num_layers, hidden, heads, head_dim=hidden // heads, rope_parameters={**rope, "mrope_interleaved": True}
+            ),
+            vision_config={**vis, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]},
+            **ids,
+        )
     if family == "llava":
         return LlavaConfig(
             text_config={"model_type": "llama", **_text(num_layers, hidden, heads)},
-            vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=4 * llava_side, patch_size=4,
-                               projection_dim=16),
-            image_token_id=IMAGE, image_seq_length=llava_side**2)
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=4 * llava_side,
+                patch_size=4,
+                projection_dim=16,
+            ),
+            image_token_id=IMAGE,
+            image_seq_length=llava_side**2,
+        )
     raise ValueError(f"unknown in-memory probe family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
@@ -74,8 +106,9 @@ def tiny_model(family: str, num_layers: int = 3, seed: int = 0, dtype: torch.dty
     return model.to(dtype).eval()
 
 
-def tiny_inputs(family: str, seed: int = 0, *, before: int = 4, after: int = 6, grid: tuple = (4, 6),
-                llava_side: int = 4) -> dict:
+def tiny_inputs(
+    family: str, seed: int = 0, *, before: int = 4, after: int = 6, grid: tuple = (4, 6), llava_side: int = 4
+) -> dict:
     """Model kwargs (batch 1) for an in-memory model: `before` text tokens, the image, `after` text tokens.
 
     Qwen: a t=1 image of grid (h, w) patches (-> h*w/4 image tokens, M-RoPE positions); LLaVA: llava_side**2."""
@@ -90,8 +123,13 @@ def tiny_inputs(family: str, seed: int = 0, *, before: int = 4, after: int = 6, 
     n_img = h * w // 4
     ids = torch.cat([pre, torch.tensor([V_START]), torch.full((n_img,), IMAGE), torch.tensor([V_END]), post])[None]
     pix = torch.randn(h * w, 3 * 2 * 4 * 4, generator=gen)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
-                image_grid_thw=torch.tensor([[1, h, w]]), mm_token_type_ids=(ids == IMAGE).int())
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pix,
+        image_grid_thw=torch.tensor([[1, h, w]]),
+        mm_token_type_ids=(ids == IMAGE).int(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,8 +154,12 @@ def bench_rows(n: int, seed: int = 0, kinds: Sequence[str] = ("choice", "yesno",
     rows = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        row = dict(id=f"q{i}", image=png_bytes(seed * 1000 + i), question=f"question {i} about the picture?",
-                   category=f"cat{i % 2}")
+        row = dict(
+            id=f"q{i}",
+            image=png_bytes(seed * 1000 + i),
+            question=f"question {i} about the picture?",
+            category=f"cat{i % 2}",
+        )
         if kind == "choice":
             row.update(options=["red", "green", "blue", "black"], answer="ABCD"[i % 4])
         elif kind == "yesno":
@@ -157,27 +199,36 @@ def write_hf(path: Path, rows: list[dict], *, row_group_size: int = 4) -> Path:
     answers = []
     for r in rows:
         answers.append(str("ABCD".index(r["answer"])) if r.get("options") else r["answer"])
-    table = pa.table({
-        "question_id": [r["id"] for r in rows],
-        "image": [{"bytes": r["image"], "path": f"{r['id']}.png"} for r in rows],
-        "question": [r["question"] for r in rows],
-        "choices": pa.array([r.get("options") for r in rows], type=pa.list_(pa.string())),
-        "answer": answers,
-        "category": [r.get("category") for r in rows],
-    })
+    table = pa.table(
+        {
+            "question_id": [r["id"] for r in rows],
+            "image": [{"bytes": r["image"], "path": f"{r['id']}.png"} for r in rows],
+            "question": [r["question"] for r in rows],
+            "choices": pa.array([r.get("options") for r in rows], type=pa.list_(pa.string())),
+            "answer": answers,
+            "category": [r.get("category") for r in rows],
+        }
+    )
     pq.write_table(table, path, row_group_size=row_group_size)
     return path
 
 
-def write_tsv(path: Path, rows: list[dict], *, hint: Optional[str] = None) -> Path:
+def write_tsv(path: Path, rows: list[dict], *, hint: str | None = None) -> Path:
     """VLMEvalKit TSV: index, base64 image, question, hint, A/B/C/D option columns, answer, category."""
     path = Path(path)
     header = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category"]
     lines = ["\t".join(header)]
     for i, r in enumerate(rows):
         opts = list(r.get("options") or []) + [""] * 4
-        cells = [str(i), base64.b64encode(r["image"]).decode(), r["question"], hint or "", *opts[:4],
-                 r["answer"], r.get("category") or ""]
+        cells = [
+            str(i),
+            base64.b64encode(r["image"]).decode(),
+            r["question"],
+            hint or "",
+            *opts[:4],
+            r["answer"],
+            r.get("category") or "",
+        ]
         lines.append("\t".join(cells))
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from engine.probe import attention
-from engine.probe.core import LMParts, ProbeInputs
+from shardmerge.engine.probe import attention
+from shardmerge.engine.probe.core import LMParts, ProbeInputs
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def focus_from_rows(rows: dict, image_mask: torch.Tensor, num_layers: int) -> Fo
 
 
 @torch.no_grad()
-def attention_focus(model, parts: LMParts, inputs: ProbeInputs, cut: Optional[int] = None) -> Focus:
+def attention_focus(model, parts: LMParts, inputs: ProbeInputs, cut: int | None = None) -> Focus:
     """Focus of the unmasked model (cut=None) or of the model masked from `cut` on."""
     recorder = attention.AttentionRecorder()
     c = parts.num_layers if cut is None else cut
@@ -60,8 +59,10 @@ def focus_delta(before: Focus, after: Focus) -> dict:
     """Per-layer change of mass and entropy (after - before), e.g. across a merge."""
     if len(before.mass) != len(after.mass):
         raise ValueError(f"focus of {len(before.mass)} vs {len(after.mass)} layers; compare models of equal depth")
-    return dict(mass=[a - b for a, b in zip(after.mass, before.mass)],
-                entropy=[a - b for a, b in zip(after.entropy, before.entropy)])
+    return dict(
+        mass=[a - b for a, b in zip(after.mass, before.mass)],
+        entropy=[a - b for a, b in zip(after.entropy, before.entropy)],
+    )
 
 
 def image_grid(inputs: ProbeInputs, config) -> tuple[int, int]:

@@ -7,12 +7,12 @@ position in the cache, whatever the query.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from engine.probe import attention
-from engine.probe.core import ProbeInputs
+from shardmerge.engine.probe import attention
+from shardmerge.engine.probe.core import ProbeInputs
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def greedy_generate(
     cut: int,
     *,
     max_new_tokens: int = 8,
-    eos_ids: Optional[Sequence[int]] = None,
+    eos_ids: Sequence[int] | None = None,
     with_logits: bool = False,
 ):
     """Greedy continuation (new token ids, eos excluded) with image keys blocked in decoder layers >= cut.

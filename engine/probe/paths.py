@@ -10,14 +10,14 @@ fast path:  one unmasked forward keeps the hidden states entering every decoder 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import inspect
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from engine.probe import attention
-from engine.probe.core import LMParts, ProbeInputs, check_fast_path_supported
+from shardmerge.engine.probe import attention
+from shardmerge.engine.probe.core import LMParts, ProbeInputs, check_fast_path_supported
 
 # Layer kwargs the fast path knows how to restrict to the kept (text) positions.
 _PASS_THROUGH = {"past_key_values": None, "use_cache": False, "attention_mask": None}
@@ -40,7 +40,7 @@ def exact_logits(
     cut: int,
     *,
     last: int = 0,
-    noise_seed: Optional[int] = None,
+    noise_seed: int | None = None,
     block: bool = True,
 ) -> torch.Tensor:
     """(S, V) float32 logits of one forward with image keys blocked in decoder layers >= cut (cut = L: unmasked);
@@ -55,9 +55,9 @@ class Trace:
 
     hidden_in: list  # hidden states entering layer l, (1, S, H), l = 0..L-1
     layer_kwargs: list  # the kwargs each layer was called with
-    last_out: Optional[torch.Tensor]  # output of layer L-1
+    last_out: torch.Tensor | None  # output of layer L-1
     logits: torch.Tensor  # (S, V) the model's own logits, or those of the last `span` positions
-    prefix: Optional[attention.SharedPrefix] = None  # K/V of the text before the image, per layer
+    prefix: attention.SharedPrefix | None = None  # K/V of the text before the image, per layer
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -101,8 +101,10 @@ def trace(model, parts: LMParts, inputs: ProbeInputs, last: int = 0, prefix_len:
     if missing:
         raise RuntimeError(f"{type(model).__name__}: decoder layers {missing} never ran in the unmasked forward")
     if prefix is not None and len(prefix.kv) != n:
-        raise RuntimeError(f"{type(model).__name__}: shared-prefix K/V captured for {len(prefix.kv)} of {n} decoder "
-                           "layers; does every decoder layer dispatch through transformers' AttentionInterface?")
+        raise RuntimeError(
+            f"{type(model).__name__}: shared-prefix K/V captured for {len(prefix.kv)} of {n} decoder "
+            "layers; does every decoder layer dispatch through transformers' AttentionInterface?"
+        )
     return Trace(hidden_in, kwargs_in, captured.get("out"), logits, prefix)
 
 
@@ -209,9 +211,7 @@ def _suffix_layers(parts: LMParts, tr: Trace, keep, cuts: Sequence[int], seq_len
         new = [tr.hidden_in[c][:, keep.to(tr.hidden_in[c].device)] for c in cuts if c == layer_idx]
         if new:
             batch = torch.cat([batch, *new], dim=0) if batch is not None else torch.cat(new, dim=0)
-        kwargs = {
-            k: _restrict(k, v, keep, seq_len, batch.shape[0]) for k, v in tr.layer_kwargs[layer_idx].items()
-        }
+        kwargs = {k: _restrict(k, v, keep, seq_len, batch.shape[0]) for k, v in tr.layer_kwargs[layer_idx].items()}
         kwargs.pop("hidden_states", None)
         batch = _layer_output(parts.layers[layer_idx](batch, **kwargs))
     return [batch[i] for i in range(batch.shape[0])]

@@ -21,8 +21,8 @@ the image and the stages mean nothing: the result carries a warning.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -42,13 +42,13 @@ class Plateau:
     normalized_ci: tuple
     gap: float  # m(L) - m(0)
     gap_ci: tuple
-    early: Optional[tuple]  # (first cut, last cut) of each stage, None when empty
-    mid: Optional[tuple]
-    late: Optional[tuple]
-    plateau_start: Optional[int]  # c*; None when the curve is flat
-    plateau_start_ci: Optional[tuple]  # (lo, hi) cuts
+    early: tuple | None  # (first cut, last cut) of each stage, None when empty
+    mid: tuple | None
+    late: tuple | None
+    plateau_start: int | None  # c*; None when the curve is flat
+    plateau_start_ci: tuple | None  # (lo, hi) cuts
     undefined_resamples: int  # bootstrap resamples with a flat fitted curve (no c*)
-    warning: Optional[str]
+    warning: str | None
     fitted: tuple = ()  # p(c) of the isotonic fit: what the stage rule reads
     n_groups: int = 0  # resampling units
     pooling: str = "samples"
@@ -106,8 +106,9 @@ def early_end_index(p: np.ndarray, delta: float) -> int:
     return int(above[0]) - 1 if len(above) else len(p) - 1
 
 
-def plateau_fit(curves: np.ndarray, increasing: bool, epsilon: float, *, wide: float = 0.2,
-                rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def plateau_fit(
+    curves: np.ndarray, increasing: bool, epsilon: float, *, wide: float = 0.2, rounds: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """c* index and fitted p(c) per row of `curves` (n, n_cuts); index -1 and NaN where the fit is flat.
 
     f = isotonic fit (monotone in the point estimate's direction). The plateau level T is the mean of the raw
@@ -168,7 +169,7 @@ def _resample_counts(rng, n_groups: int, n_boot: int) -> np.ndarray:
     return np.bincount(draws.ravel(), minlength=n_boot * n_groups).reshape(n_boot, n_groups).astype(float)
 
 
-def pooled_curves(parts, weights: Optional[list] = None, pooling: str = "macro") -> np.ndarray:
+def pooled_curves(parts, weights: list | None = None, pooling: str = "macro") -> np.ndarray:
     """m(c) from per-stratum group sums; `weights[k]` (n_boot, n_groups_k) are bootstrap counts (None: all 1)."""
     curves, total, count = [], 0.0, 0.0
     for k, (sums, sizes) in enumerate(parts):
@@ -179,8 +180,18 @@ def pooled_curves(parts, weights: Optional[list] = None, pooling: str = "macro")
     return np.mean(curves, axis=0) if pooling == "macro" else total / count
 
 
-def find_plateau(values: np.ndarray, cuts: Sequence[int], *, delta: float = 0.1, epsilon: float = 0.05,
-                 n_boot: int = 1000, seed: int = 0, groups=None, strata=None, pooling: str = "macro") -> Plateau:
+def find_plateau(
+    values: np.ndarray,
+    cuts: Sequence[int],
+    *,
+    delta: float = 0.1,
+    epsilon: float = 0.05,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups=None,
+    strata=None,
+    pooling: str = "macro",
+) -> Plateau:
     """Stages and plateau from per-sample metrics `values` (n_samples, n_cuts), cuts ascending from 0 to L.
 
     `groups` labels the resampling unit of each sample (default: the sample itself), `strata` its benchmark."""
@@ -201,9 +212,11 @@ def find_plateau(values: np.ndarray, cuts: Sequence[int], *, delta: float = 0.1,
     gap_lo, gap_hi = _interval(boot[:, -1] - boot[:, 0])
     warning = None
     if gap == 0 or (gap_lo <= 0 <= gap_hi):
-        warning = (f"m(L) - m(0) = {gap:.4g} with {CI_LEVEL:.0%} CI [{gap_lo:.4g}, {gap_hi:.4g}] includes 0: "
-                   "masking the image changes nothing beyond noise; this benchmark does not need vision and its "
-                   "stages are not meaningful")
+        warning = (
+            f"m(L) - m(0) = {gap:.4g} with {CI_LEVEL:.0%} CI [{gap_lo:.4g}, {gap_hi:.4g}] includes 0: "
+            "masking the image changes nothing beyond noise; this benchmark does not need vision and its "
+            "stages are not meaningful"
+        )
     star_ci = None
     if defined.any():
         at = np.array([cuts[i] for i in boot_star[defined]])
@@ -214,12 +227,24 @@ def find_plateau(values: np.ndarray, cuts: Sequence[int], *, delta: float = 0.1,
     c_lo, c_hi = _interval(boot)
     stages = _stages(fit, cuts, delta, star) if star >= 0 else (None, None, None)
     return Plateau(
-        cuts=tuple(cuts), n_samples=int(values.shape[0]), curve=tuple(curve.tolist()),
-        curve_ci=tuple(zip(c_lo.tolist(), c_hi.tolist())), normalized=tuple(p.tolist()),
-        normalized_ci=tuple(zip(p_lo.tolist(), p_hi.tolist())), gap=gap, gap_ci=(float(gap_lo), float(gap_hi)),
-        early=stages[0], mid=stages[1], late=stages[2], plateau_start=cuts[star] if star >= 0 else None,
-        plateau_start_ci=star_ci, undefined_resamples=int((~defined).sum()), warning=warning,
-        fitted=tuple(fit.tolist()), n_groups=int(sum(len(s) for _, s in parts)), pooling=pooling,
+        cuts=tuple(cuts),
+        n_samples=int(values.shape[0]),
+        curve=tuple(curve.tolist()),
+        curve_ci=tuple(zip(c_lo.tolist(), c_hi.tolist())),
+        normalized=tuple(p.tolist()),
+        normalized_ci=tuple(zip(p_lo.tolist(), p_hi.tolist())),
+        gap=gap,
+        gap_ci=(float(gap_lo), float(gap_hi)),
+        early=stages[0],
+        mid=stages[1],
+        late=stages[2],
+        plateau_start=cuts[star] if star >= 0 else None,
+        plateau_start_ci=star_ci,
+        undefined_resamples=int((~defined).sum()),
+        warning=warning,
+        fitted=tuple(fit.tolist()),
+        n_groups=int(sum(len(s) for _, s in parts)),
+        pooling=pooling,
     )
 
 

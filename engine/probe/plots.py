@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import numpy as np
 
-from engine.probe.plateau import Plateau
+from shardmerge.engine.probe.plateau import Plateau
 
 _STAGE_COLORS = {"early": "#d9534f", "mid": "#f0ad4e", "late": "#5cb85c"}
 _STAGE_NAMES = {"early": "early-modal separation", "mid": "mid-modal alignment", "late": "late-modal degradation"}
@@ -24,8 +24,9 @@ def _pyplot():
     return plt
 
 
-def plot_curve(path: Path, pooled: Plateau, per_bench: Mapping[str, Plateau], *, metric: str,
-               title: Optional[str] = None) -> Path:
+def plot_curve(
+    path: Path, pooled: Plateau, per_bench: Mapping[str, Plateau], *, metric: str, title: str | None = None
+) -> Path:
     """m(c) of the pooled samples with its bootstrap band, the three stages shaded, c* and its CI marked;
     right panel: the normalised curves p(c) of every benchmark."""
     plt = _pyplot()
@@ -38,8 +39,13 @@ def plot_curve(path: Path, pooled: Plateau, per_bench: Mapping[str, Plateau], *,
         if span is None:
             continue
         for a in (ax, ax_p):
-            a.axvspan(span[0] - 0.5, span[1] + 0.5, color=_STAGE_COLORS[name], alpha=0.15,
-                      label=_STAGE_NAMES[name] if a is ax else None)
+            a.axvspan(
+                span[0] - 0.5,
+                span[1] + 0.5,
+                color=_STAGE_COLORS[name],
+                alpha=0.15,
+                label=_STAGE_NAMES[name] if a is ax else None,
+            )
     lo, hi = np.array(pooled.curve_ci).T
     ax.fill_between(cuts, lo, hi, color="#337ab7", alpha=0.25, label="95% bootstrap CI")
     ax.plot(cuts, pooled.curve, "o-", color="#337ab7", ms=3, label=f"all ({pooled.n_samples} samples)")
@@ -64,8 +70,16 @@ def plot_curve(path: Path, pooled: Plateau, per_bench: Mapping[str, Plateau], *,
     if not np.isfinite(np.asarray(pooled.normalized, dtype=float)).any():  # m(L) == m(0): p(c) is undefined
         ax_p.set_xlim(cuts.min() - 0.5, cuts.max() + 0.5)
         ax_p.set_ylim(-0.05, 1.05)
-        ax_p.text(0.5, 0.5, "p(c) undefined:\nm(L) = m(0), masking the image changes nothing",
-                  transform=ax_p.transAxes, ha="center", va="center", fontsize=9, color="#a94442")
+        ax_p.text(
+            0.5,
+            0.5,
+            "p(c) undefined:\nm(L) = m(0), masking the image changes nothing",
+            transform=ax_p.transAxes,
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="#a94442",
+        )
     ax_p.legend(fontsize=7, loc="best")
     for a in (ax, ax_p):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -89,8 +103,7 @@ def plot_focus(path: Path, image_bytes: bytes, per_token, grid: tuple, mass, ent
     heat = np.asarray(per_token, dtype=np.float64).mean(axis=0).reshape(grid)
     fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(10, 4))
     ax_img.imshow(img)
-    ax_img.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, img.shape[1], img.shape[0], 0),
-                  interpolation="nearest")
+    ax_img.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, img.shape[1], img.shape[0], 0), interpolation="nearest")
     ax_img.set_title(f"sample {sample}: attention on image tokens (mean over layers)", fontsize=9)
     ax_img.axis("off")
     layers = np.arange(len(mass))

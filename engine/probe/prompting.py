@@ -12,12 +12,11 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from engine.probe import core
-from engine.probe.readers import LETTERS, Sample
+from shardmerge.engine.probe import core
+from shardmerge.engine.probe.readers import LETTERS, Sample
 
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
@@ -65,8 +64,14 @@ def decode_image(data: bytes):
 class Prompter:
     """Turns a Sample into ProbeInputs for one model directory."""
 
-    def __init__(self, model_dir: str | Path, *, system_prompt: Optional[str] = None,
-                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        system_prompt: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -77,29 +82,36 @@ class Prompter:
         self.image_token_id = core.image_token_id(self.config)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         self.processor = self._processor()
-        self.image_processor = self.processor.image_processor if self.processor is not None else load_image_processor(self.model_dir)
+        self.image_processor = (
+            self.processor.image_processor if self.processor is not None else load_image_processor(self.model_dir)
+        )
         if not self.tokenizer.chat_template:
             template = getattr(self.processor, "chat_template", None) or _template_file(self.model_dir)
             if not template:
-                raise ValueError(f"{self.model_dir}: no chat template in the tokenizer, processor or "
-                                 "chat_template.jinja / chat_template.json files")
+                raise ValueError(
+                    f"{self.model_dir}: no chat template in the tokenizer, processor or "
+                    "chat_template.jinja / chat_template.json files"
+                )
             self.tokenizer.chat_template = template
         self.pixel_kw = self._pixel_bounds(min_pixels, max_pixels)
 
-    def _pixel_bounds(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> dict:
+    def _pixel_bounds(self, min_pixels: int | None, max_pixels: int | None) -> dict:
         """Image-processor call kwargs bounding Qwen-VL's resized pixel count (its `size` shortest/longest edge)."""
         if min_pixels is None and max_pixels is None:
             return {}
         size = getattr(self.image_processor, "size", None)
         if self.processor is not None or size is None or "longest_edge" not in dict(size):
-            raise ValueError(f"{self.model_dir}: --min-pixels/--max-pixels bound Qwen-VL's dynamic resolution; this "
-                             "model's image processor resizes to a fixed size (leave them unset)")
+            raise ValueError(
+                f"{self.model_dir}: --min-pixels/--max-pixels bound Qwen-VL's dynamic resolution; this "
+                "model's image processor resizes to a fixed size (leave them unset)"
+            )
         bounds = dict(size)
         bounds["shortest_edge"] = min_pixels if min_pixels is not None else bounds.get("shortest_edge")
         bounds["longest_edge"] = max_pixels if max_pixels is not None else bounds["longest_edge"]
         if not 0 < bounds["shortest_edge"] <= bounds["longest_edge"]:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {bounds['shortest_edge']} / "
-                             f"{bounds['longest_edge']}")
+            raise ValueError(
+                f"need 0 < min_pixels <= max_pixels, got {bounds['shortest_edge']} / {bounds['longest_edge']}"
+            )
         return {"size": {"shortest_edge": int(bounds["shortest_edge"]), "longest_edge": int(bounds["longest_edge"])}}
 
     def _processor(self):
@@ -130,7 +142,7 @@ class Prompter:
         add = not (bos and text.startswith(bos))  # the template may already hold BOS
         return self.tokenizer(text, return_tensors="pt", add_special_tokens=add)
 
-    def encode(self, sample: Sample, *, text: Optional[str] = None) -> core.ProbeInputs:
+    def encode(self, sample: Sample, *, text: str | None = None) -> core.ProbeInputs:
         """Model inputs for the sample's image and prompt (batch 1, no padding)."""
         rendered = self.render(text if text is not None else prompt_text(sample))
         image = decode_image(sample.image)
@@ -167,7 +179,7 @@ class Prompter:
         otherwise ("ASSISTANT: A"); the other spelling is the fallback."""
         return ("", " ") if rendered[-1:].isspace() else (" ", "")
 
-    def continuation_ids(self, sample: Sample, answer: str, prefix: Optional[str] = None) -> list[int]:
+    def continuation_ids(self, sample: Sample, answer: str, prefix: str | None = None) -> list[int]:
         """Token ids of `answer` as the model would write it right after the prompt (tokenizer merges included;
         prefix None: the natural separator of this chat template)."""
         rendered = self.render(prompt_text(sample))
@@ -214,7 +226,7 @@ def load_image_processor(model_dir: str | Path):
         raise ValueError(f"{model_dir}: no usable image processor ({type(exc).__name__}: {exc})") from None
 
 
-def _template_file(model_dir: Path) -> Optional[str]:
+def _template_file(model_dir: Path) -> str | None:
     """A processor-level chat template saved beside the model (hub Qwen-VL dirs keep it in chat_template.json)."""
     jinja, js = model_dir / "chat_template.jinja", model_dir / "chat_template.json"
     if jinja.is_file():
@@ -230,7 +242,7 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None):
     """The MLLM from a directory (AutoModelForImageTextToText), on `device`, in eval mode."""
     from transformers import AutoModelForImageTextToText
 

@@ -3,7 +3,7 @@
 Every reader yields `Sample`s and a list of bad rows (row number + reason): a malformed row is counted and reported,
 never a crash and never silently dropped. Work is split into `Shard`s (a Parquet row group or a TSV row slice) that
 a probe actor reads by itself, so image bytes never travel through the driver. Column and value conventions of the
-published files are in `engine.probe.schemas`.
+published files are in `shardmerge.engine.probe.schemas`.
 
 Formats (detected by extension and columns):
 - ours (.parquet with a binary `image` or an `image_path` column): id, image / image_path (relative to the file),
@@ -27,12 +27,13 @@ import csv
 import io
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
-from engine.probe import schemas
-from engine.probe.schemas import LETTERS, BadRow
+from shardmerge.engine.probe import schemas
+from shardmerge.engine.probe.schemas import LETTERS, BadRow
 
 FORMATS = ("auto", "ours", "hf", "tsv")
 _ID_COLUMNS = ("id", "question_id", "index", "pid", "idx", "Index")
@@ -132,8 +133,9 @@ def benchmark_name(path: Path) -> str:
     return folder.name or _PART.match(path.stem).group("split")
 
 
-def plan_shards(benches: Iterable[str | Path], fmt: str = "auto", rows_per_shard: int = 64,
-                limit: Optional[int] = None) -> list[Shard]:
+def plan_shards(
+    benches: Iterable[str | Path], fmt: str = "auto", rows_per_shard: int = 64, limit: int | None = None
+) -> list[Shard]:
     """Split benchmark files into shards: Parquet row groups (cut to rows_per_shard), TSV row slices."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
@@ -155,8 +157,18 @@ def plan_shards(benches: Iterable[str | Path], fmt: str = "auto", rows_per_shard
             tables = _image_tables(path) if kind == "hf" and "imageId" in _schema(path).names else ()
             for lo, hi in _group_bounds(path, kind, n):
                 for start in range(lo, hi, rows_per_shard):
-                    shards.append(Shard(name, str(path), kind, start, min(hi, start + rows_per_shard), len(shards),
-                                        row_offset=offset, image_tables=tables))
+                    shards.append(
+                        Shard(
+                            name,
+                            str(path),
+                            kind,
+                            start,
+                            min(hi, start + rows_per_shard),
+                            len(shards),
+                            row_offset=offset,
+                            image_tables=tables,
+                        )
+                    )
             offset += n
     return shards
 
@@ -168,9 +180,11 @@ def _image_tables(path: Path) -> tuple:
     candidates = sorted(path.parent.glob("*.parquet")) + [p for d in siblings for p in sorted(d.glob("*.parquet"))]
     found = tuple(dict.fromkeys(str(p) for p in candidates if p != path and is_image_table(p)))
     if not found:
-        raise ValueError(f"{path}: rows refer to images by imageId but no image table (a Parquet file with `id` and "
-                         f"`image` columns, e.g. GQA's testdev_balanced_images) is in {path.parent} or a sibling "
-                         "directory; download it next to the questions")
+        raise ValueError(
+            f"{path}: rows refer to images by imageId but no image table (a Parquet file with `id` and "
+            f"`image` columns, e.g. GQA's testdev_balanced_images) is in {path.parent} or a sibling "
+            "directory; download it next to the questions"
+        )
     return found
 
 
@@ -225,7 +239,7 @@ def read_shard(shard: Shard) -> ReadResult:
     return _convert(shard, records, lambda rec: _hf_image(rec, path, lookup))
 
 
-def _parquet_rows(path: Path, start: int, stop: int, columns: Optional[list] = None) -> list[dict]:
+def _parquet_rows(path: Path, start: int, stop: int, columns: list | None = None) -> list[dict]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -261,9 +275,11 @@ def _tsv_rows(path: Path) -> list[dict]:
         rows = list(reader)
     for i, row in enumerate(rows):
         if None in row or any(v is None for v in row.values()):
-            raise ValueError(f"{path}: the line of row {i} does not have the header's {len(reader.fieldnames or [])} "
-                             "fields (an unquoted tab, quote or newline in a field); write the file with CSV quoting, "
-                             "e.g. pandas to_csv(sep='\\t', quoting=csv.QUOTE_ALL) as VLMEvalKit does")
+            raise ValueError(
+                f"{path}: the line of row {i} does not have the header's {len(reader.fieldnames or [])} "
+                "fields (an unquoted tab, quote or newline in a field); write the file with CSV quoting, "
+                "e.g. pandas to_csv(sep='\\t', quoting=csv.QUOTE_ALL) as VLMEvalKit does"
+            )
     return rows
 
 
@@ -300,9 +316,19 @@ def _sample(bench: str, row: int, rid: str, rec: dict, image: bytes) -> Sample:
         raise BadRow("question_type is multiple-choice but the row has no options")
     gold = schemas.answer(raw, options, n_choices)
     _check_image(image)
-    return Sample(benchmark=bench, row=row, id=rid, image=image, question=question, options=options,
-                  answer=gold, category=schemas.text(rec.get("category")), hint=schemas.text(rec.get("hint")),
-                  n_choices=n_choices, group=schemas.group(rec, rid))
+    return Sample(
+        benchmark=bench,
+        row=row,
+        id=rid,
+        image=image,
+        question=question,
+        options=options,
+        answer=gold,
+        category=schemas.text(rec.get("category")),
+        hint=schemas.text(rec.get("hint")),
+        n_choices=n_choices,
+        group=schemas.group(rec, rid),
+    )
 
 
 def _check_image(data: bytes) -> None:
@@ -335,16 +361,20 @@ def _hf_image(rec: dict, path: Path, lookup: dict) -> bytes:
         cells = [(f"image_{i}", rec.get(f"image_{i}")) for i in range(1, _MAX_IMAGES + 1)]
         present = [(k, v) for k, v in cells if v is not None]
         if len(present) > 1:
-            raise BadRow(f"{len(present)} images ({', '.join(k for k, _ in present)}); the probe shows one image "
-                         "per question")
+            raise BadRow(
+                f"{len(present)} images ({', '.join(k for k, _ in present)}); the probe shows one image per question"
+            )
         if not present:
             raise BadRow("missing image (image_1 is null)")
         return _cell_image(present[0][1], path, present[0][0])
     value = rec.get("image")
     if isinstance(value, list):
         if len(value) != 1:
-            raise BadRow(f"{len(value)} images in the image list; the probe shows one image per question"
-                         if value else "missing image (empty image list)")
+            raise BadRow(
+                f"{len(value)} images in the image list; the probe shows one image per question"
+                if value
+                else "missing image (empty image list)"
+            )
         value = value[0]
     return _cell_image(value, path, "image")
 
@@ -363,7 +393,7 @@ def _cell_image(value: Any, path: Path, column: str) -> bytes:
     return _read_path(value.get("path"), path)
 
 
-def _read_path(rel: Optional[str], bench: Path) -> bytes:
+def _read_path(rel: str | None, bench: Path) -> bytes:
     if not rel:
         raise BadRow("missing image (no bytes and no path)")
     candidate = Path(rel) if Path(rel).is_absolute() else bench.parent / rel

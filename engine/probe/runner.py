@@ -13,17 +13,32 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from engine.probe import actors, plateau, plots, readers
-from engine.probe.worker import ShardResult, WorkerSettings
+from shardmerge.engine.probe import actors, plateau, plots, readers
+from shardmerge.engine.probe.worker import ShardResult, WorkerSettings
 
 log = logging.getLogger(__name__)
 METRICS = {"accuracy": "correct", "logprob": "gold_logprob", "kl": "kl"}
-COLUMNS = ("benchmark", "row", "id", "group", "category", "kind", "cut", "num_layers", "seq_len", "n_image_tokens",
-           "pred", "gold", "correct", "gold_logprob", "kl", "kl_vocab")
+COLUMNS = (
+    "benchmark",
+    "row",
+    "id",
+    "group",
+    "category",
+    "kind",
+    "cut",
+    "num_layers",
+    "seq_len",
+    "n_image_tokens",
+    "pred",
+    "gold",
+    "correct",
+    "gold_logprob",
+    "kl",
+    "kl_vocab",
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,8 @@ class ProbeJob:
     metric: str = "accuracy"
     fmt: str = "auto"
     rows_per_shard: int = 16
-    limit: Optional[int] = None  # at most this many rows per benchmark file
-    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or a local Ray (workers > 0)
+    limit: int | None = None  # at most this many rows per benchmark file
+    address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray (workers > 0)
     use_ray: bool = True  # False: everything in this process
     cpus_per_actor: float = 1.0
     n_boot: int = 1000
@@ -55,15 +70,16 @@ class ProbeJob:
 
 
 def _start_ray(job: ProbeJob) -> bool:
-    """Connect the way a merge does (engine.ray_pool.connect): --address, RAY_ADDRESS, else a fresh local Ray
+    """Connect the way a merge does (shardmerge.engine.run.ray_pool.connect): --address, RAY_ADDRESS, else a fresh local Ray
     (never a stale or running `ray start` cluster of this machine); True when this call started it."""
-    from engine.ray_pool import connect
+    from shardmerge.engine.run.ray_pool import connect
 
     return connect(job.address, num_cpus=max(1, int(job.workers * job.cpus_per_actor)))
 
 
 def run_shards(job: ProbeJob, shards: list) -> tuple[list[ShardResult], str]:
     """Probe every shard; returns the results in shard order and the device used."""
+
     def progress(r: ShardResult) -> None:
         log.info("probe shard %d: %d rows, %d bad, %.1fs", r.index, len(r.rows), len(r.bad), r.seconds)
 
@@ -77,8 +93,9 @@ def run_shards(job: ProbeJob, shards: list) -> tuple[list[ShardResult], str]:
     try:
         device = actors.resolve_device(job.worker.device, ray.cluster_resources().get("GPU", 0))
         settings = _with_device(job.worker, device)
-        return actors.run_ray(settings, shards, job.workers, cpus_per_actor=job.cpus_per_actor,
-                              progress=progress), device
+        return actors.run_ray(
+            settings, shards, job.workers, cpus_per_actor=job.cpus_per_actor, progress=progress
+        ), device
     finally:
         if started:
             ray.shutdown()
@@ -99,21 +116,36 @@ def rows_table(results: list[ShardResult]):
     import pyarrow as pa
 
     rows = sorted((r for res in results for r in res.rows), key=lambda r: (r["benchmark"], r["row"], r["cut"]))
-    schema = pa.schema([("benchmark", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("group", pa.string()),
-                        ("category", pa.string()), ("kind", pa.string()), ("cut", pa.int64()),
-                        ("num_layers", pa.int64()), ("seq_len", pa.int64()), ("n_image_tokens", pa.int64()),
-                        ("pred", pa.string()), ("gold", pa.string()), ("correct", pa.bool_()),
-                        ("gold_logprob", pa.float64()), ("kl", pa.float64()), ("kl_vocab", pa.float64())])
+    schema = pa.schema(
+        [
+            ("benchmark", pa.string()),
+            ("row", pa.int64()),
+            ("id", pa.string()),
+            ("group", pa.string()),
+            ("category", pa.string()),
+            ("kind", pa.string()),
+            ("cut", pa.int64()),
+            ("num_layers", pa.int64()),
+            ("seq_len", pa.int64()),
+            ("n_image_tokens", pa.int64()),
+            ("pred", pa.string()),
+            ("gold", pa.string()),
+            ("correct", pa.bool_()),
+            ("gold_logprob", pa.float64()),
+            ("kl", pa.float64()),
+            ("kl_vocab", pa.float64()),
+        ]
+    )
     return pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema)
 
 
-def metric_matrix(table, metric: str, benchmark: Optional[str] = None) -> tuple[np.ndarray, list]:
+def metric_matrix(table, metric: str, benchmark: str | None = None) -> tuple[np.ndarray, list]:
     """(n_samples, n_cuts) metric values and the cut list, for one benchmark or all pooled."""
     values, cuts, _, _ = sample_matrix(table, metric, benchmark)
     return values, cuts
 
 
-def sample_matrix(table, metric: str, benchmark: Optional[str] = None):
+def sample_matrix(table, metric: str, benchmark: str | None = None):
     """Metric values (n_samples, n_cuts), the cuts, and each sample's resampling group and benchmark."""
     col = METRICS[metric]
     data = table.to_pydict()
@@ -191,16 +223,26 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
         "warnings": [w for w in [pooled.warning] + [f"{b}: {p.warning}" for b, p in per.items() if p.warning] if w],
         "samples": n_samples,
         "bad_rows": {"count": len(bad), "rows": bad},
-        "settings": {"benches": [str(b) for b in job.benches], "workers": job.workers, "device": device,
-                     "format": job.fmt, "rows_per_shard": job.rows_per_shard, "limit": job.limit,
-                     "bootstrap": job.n_boot, "pooling": job.pooling, "delta": job.delta, "epsilon": job.epsilon,
-                     "seed": job.seed,
-                     "ci_level": plateau.CI_LEVEL, "worker": worker},
+        "settings": {
+            "benches": [str(b) for b in job.benches],
+            "workers": job.workers,
+            "device": device,
+            "format": job.fmt,
+            "rows_per_shard": job.rows_per_shard,
+            "limit": job.limit,
+            "bootstrap": job.n_boot,
+            "pooling": job.pooling,
+            "delta": job.delta,
+            "epsilon": job.epsilon,
+            "seed": job.seed,
+            "ci_level": plateau.CI_LEVEL,
+            "worker": worker,
+        },
         "seconds": round(seconds, 3),
     }
 
 
-def _write_focus(out: Path, results: list[ShardResult], wanted: Optional[str]) -> dict:
+def _write_focus(out: Path, results: list[ShardResult], wanted: str | None) -> dict:
     """focus.parquet (per sample x layer), per-benchmark mean mass/entropy per layer, and one heat map."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -212,9 +254,13 @@ def _write_focus(out: Path, results: list[ShardResult], wanted: Optional[str]) -
     means: dict = {}
     for r in rows:
         means.setdefault(r["benchmark"], {}).setdefault(r["layer"], []).append((r["mass"], r["entropy"]))
-    summary = {b: {"mass": [float(np.mean([v[0] for v in per[k]])) for k in sorted(per)],
-                   "entropy": [float(np.mean([v[1] for v in per[k]])) for k in sorted(per)]}
-               for b, per in means.items()}
+    summary = {
+        b: {
+            "mass": [float(np.mean([v[0] for v in per[k]])) for k in sorted(per)],
+            "entropy": [float(np.mean([v[1] for v in per[k]])) for k in sorted(per)],
+        }
+        for b, per in means.items()
+    }
     heats = [res.heatmap for res in results if res.heatmap is not None]
     info = {"samples": len({(r["benchmark"], r["row"]) for r in rows}), "per_benchmark": summary, "heatmap": None}
     if not heats:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from engine.probe import core, generation, paths, prompting
-from engine.probe.readers import Sample
+from shardmerge.engine.probe import core, generation, paths, prompting
+from shardmerge.engine.probe.readers import Sample
 
 PATHS = ("fast", "exact")
 
@@ -32,7 +32,7 @@ PATHS = ("fast", "exact")
 class ScoreSettings:
     """How each sample is probed."""
 
-    cuts: Optional[tuple[int, ...]] = None  # None: every cut 0..L
+    cuts: tuple[int, ...] | None = None  # None: every cut 0..L
     path: str = "fast"  # fast | exact
     max_new_tokens: int = 8
 
@@ -102,16 +102,25 @@ def _forced_logits(model, parts, inputs, cuts, path, rows: int) -> dict:
     return {c: paths.exact_logits(model, inputs, c, last=rows) for c in cuts}
 
 
-def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sample: Sample,
-                 settings: ScoreSettings) -> list[dict]:
+def score_sample(
+    model, parts: core.LMParts, prompter: prompting.Prompter, sample: Sample, settings: ScoreSettings
+) -> list[dict]:
     """One row per cut for one sample (see the module docstring for the columns)."""
     L = parts.num_layers
     cuts = settings.cut_list(L)
     kind = prompting.question_kind(sample)
     inputs = core.to_device(prompter.encode(sample), model.device)
-    base = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, group=sample.group or sample.id,
-                category=sample.category, kind=kind,
-                num_layers=L, seq_len=inputs.seq_len, n_image_tokens=int(inputs.image_mask.sum()))
+    base = dict(
+        benchmark=sample.benchmark,
+        row=sample.row,
+        id=sample.id,
+        group=sample.group or sample.id,
+        category=sample.category,
+        kind=kind,
+        num_layers=L,
+        seq_len=inputs.seq_len,
+        n_image_tokens=int(inputs.image_mask.sum()),
+    )
     rows = []
     if kind != "open":
         label_ids = prompter.label_ids(sample)
@@ -123,15 +132,23 @@ def score_sample(model, parts: core.LMParts, prompter: prompting.Prompter, sampl
             rows.append(dict(base, cut=c, pred=labs[m.pop("pred_index")], gold=labs[gold], **m))
         return rows
     gold_ids = prompter.continuation_ids(sample, sample.answer)
-    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings.path,
-                            len(gold_ids) + 1)
+    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings.path, len(gold_ids) + 1)
     answer_row = -(len(gold_ids) + 1)
     eos = prompter.eos_ids()
     for c in cuts:
         new = generation.greedy_generate(model, inputs, c, max_new_tokens=settings.max_new_tokens, eos_ids=eos)
         text = prompter.tokenizer.decode(new, skip_special_tokens=True)
         vocab_kl = kl(forced[L][answer_row], forced[c][answer_row])
-        rows.append(dict(base, cut=c, pred=text, gold=sample.answer,
-                         correct=normalize_answer(text) == normalize_answer(sample.answer),
-                         gold_logprob=gold_sequence_logprob(forced[c], gold_ids), kl=vocab_kl, kl_vocab=vocab_kl))
+        rows.append(
+            dict(
+                base,
+                cut=c,
+                pred=text,
+                gold=sample.answer,
+                correct=normalize_answer(text) == normalize_answer(sample.answer),
+                gold_logprob=gold_sequence_logprob(forced[c], gold_ids),
+                kl=vocab_kl,
+                kl_vocab=vocab_kl,
+            )
+        )
     return rows

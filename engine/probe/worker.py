@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from engine.probe import core, focus, prompting, readers, scoring
+from shardmerge.engine.probe import core, focus, prompting, readers, scoring
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,11 +26,11 @@ class WorkerSettings:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     score: scoring.ScoreSettings = field(default_factory=scoring.ScoreSettings)
     attention: bool = False  # per-sample attention focus (unmasked model)
-    attention_sample: Optional[str] = None  # sample id for the heat map (None: the first sample)
-    threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
-    system_prompt: Optional[str] = None  # a system turn before the user's (lmms-eval's Qwen runs use one)
-    min_pixels: Optional[int] = None  # Qwen-VL resize bounds; None: the model directory's image processor
-    max_pixels: Optional[int] = None
+    attention_sample: str | None = None  # sample id for the heat map (None: the first sample)
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    system_prompt: str | None = None  # a system turn before the user's (lmms-eval's Qwen runs use one)
+    min_pixels: int | None = None  # Qwen-VL resize bounds; None: the model directory's image processor
+    max_pixels: int | None = None
     split: tuple = ()  # (holdout fraction, seed, "probe" | "eval"): probe only that side of a group split
 
     def __post_init__(self):
@@ -47,7 +46,7 @@ class WorkerSettings:
             raise RuntimeError("probe worker was asked for device 'cuda' but this process sees no CUDA device")
         return self.device
 
-    def torch_dtype(self, device: str) -> Optional[torch.dtype]:
+    def torch_dtype(self, device: str) -> torch.dtype | None:
         """float32 on CPU unless asked otherwise (CPU bf16 is slow and imprecise); the checkpoint's dtype on GPU."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
@@ -60,7 +59,7 @@ class ShardResult:
     rows: list
     bad: list
     focus_rows: list
-    heatmap: Optional[dict]  # sample id, image bytes, per-token attention, grid, mass, entropy
+    heatmap: dict | None  # sample id, image bytes, per-token attention, grid, mass, entropy
     seconds: float
 
 
@@ -71,8 +70,12 @@ class ShardProber:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.prompter = prompting.Prompter(settings.model, system_prompt=settings.system_prompt,
-                                           min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+        self.prompter = prompting.Prompter(
+            settings.model,
+            system_prompt=settings.system_prompt,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
+        )
         device = settings.local_device()
         self.model = prompting.load_model(settings.model, device=device, dtype=settings.torch_dtype(device))
         self.parts = core.install(self.model)
@@ -97,14 +100,23 @@ class ShardProber:
     def _focus(self, sample: readers.Sample):
         inputs = core.to_device(self.prompter.encode(sample), self.model.device)
         f = focus.attention_focus(self.model, self.parts, inputs)
-        rows = [dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, layer=i, mass=m, entropy=e)
-                for i, (m, e) in enumerate(zip(f.mass, f.entropy))]
+        rows = [
+            dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, layer=i, mass=m, entropy=e)
+            for i, (m, e) in enumerate(zip(f.mass, f.entropy))
+        ]
         wanted = self.settings.attention_sample
         heat = None
         if wanted is None or wanted == sample.id:
-            heat = dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, image=sample.image,
-                        per_token=f.per_token.numpy(), grid=focus.image_grid(inputs, self.model.config),
-                        mass=list(f.mass), entropy=list(f.entropy))
+            heat = dict(
+                benchmark=sample.benchmark,
+                row=sample.row,
+                id=sample.id,
+                image=sample.image,
+                per_token=f.per_token.numpy(),
+                grid=focus.image_grid(inputs, self.model.config),
+                mass=list(f.mass),
+                entropy=list(f.entropy),
+            )
         return rows, heat
 
     def shutdown(self) -> None:

@@ -1,0 +1,344 @@
+"""Streaming safetensors output: shard files written in place, atomically finalised, plus index/config/card/manifest.
+
+The safetensors library cannot write incrementally (it serialises a whole dict of in-memory tensors), so shards are
+written here by hand in its exact format: 8-byte little-endian header length, JSON header padded with spaces to a
+multiple of 8, then the raw tensor bytes at the offsets the header names. The plan fixes every offset, so each work
+unit `pwrite`s its tensors into `<out>/.shardmerge/tmp/<shard>.partial` independently, chunk by chunk. A shard
+becomes visible under its final name only after every unit that writes into it has fsync'ed and the shard's sha256
+is taken (temp file + fsync + atomic rename). A directory without a complete manifest is not a finished merge.
+Everything else (index, config, tokenizer files, model card) uses the standard libraries' formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import shardmerge
+from shardmerge.engine.io.checkpoint import DTYPES
+
+STATE_DIR = ".shardmerge"
+MANIFEST = "shardmerge_manifest.json"
+INDEX = "model.safetensors.index.json"
+JOURNAL = "journal.jsonl"
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+    "spiece.model",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+)
+_HASH_BLOCK = 8 << 20  # 8 MiB reads: hashing throughput is flat above ~1 MiB blocks
+REPORTS_DIR = "reports"  # per-unit method reports in the state dir, gathered into <report>_report.json
+log = logging.getLogger("shardmerge.report")
+
+
+def state_dir(out: Path) -> Path:
+    return Path(out) / STATE_DIR
+
+
+def partial_path(out: Path, filename: str) -> Path:
+    return state_dir(out) / "tmp" / (filename + ".partial")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriteFailed(RuntimeError):
+    """A write into the output failed (disk full, I/O error). `path` is the temp file that can no longer be
+    trusted; the driver removes it, so a full disk gets its space back and `--resume` redoes that shard's units."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a small file via temp + fsync + rename so readers never see a torn file; on failure (disk full) the
+    temp file is removed and the error names the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"{path}: write failed ({exc.strerror or exc}); is the disk full?") from exc
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def create_partial(out: Path, shard) -> None:
+    """Create a shard's temp file with its header, sized to its final length (data filled in by the units)."""
+    path = partial_path(out, shard.filename)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb") as f:
+            f.write(shard.header)
+            f.truncate(shard.size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise WriteFailed(
+            f"{path}: creating the temp file of shard {shard.filename} failed "
+            f"({exc.strerror or exc}); is the disk full?"
+        ) from exc
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int, where: str, path: str = "") -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked); `path` names the temp file for cleanup."""
+    while len(data):
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as exc:
+            raise WriteFailed(
+                f"{where}: write failed at offset {offset} ({exc.strerror}); is the disk full?", path
+            ) from exc
+        data = data[n:]
+        offset += n
+
+
+def sha256_file(path: Path, begin: int = 0, end: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(begin)
+        left = (end if end is not None else os.fstat(f.fileno()).st_size) - begin
+        while left > 0:
+            block = f.read(min(_HASH_BLOCK, left))
+            if not block:
+                raise RuntimeError(f"{path}: file ended {left} bytes early while hashing")
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def finalize_shard(out: Path, shard) -> tuple[str, int]:
+    """fsync, hash and atomically publish one completed shard; returns (sha256, size)."""
+    src = partial_path(out, shard.filename)
+    size = src.stat().st_size
+    if size != shard.size:
+        raise RuntimeError(f"{src}: size {size} differs from the planned {shard.size} bytes")
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    digest = sha256_file(src)
+    dst = Path(out) / shard.filename
+    os.replace(src, dst)
+    _fsync_dir(Path(out))
+    return digest, size
+
+
+class Journal:
+    """Append-only record of finished units and shards, the driver's only state; fsync'ed per line."""
+
+    def __init__(self, out: Path):
+        self.path = state_dir(out) / JOURNAL
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash: everything before it is valid
+        return out
+
+    def start(self, plan_hash: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(json.dumps({"plan_hash": plan_hash, "engine": shardmerge.__version__}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _config_with_dtype(src: Path, out_dtype: str | None, updates: tuple = ()) -> bytes:
+    """config.json with the output dtype recorded (transformers 5 reads `dtype`; older keys are replaced) and the
+    plan's `config_updates` applied (dotted keys, e.g. `text_config.vocab_size`)."""
+    cfg = json.loads(src.read_text())
+    for key, value in updates:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    if out_dtype:
+        name = str(DTYPES[out_dtype][0]).removeprefix("torch.")
+        subs = [v for v in cfg.values() if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v)]
+        for c in [cfg] + subs:
+            c.pop("torch_dtype", None)
+            c["dtype"] = name
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def model_card(plan) -> str:
+    """README.md of the output: inputs, the method's section from its spec (shardmerge.engine.methods.catalog), the recipe
+    and the plan hash."""
+    from shardmerge.engine.methods.catalog import card_section
+
+    recipe_yaml = json.dumps(plan.recipe.model_dump(mode="json", exclude_defaults=True), indent=2)
+    return (
+        "---\ntags:\n- merge\n- shardmerge\n---\n"
+        f"# Merged model\n\nProduced by shardmerge {shardmerge.__version__} with `{plan.recipe.merge_method}`.\n\n"
+        f"Inputs:\n"
+        + "".join(f"- `{r}`\n" for r in plan.recipe.model_refs)
+        + f"\n{card_section(plan.recipe.merge_method)}"
+        + f"\n## Recipe\n\n```json\n{recipe_yaml}\n```\n\nPlan hash: `{plan.plan_hash}`\n"
+        + ("\n## Notes\n\n" + "".join(f"- {n}\n" for n in plan.notes) if plan.notes else "")
+    )
+
+
+def _unit_report_path(out: Path, unit_id: int) -> Path:
+    return state_dir(out) / REPORTS_DIR / f"unit-{unit_id:06d}.json"
+
+
+def write_unit_report(out: Path, unit_id: int, entries: list[dict]) -> None:
+    """A work unit's per-tensor method reports (JSON-able dicts with a "report" and a "tensor" key), written
+    atomically by the worker; a re-run unit overwrites its file with the same content."""
+    path = _unit_report_path(Path(out), unit_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(entries, sort_keys=True, allow_nan=False).encode())
+
+
+def _report_line(entry: dict) -> str:
+    return f"{entry['report']}: {entry['tensor']}: {entry.get('summary') or entry.get('kind', '')}"
+
+
+def _old_report(path: Path, plan_hash: str) -> list[dict]:
+    """The entries of a report file left by an earlier run of the same plan (none for another plan or damage)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not isinstance(doc, dict) or doc.get("plan_hash") != plan_hash:
+        return []
+    return [e for e in doc.get("tensors", []) if isinstance(e, dict)]
+
+
+def write_reports(plan, out: Path) -> list[str]:
+    """Gather the units' reports into `<report>_report.json` per report name (entries in output order), log a
+    line per entry, and return the files written. A report file already in `out` keeps the entries of tensors
+    not re-run (resume of a finished merge only re-runs the units whose shards no longer match)."""
+    out = Path(out)
+    gathered: dict[str, dict[str, dict]] = {}
+    for unit in plan.units:
+        path = _unit_report_path(out, unit.id)
+        if path.exists():
+            for e in json.loads(path.read_text()):
+                gathered.setdefault(e["report"], {})[e["tensor"]] = e
+    order = {t.name: i for i, t in enumerate(plan.tensors())}
+    written = []
+    if gathered:  # journaled before they exist, so --overwrite of a run cut short here knows them
+        Journal(out).append({"metadata": [f"{name}_report.json" for name in sorted(gathered)]})
+    for name, entries in sorted(gathered.items()):
+        dst = out / f"{name}_report.json"
+        old = _old_report(dst, plan.plan_hash)
+        entries = {**{e["tensor"]: e for e in old if e.get("tensor") in order}, **entries}
+        rows = sorted(entries.values(), key=lambda e: order.get(e["tensor"], len(order)))
+        for e in rows:
+            log.info("%s", _report_line(e))
+        doc = {
+            "format": "shardmerge-report/1",
+            "report": name,
+            "merge_method": plan.recipe.merge_method,
+            "plan_hash": plan.plan_hash,
+            "models": list(plan.recipe.model_refs),
+            "tensors": rows,
+        }
+        atomic_write(dst, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
+        written.append(dst.name)
+    return written
+
+
+def metadata_files(plan) -> list[str]:
+    """Every file besides the shards and the manifest that write_metadata may write (the manifest lists them, so
+    --overwrite removes exactly these): index, config, tokenizer/processor files, template, card, artifacts.
+    Method reports are added as write_reports learns their names."""
+    names = {INDEX, "config.json", "README.md", *COPIED_FILES, *(n for n, _ in getattr(plan, "artifacts", ()))}
+    if plan.recipe.chat_template:
+        names.add("chat_template.jinja")
+    return sorted(names)
+
+
+def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) -> None:
+    """Index, config, tokenizer/processor files, model card, method reports, then the manifest (last: it marks
+    completion)."""
+    out = Path(out)
+    files = metadata_files(plan)
+    Journal(out).append({"metadata": files})  # so --overwrite knows them even if this step is cut short
+    weight_map = {t.name: plan.shards[t.shard].filename for t in plan.tensors()}
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    cfg = Path(plan.config_source) / "config.json"
+    if cfg.exists():
+        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype, plan.config_updates))
+    tok = Path(plan.tokenizer_source)
+    built = {name for name, _ in getattr(plan, "artifacts", ())}
+    # a tokenizer built by the plan (union, added tokens) replaces every tokenizer file of the source: a stale
+    # tokenizer.model or vocab.json beside the new tokenizer.json would describe another vocabulary
+    skip = set(TOKENIZER_FILES) if built & {"tokenizer.json", "tokenizer_config.json"} else set()
+    for name in COPIED_FILES:
+        if name not in skip and name not in built and (tok / name).exists():
+            shutil.copyfile(tok / name, out / name)
+    atomic_write(out / "README.md", model_card(plan).encode())
+    files = sorted({*files, *write_reports(plan, out)})
+    for name, text in getattr(plan, "artifacts", ()):
+        atomic_write(out / name, text.encode())
+    manifest = {
+        "format": "shardmerge-manifest/1",
+        "engine_version": shardmerge.__version__,
+        "plan_hash": plan.plan_hash,
+        "merge_method": plan.recipe.merge_method,
+        "total_size": plan.total_bytes,
+        "files": files,
+        "shards": [
+            {
+                "file": s.filename,
+                "sha256": shard_hashes[s.filename][0],
+                "size": shard_hashes[s.filename][1],
+                "tensors": len(s.tensors),
+            }
+            for s in plan.shards
+        ],
+    }
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    shutil.rmtree(state_dir(out), ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Which tensor of a checkpoint is what, per model family."""

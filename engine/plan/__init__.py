@@ -1,0 +1,1 @@
+"""Recipe + checkpoints -> frozen Plan."""

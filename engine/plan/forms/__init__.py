@@ -1,0 +1,1 @@
+"""Recipe forms that expand into plan items: slices, PlaM, PivotMerge."""

@@ -1,0 +1,1 @@
+"""YAML recipe -> frozen, validated Recipe."""

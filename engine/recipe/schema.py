@@ -1,0 +1,347 @@
+"""YAML recipe → frozen, validated Recipe (a mergekit-compatible subset plus our methods).
+
+Every configuration error is raised here, as ValueError quoting the recipe file and the YAML path
+(e.g. `recipe.yaml: models[1].parameters.weight: expected a number, got 'heavy'`), before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shardmerge.engine.io.checkpoint import NAME_TO_CODE
+
+Scalar = bool | int | float | str
+
+
+class Condition(BaseModel):
+    """A filtered parameter value: applies to tensors whose name contains `filter` (mergekit semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    value: Scalar | list[Scalar]
+    filter: str | None = None
+
+
+Number = StrictInt | StrictFloat
+
+
+class PairWeights(BaseModel):
+    """PlaM's unnormalised form `weights: {mllm: 0.9, base: 0.3}` (each a number or a per-layer gradient list):
+    W = mllm * W_mllm + base * W_base. A mapping of its own so that a typo'd key is an error, not a silent 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mllm: Number | list[Number]
+    base: Number | list[Number]
+
+
+Setting = Scalar | list[Scalar] | Condition | list[Condition] | PairWeights
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    """One input of an output slice: layers [first, stop) of `model` (mergekit's `layer_range`, end exclusive)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class OutputSlice(BaseModel):
+    """A run of output decoder layers: its sources (equal layer counts) merge layer by layer with the recipe's
+    method; `base_model` and `parameters` override the recipe's for this slice (shardmerge.engine.plan.forms.slices)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class ModuleRecipe(BaseModel):
+    """Per-module override for MLLMs: `modules: {vision_tower: {merge_method: passthrough}, ...}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    merge_method: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    source: str | None = None  # for passthrough: which model to copy from (default: base or first model)
+
+
+class CalibrationRecipe(BaseModel):
+    """PivotMerge's `calibration:`: a Parquet file of image-caption pairs (or a pivot_calibration.json written by an
+    earlier merge), as a bare path or a mapping with these keys (shardmerge.engine.plan.forms.pivot_calibration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    max_pairs: int = Field(default=256, gt=0)  # rows sampled (seeded, kept in file order); all when fewer
+    seed: int = 0  # which rows are sampled when the file has more than max_pairs
+    # contrastive: matched-caption cosine minus the mean mismatched-caption cosine per image; cosine: the matched
+    # cosine alone (dominated by the offset between image features and caption embeddings)
+    score: Literal["contrastive", "cosine"] = "contrastive"
+    image_column: str = ""  # "" = the first of image / image_bytes / img
+    caption_column: str = ""  # "" = the first of caption / text / captions / sentence
+    device: str = "auto"  # auto = cuda when available (where it runs), else cpu
+    # where it runs: the driver process, a Ray task (1 GPU when the cluster has GPUs), or auto = a Ray task when the
+    # merge runs on a cluster (--address / RAY_ADDRESS) that has GPUs and the driver has none, else the driver
+    where: Literal["auto", "driver", "ray"] = "auto"
+
+
+class TokenSource(BaseModel):
+    """A `tokenizer.tokens.<token>.source` mapping: `{kind: zero}` or `{kind: model_token, model, token | token_id}`
+    (that model's row of another token)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero", "model_token"]
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if self.kind == "model_token" and (self.model is None or (self.token is None) == (self.token_id is None)):
+            raise ValueError("kind: model_token needs `model` and exactly one of `token` / `token_id`")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """Where one token's embedding row comes from: a model name (its row of the token) or a TokenSource;
+    `force: true` uses it for every model, even those that have the token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: TokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerRecipe(BaseModel):
+    """mergekit's `tokenizer:` section (shardmerge.engine.plan.vocab)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = "union"  # union | base | a model
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry | str] = Field(default_factory=list)  # a bare string = {model: <string>}
+    slices: list[OutputSlice] = Field(default_factory=list)  # mergekit's `slices:` (instead of `models:`)
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None  # base | union | a model (shardmerge.engine.plan.vocab)
+    tokenizer: TokenizerRecipe | None = None
+    chat_template: str | None = None
+    modules: dict[str, ModuleRecipe] = Field(default_factory=dict)
+    # PlaM form: `mllm` + `base_llm` instead of `models`
+    mllm: str | None = None
+    base_llm: str | None = None
+    # PivotMerge form
+    init_model: str | None = None
+    calibration: CalibrationRecipe | None = None  # a bare string = {path: <string>}
+    allow_different_backbones: bool = False
+    allow_unaligned: bool = False  # pivot: skip the shared-initialisation check of the experts' projectors
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _bare_calibration(cls, v):
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _bare_models(cls, v: list) -> list:
+        return [ModelEntry(model=m) if isinstance(m, str) else m for m in v]
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in NAME_TO_CODE:
+            raise ValueError(f"unknown dtype {v!r}; expected one of {', '.join(sorted(NAME_TO_CODE))}")
+        return v
+
+    @property
+    def model_refs(self) -> list[str]:
+        """Input models in order (PlaM: mllm then base_llm)."""
+        if self.merge_method == "plam":
+            return [r for r in (self.mllm, self.base_llm) if r]
+        if self.slices:  # every model a slice names, in order of first mention
+            refs = [src.model for sl in self.slices for src in sl.sources]
+            refs += [sl.base_model for sl in self.slices if sl.base_model]
+            return list(dict.fromkeys(refs))
+        return [m.model for m in self.models]
+
+    @property
+    def output_dtype_code(self) -> str | None:
+        name = self.out_dtype or self.dtype
+        return NAME_TO_CODE[name] if name else None
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+_UNION_LABELS = {
+    "bool",
+    "int",
+    "float",
+    "str",
+    "list[...]",
+    "ModelEntry",
+    "PairWeights",
+    "CalibrationRecipe",
+    "TokenSource",
+    "OutputSlice",
+    "SliceSource",
+}
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _UNION_LABELS or "[" in str(part) or part.startswith(("list", "Condition")):
+            continue  # pydantic's union-branch labels are noise for users
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<top level>"
+
+
+def parse_recipe(data: Any, *, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping; relative model paths resolve against the recipe's directory when they exist there."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        got = first.get("input")
+        extra = "unknown key" if first["type"] == "extra_forbidden" else f"{msg}, got {got!r}"
+        raise ValueError(f"{source}: {_yaml_path(first['loc'])}: {extra}") from None
+    if base_dir is not None:
+        recipe = _resolve_paths(recipe, base_dir)
+    from shardmerge.engine.recipe.checks import check_recipe
+
+    check_recipe(recipe, source)
+    return recipe
+
+
+def _resolve(ref: str | None, base_dir: Path) -> str | None:
+    if ref is None or Path(ref).is_absolute():
+        return ref
+    cand = base_dir / ref
+    return str(cand.resolve()) if os.path.exists(cand) else ref  # os.path: False for a name too long, no OSError
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    models = [m.model_copy(update={"model": _resolve(m.model, base_dir)}) for m in recipe.models]
+    upd = {"models": models}
+    if recipe.slices:
+        upd["slices"] = [
+            sl.model_copy(
+                update={
+                    "base_model": _resolve(sl.base_model, base_dir),
+                    "sources": [src.model_copy(update={"model": _resolve(src.model, base_dir)}) for src in sl.sources],
+                }
+            )
+            for sl in recipe.slices
+        ]
+    for key in ("base_model", "mllm", "base_llm", "init_model"):
+        upd[key] = _resolve(getattr(recipe, key), base_dir)
+    if recipe.calibration is not None:
+        upd["calibration"] = recipe.calibration.model_copy(update={"path": _resolve(recipe.calibration.path, base_dir)})
+    if recipe.tokenizer_source not in (None, "base", "union"):
+        upd["tokenizer_source"] = _resolve(recipe.tokenizer_source, base_dir)
+    if recipe.tokenizer is not None:
+        upd["tokenizer"] = _resolve_tokenizer(recipe.tokenizer, base_dir)
+    if recipe.chat_template and "\n" not in recipe.chat_template and "{" not in recipe.chat_template:
+        upd["chat_template"] = _resolve(recipe.chat_template, base_dir)  # a template file next to the recipe
+    if isinstance(recipe.parameters.get("plateau"), str):  # PlaM's probe.json, written next to the recipe
+        upd["parameters"] = {**recipe.parameters, "plateau": _resolve(recipe.parameters["plateau"], base_dir)}
+    if any(m.source for m in recipe.modules.values()):  # passthrough sources name models like `models:` does
+        upd["modules"] = {
+            k: m.model_copy(update={"source": _resolve(m.source, base_dir)}) for k, m in recipe.modules.items()
+        }
+    return recipe.model_copy(update=upd)
+
+
+def _resolve_tokenizer(tok: TokenizerRecipe, base_dir: Path) -> TokenizerRecipe:
+    """Model names in the `tokenizer:` section resolve like `models:` entries."""
+
+    def src(s):
+        if isinstance(s, str):
+            return _resolve(s, base_dir)
+        return s.model_copy(update={"model": _resolve(s.model, base_dir)}) if s is not None else None
+
+    tokens = {t: e.model_copy(update={"source": src(e.source)}) for t, e in tok.tokens.items()}
+    source = tok.source if tok.source in ("base", "union") else _resolve(tok.source, base_dir)
+    return tok.model_copy(update={"tokens": tokens, "source": source})
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read a recipe file (bounded, strict YAML: shardmerge.engine.io.loaders) and validate it."""
+    from shardmerge.engine.io.loaders import load_yaml_file
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"recipe {path} does not exist")
+    data = load_yaml_file(path)
+    return parse_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def with_random_seed(recipe: Recipe, seed: int | None, source: str = "<recipe>") -> Recipe:
+    """The recipe with `--random-seed` applied: `random_seed` set for every method of the recipe that draws keyed
+    randomness (those declaring a `random_seed` parameter: DARE, DELLA), at the top level or in the module that uses
+    it, so the plan hash and the model card record it. A recipe that already sets a different `random_seed` there
+    is an error (two seeds for one merge). Methods without randomness ignore it, as mergekit's deterministic
+    methods ignore its --random-seed."""
+    if seed is None:
+        return recipe
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"--random-seed must be an integer, got {seed!r}")
+    from shardmerge.engine import methods
+
+    def seeded(method: str, params: dict, where: str) -> dict | None:
+        if method == "passthrough" or "random_seed" not in methods.get(method).global_params:
+            return None
+        given = params.get("random_seed")
+        if given is not None and given != seed:
+            raise ValueError(
+                f"{source}: {where}.random_seed is {given!r} but --random-seed is {seed}; give the seed in one place"
+            )
+        return {**params, "random_seed": seed}
+
+    upd: dict[str, Any] = {}
+    top = seeded(recipe.merge_method, recipe.parameters, "parameters")
+    if top is not None:
+        upd["parameters"] = top
+    modules = {}
+    for name, mod in recipe.modules.items():
+        own = seeded(mod.merge_method, mod.parameters, f"modules.{name}.parameters")
+        modules[name] = mod if own is None else mod.model_copy(update={"parameters": own})
+    if modules:
+        upd["modules"] = modules
+    return recipe.model_copy(update=upd) if upd else recipe

@@ -1,0 +1,169 @@
+"""The merge-worker role: one per GPU (or per CPU slot); pulls work units from the driver and writes shards.
+
+Heavy state (device, thread count, CUDA context) is built once in __init__. The actor is created with
+max_restarts=0: a dead worker is replaced by the driver, which re-queues its in-flight units. Re-running a unit is
+idempotent (it rewrites the same bytes at the same offsets of the shard's temp file) and so is re-running a shard's
+finalisation (temp file + fsync + atomic rename; a rename that already happened is recognised).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from shardmerge.engine.io.writer import finalize_shard, partial_path, sha256_file, state_dir
+from shardmerge.engine.run.unit import UnitResult, run_unit, tune_allocator
+
+_KINDS = ("crash", "crash-after", "sleep")
+
+
+class FaultInjector:
+    """Test hook, comma-separated rules (also read by `python -m shardmerge.jobs.merge` from env SHARDMERGE_FAULT):
+
+    - `crash:<token file>:<k>`: the first worker to reach its k-th unit exits hard (os._exit) before running it,
+      once per token file (created atomically), as a crashing process or a lost node would;
+    - `crash-after:<token file>:<k>`: the same, but after the k-th unit's bytes are written and fsync'ed and before
+      its result reaches the driver (the rerun must be idempotent and the unit still counted once);
+    - `sleep:<seconds>`: every unit sleeps first (slow merges for driver-kill and node-loss tests).
+    """
+
+    def __init__(self, spec: str | None):
+        self.rules: list[tuple[str, Path | None, float]] = []
+        for part in filter(None, (spec or "").split(",")):
+            kind, _, rest = part.partition(":")
+            if kind not in _KINDS or not rest:
+                raise ValueError(
+                    f"fault spec {part!r}: expected crash:<token file>:<k>, crash-after:<token "
+                    "file>:<k> or sleep:<seconds>"
+                )
+            try:
+                if kind == "sleep":
+                    self.rules.append((kind, None, float(rest)))
+                else:
+                    token, _, k = rest.rpartition(":")
+                    if not token:
+                        raise ValueError
+                    self.rules.append((kind, Path(token), int(k)))
+            except ValueError:
+                raise ValueError(f"fault spec {part!r}: bad number or missing token file") from None
+
+    def _fire(self, kind: str, count: int) -> None:
+        for rule, token, k in self.rules:
+            if rule != kind or count + 1 < k:
+                continue
+            try:
+                fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            os._exit(17)
+
+    def before_unit(self, count: int) -> None:
+        for rule, _, seconds in self.rules:
+            if rule == "sleep":
+                time.sleep(seconds)
+        self._fire("crash", count)
+
+    def after_unit(self, count: int) -> None:
+        self._fire("crash-after", count)
+
+
+def finalize_idempotent(out: Path, shard) -> tuple[str, int]:
+    """finalize_shard, or — when a previous attempt (by a worker that died before replying) already renamed the
+    complete temp file — the published file's (sha256, size)."""
+    if not partial_path(out, shard.filename).exists():
+        final = Path(out) / shard.filename
+        if final.exists() and final.stat().st_size == shard.size:
+            return sha256_file(final), shard.size
+        raise RuntimeError(
+            f"{partial_path(out, shard.filename)}: temp file of shard {shard.filename} is missing "
+            f"and {final} is not complete; the output directory was modified during the merge"
+        )
+    return finalize_shard(out, shard)
+
+
+class MergeWorker:
+    """Ray actor: merges work units into shard temp files and publishes finished shards."""
+
+    def __init__(
+        self,
+        out: str,
+        shards,
+        *,
+        chunk_bytes: int,
+        device: str,
+        threads: int,
+        allow_nonfinite: bool = False,
+        fault: str | None = None,
+        inputs: tuple[str, ...] = (),
+        svd_batch_bytes: int | None = None,
+    ):
+        import torch
+
+        from shardmerge.engine import methods
+
+        methods.names()  # import every method module now, not inside the first unit
+        tune_allocator()
+        torch.set_num_threads(max(1, threads))
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"worker on {socket.gethostname()}: --device cuda but no CUDA device is visible")
+            torch.cuda.init()
+        self.out, self.shards, self.chunk_bytes = out, shards, chunk_bytes
+        self.device, self.allow_nonfinite, self.inputs = device, allow_nonfinite, tuple(inputs)
+        self.svd_batch_bytes = svd_batch_bytes  # the driver's batched-SVD budget (None: batching off)
+        self.fault = FaultInjector(fault)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.count = 0
+        self.busy_s = 0.0
+
+    def ready(self) -> dict:
+        """Who and where this worker is; fails if this node cannot see the inputs or the output directory."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        for path in (str(state_dir(Path(self.out))),) + self.inputs:
+            if not os.path.isdir(path):
+                raise RuntimeError(
+                    f"merge worker on host {socket.gethostname()} (node {node[:12]}) cannot see {path}: inputs and "
+                    "--out must be on storage every node mounts at the same path (a shared filesystem)"
+                )
+        return {"name": self.name, "node": node, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def run(self, unit, skip_shards: frozenset = frozenset()) -> UnitResult:
+        self.fault.before_unit(self.count)
+        t0 = time.perf_counter()
+        res = run_unit(
+            unit,
+            self.shards,
+            self.out,
+            chunk_bytes=self.chunk_bytes,
+            device=self.device,
+            allow_nonfinite=self.allow_nonfinite,
+            worker=self.name,
+            skip_shards=skip_shards,
+            svd_batch=self.svd_batch_bytes is not None,
+            svd_batch_bytes=self.svd_batch_bytes,
+        )
+        self.busy_s += time.perf_counter() - t0
+        self.fault.after_unit(self.count)
+        self.count += 1
+        return res
+
+    def finalize(self, shard) -> tuple[str, str, int]:
+        sha, size = finalize_idempotent(Path(self.out), shard)
+        return shard.filename, sha, size
+
+    def stats(self) -> dict:
+        """Units run, busy seconds and peak resident memory of this worker process."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return {"name": self.name, "units": self.count, "busy_s": round(self.busy_s, 3), "peak_rss": peak}
+
+    def shutdown(self) -> None:
+        from shardmerge.engine.io.checkpoint import close_cached_files
+
+        close_cached_files()
