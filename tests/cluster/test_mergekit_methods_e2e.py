@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.test_mergekit_oracle import _load
+from tests.e2e.test_mergekit_oracle import _load
 
 from shardmerge.jobs.merge import run_merge
 
