@@ -9,6 +9,7 @@ MAX_UNIT_ATTEMPTS workers is a poison pill and fails the merge instead of loopin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,7 +28,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keep_sigterm_handler():
+        try:
+            return _connect(address, num_cpus)
+        except (ValueError, RuntimeError, ConnectionError):
+            raise
+        except (
+            Exception
+        ) as exc:  # Ray raises a bare Exception when its node does not come up (e.g. an overloaded machine)
+            raise RuntimeError(f"could not start or reach Ray ({address or 'embedded'}): {exc}") from exc
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
+    import ray
+
+    from shardmerge.engine.phases import phase
+
     address = address or os.environ.get("RAY_ADDRESS")
+    phase(
+        "starting Ray",
+        f"connecting to {address}" if address else f"a private local instance, {num_cpus or os.cpu_count()} CPUs",
+    )
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(embedded=False))
         return True
@@ -50,6 +71,23 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     finally:
         auth_log.setLevel(level)
     return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces the driver's SIGTERM handler with its own `sys.exit(15)`; a SystemExit raised while the
+    driver waits in `ray.wait`/`ray.get` comes out of Ray's native code as SystemExit(1), so a command's own
+    handler (the CLI's: stop cleanly, say how to resume, exit 143) is put back once Ray is connected."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def _runtime_env(*, embedded: bool) -> dict:
@@ -174,6 +212,7 @@ class _Pool:
         self.live[actor] = {"load": 0, "info": info}
         if self.stats["pool_start_s"] is None:
             self.stats["pool_start_s"] = time.perf_counter() - self.t0
+            self.drv.bar.begin()  # the first worker is up: merging starts, and so does the rate's clock
         self._show()
 
     def _on_result(self, ref, kind: str, payload, actor) -> None:
@@ -345,6 +384,7 @@ def run_on_ray(
     `svd_batch_bytes`: the batched-SVD budget every worker uses (None: no batching; shardmerge.engine.run.memory.svd_batch_budget)."""
     import ray
 
+    from shardmerge.engine.phases import phase
     from shardmerge.engine.run.executor import (
         MAX_INFLIGHT_PER_WORKER,
         default_worker_count,
@@ -371,6 +411,7 @@ def run_on_ray(
         def spawn():
             return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or 1, svd_batch_bytes)
 
+        phase("starting workers", f"{workers} on {len(nodes)} node(s), {device}")
         pool = _Pool(drv, spawn, workers=workers, opts=opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
         try:
             stats = pool.run()
