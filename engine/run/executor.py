@@ -344,6 +344,7 @@ class Progress:
         self.enabled, self.interval, self.pool, self.clock = enabled, interval, "", clock
         self.t0 = self.last = clock()
         self.begun = False
+        self.t_end = None
         self.bar = None
 
     def begin(self) -> None:
@@ -378,7 +379,10 @@ class Progress:
         return self.bytes - self.done0
 
     def seconds(self) -> float:
-        return self.clock() - self.t0 if self.begun else 0.0
+        """Merging time so far (from begin() to close(), once closed)."""
+        if not self.begun:
+            return 0.0
+        return (self.t_end if self.t_end is not None else self.clock()) - self.t0
 
     def eta(self) -> str:
         from shardmerge.engine.phases import duration
@@ -427,6 +431,7 @@ class Progress:
 
     def close(self) -> None:
         self.begin()
+        self.t_end = self.clock()
         if self.bar is not None:
             self._emit()
             self.bar.close()
