@@ -169,3 +169,31 @@ def test_plam_stops_on_a_signal_with_one_line(sig, tmp_path, capsys, monkeypatch
         "1",
         "2",
     ]
+
+
+def test_plam_recipe_from_the_plateau_is_absolute_and_names_its_layers(tmp_path, monkeypatch):
+    """Without --layers the recipe points at the probe's result by absolute path, and the layers reported are
+    the ones the plan merges: c* .. L-1."""
+    import yaml
+
+    from shardmerge.engine.tiny_models import build_base_llm, build_mllm
+
+    mllm = build_mllm(tmp_path / "mllm", "qwen2_5_vl", seed=0, num_layers=4)
+    build_base_llm(tmp_path / "base", "qwen2_5_vl", seed=1, from_mllm=mllm)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "probe").mkdir(parents=True)
+    probe_json = Path("run") / "probe" / "probe.json"  # relative, as plam's --out often is
+    probe_json.write_text(
+        json.dumps({"model": "m", "metric": "accuracy", "num_layers": 4, "cuts": list(range(5)), "plateau_start": 1})
+    )
+    args = plam.build_parser().parse_args(["--mllm", "mllm", "--base", "base", "--bench", "b", "--out", "run"])
+    recipe = plam._recipe(args, probe_json)
+    assert recipe["mllm"] == str(tmp_path / "mllm") and recipe["base_llm"] == str(tmp_path / "base")
+    assert recipe["parameters"]["plateau"] == str(tmp_path / "run" / "probe" / "probe.json")
+    path = tmp_path / "run" / "plam.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path / "run")  # another working directory: the recipe still plans
+    assert plam.layer_range(plam.merged_layers(path)) == [1, 3]
+    with pytest.raises(RuntimeError, match="not one contiguous range"):
+        plam.layer_range([1, 3])
+    assert plam._model_ref("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"  # a hub id stays
