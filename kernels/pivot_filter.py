@@ -26,6 +26,7 @@ PIVOT_SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")  # 
 # Entries of C per Triton program; not tuned on hardware yet (C is small: r × s per matrix and expert).
 BLOCK = 1024
 
+
 def _batched(name: str, t: torch.Tensor, ndim: int, what: str) -> tuple[torch.Tensor, bool]:
     """Return t with a leading batch dim (adding one if t has ndim − 1 dims) and whether it was added."""
     if not isinstance(t, torch.Tensor):
@@ -35,6 +36,7 @@ def _batched(name: str, t: torch.Tensor, ndim: int, what: str) -> tuple[torch.Te
     if t.dim() != ndim:
         raise ValueError(f"{name}: {what} has shape {tuple(t.shape)}; expected {ndim} or {ndim - 1} dims")
     return t, False
+
 
 def _per_bk(name: str, v, b: int, k: int, what: str, device) -> torch.Tensor | None:
     """Per-(matrix, expert) values as a float32 (B, K) tensor; a (K,) input is shared across the batch."""
@@ -48,6 +50,7 @@ def _per_bk(name: str, v, b: int, k: int, what: str, device) -> torch.Tensor | N
     if torch.isnan(v).any():
         raise ValueError(f"{name}: {what} contains NaN")
     return v.contiguous()
+
 
 def _check_pivot_args(name, coords, lambdas, floor, sign_weight, tie_rtol):
     c, squeezed = _batched(name, coords, 4, "coords (B, K, r, s)")
@@ -65,6 +68,7 @@ def _check_pivot_args(name, coords, lambdas, floor, sign_weight, tie_rtol):
     if tuple(fl.shape) != (b,) or torch.isnan(fl).any() or (fl < 0).any():
         raise ValueError(f"{name}: floor must be one number >= 0 per matrix, shape ({b},) or a scalar; got {floor!r}")
     return c, squeezed, lam, fl.contiguous()
+
 
 def pivot_filter_coords_reference(
     coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy", tie_rtol: float = 1e-5
@@ -89,6 +93,7 @@ def pivot_filter_coords_reference(
     merged = (lam[..., None, None] * torch.where(conflict, torch.zeros_like(c), c)).sum(dim=1)
     conflicts = conflict.flatten(1).sum(dim=1)
     return (merged[0], conflicts[0]) if squeezed else (merged, conflicts)
+
 
 # Bound by _pivot_kernels() on first launch: `tl` and the @triton.jit kernel.
 tl = _pivot_filter_kernel = None
@@ -161,6 +166,7 @@ def _pivot_kernels():
 
     return triton, _pivot_filter_kernel
 
+
 def pivot_filter_coords_triton(
     coords: torch.Tensor,
     lambdas,
@@ -204,6 +210,7 @@ def pivot_filter_coords_triton(
     conflicts = counts.sum(dim=1)
     return (out[0], conflicts[0]) if squeezed else (out, conflicts)
 
+
 def pivot_filter_coords(
     coords: torch.Tensor, lambdas, *, floor, sign_weight: str = "expert_energy", tie_rtol: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +223,7 @@ def pivot_filter_coords(
     """
     fn = pivot_filter_coords_triton if coords.is_cuda else pivot_filter_coords_reference
     return fn(coords, lambdas, floor=floor, sign_weight=sign_weight, tie_rtol=tie_rtol)
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:

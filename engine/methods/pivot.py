@@ -431,19 +431,6 @@ def merge_pivot(
     return merge_pivot_report(tensors, base, info=info, gain=gain, **params)[0]
 
 
-def require_identical(tensors: Sequence[torch.Tensor], info: TensorInfo | None = None) -> torch.Tensor:
-    """For the non-projector tensors of a PivotMerge: return the shared tensor or raise ValueError naming the
-    first expert that differs (PivotMerge assumes a shared vision encoder and LLM)."""
-    for k, t in enumerate(tensors[1:], start=1):
-        if t.shape != tensors[0].shape or not torch.equal(t, tensors[0]):
-            diff = (t - tensors[0]).abs().max().item() if t.shape == tensors[0].shape else "shape"
-            raise ValueError(
-                f"pivot: {_where(info)}: expert {k} differs from expert 0 (max |diff| {diff}); PivotMerge merges "
-                "only projector tensors and expects every other tensor identical across experts"
-            )
-    return tensors[0]
-
-
 def merge_pivot_report(
     tensors,
     base,
