@@ -102,7 +102,7 @@ def pairwise_rows(x: torch.Tensor) -> torch.Tensor:
     """Sum each row of a 2-D tensor by a fixed pairwise tree of elementwise additions.
 
     Why not torch.sum: its association order depends on the tensor's shape and the thread count (a 1-row chunk
-    is split across threads, a many-row one is not: measured on 2 threads, 8 of 13 rows of 70001 floats summed
+    is split across threads, a many-row one is not: with 2 threads, 8 of 13 rows of 70001 floats summed
     differently alone than in one 13-row call), so per-chunk partials would change with the chunking. Here a
     row's result depends only on its own values and the row length. Pairwise summation is also accurate."""
     rows, width = x.shape
@@ -122,7 +122,7 @@ def pairwise_rows(x: torch.Tensor) -> torch.Tensor:
 class RowSum:
     """Sum of a per-element float64 quantity over a whole tensor that arrives in row chunks, bit-identical
     whatever the chunking: each row is reduced by `pairwise_rows`, and the per-row partials of all chunks are
-    concatenated in row order and reduced once the same way (the brief's 'per-row partials summed once')."""
+    concatenated in row order and reduced once the same way."""
 
     def __init__(self, label: str = "sum") -> None:
         self._label = label
