@@ -73,7 +73,7 @@ IN_PROCESS_MAX_BYTES = 512 * 10**6
 
 def resolve_device(device: str, address: str | None = None) -> str:
     """--device auto: cuda when this process sees a GPU, or when the Ray cluster named by --address / RAY_ADDRESS
-    (already connected, e.g. a `ray job submit` driver) has GPUs; else cpu."""
+    has GPUs (the driver connects to ask, and stays connected for the merge); else cpu."""
     if device != "auto":
         return device
     import torch
@@ -83,7 +83,10 @@ def resolve_device(device: str, address: str | None = None) -> str:
     if address or os.environ.get("RAY_ADDRESS"):
         import ray
 
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+        from shardmerge.engine.run.ray_pool import connect
+
+        connect(address)  # a no-op when already connected; execute() reuses the connection
+        if ray.cluster_resources().get("GPU", 0) > 0:
             return "cuda"
     return "cpu"
 
@@ -96,7 +99,7 @@ def default_workers(device: str) -> int:
     return max(1, os.cpu_count() or 1)  # one single-threaded worker per CPU slot (see executor.default_worker_count)
 
 
-def run_merge(
+def _run_merge(
     recipe_path: str | Path,
     out: str | Path,
     *,
@@ -184,6 +187,28 @@ def run_merge(
     reporter = active()  # the whole command's time when one is reporting (imports and Ray start-up included)
     summary["total_seconds"] = reporter.elapsed() if reporter else time.monotonic() - t0
     return summary
+
+
+def _closing_ray(fn):
+    """`fn` that shuts down a Ray connection opened during it (e.g. to resolve --device auto on a cluster)."""
+    import functools
+
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        had_ray = ray_up()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if not had_ray and ray_up():
+                sys.modules["ray"].shutdown()
+
+    return wrapper
+
+
+run_merge = _closing_ray(_run_merge)
 
 
 def main(argv: list[str] | None = None) -> int:
