@@ -395,11 +395,11 @@ class Progress:
         return duration(left * self.seconds() / done)
 
     def line(self) -> str:
-        from shardmerge.engine.phases import duration, rate, size
+        from shardmerge.engine.phases import duration, rate
 
         pct = 100.0 * self.bytes / self.total_bytes if self.total_bytes else 100.0
         return (
-            f"merge: {pct:5.1f}% {size(self.bytes)} of {size(self.total_bytes)}, units "
+            f"merge: {pct:5.1f}% {self.bytes / 2**20:.2f}/{self.total_bytes / 2**20:.2f} MiB, units "
             f"{self.units}/{self.total_units}{self.pool}, {rate(self.merged(), self.seconds())}, "
             f"{duration(self.seconds())}, ETA {self.eta()}"
         )

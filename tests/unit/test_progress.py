@@ -45,7 +45,7 @@ def test_tiny_merge_rate_is_scaled_not_zero():
     bar.close()
     last = stream.getvalue().strip().splitlines()[-1]
     assert "0.00" not in last and "586 KiB/s" in last, last  # 30000 B / 0.05 s = 585.9 KiB/s
-    assert "29.3 KiB of 29.3 KiB" in last and "100.0%" in last and "ETA 0.0 s" in last, last
+    assert "0.03/0.03 MiB" in last and "100.0%" in last and "ETA 0.0 s" in last, last
 
 
 def test_nothing_merged_yet_says_so():
