@@ -104,7 +104,7 @@ def _run_merge(
     out: str | Path,
     *,
     workers: int | None = None,
-    device: str = "auto",
+    device: str = "cpu",
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -121,6 +121,7 @@ def _run_merge(
     random_seed: int | None = None,
 ) -> dict:
     """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause.
+    `device` "auto" is the CLI's default (resolve_device); called as a library, the default stays "cpu".
     `svd_batch_layers` None: shardmerge.engine.plan.build.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
     or off (None: on off the CPU; see shardmerge.engine.run.executor.execute). `random_seed` is --random-seed
     (shardmerge.engine.recipe.schema.with_random_seed)."""
