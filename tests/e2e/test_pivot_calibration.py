@@ -230,7 +230,7 @@ def test_executor_saves_the_calibration_for_resume(llava, tmp_path):
 
     plan = build_plan(parse_recipe(recipe(llava["experts"], llava["pairs"])))
     out = tmp_path / "out"
-    execute(plan, out, workers=0, progress=False, fault=None)
+    execute(plan, out, workers=0, progress=False)
     assert (out / ARTIFACT).read_text() == plan.artifacts[0][1]
     assert not state_dir(out).exists()  # finished: the state dir (and its copy) is gone
 
