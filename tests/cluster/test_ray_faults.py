@@ -138,7 +138,8 @@ def test_driver_killed_mid_merge_then_resume(ray_local, family, tmp_path):
     from shardmerge.jobs.merge import run_merge
 
     out = tmp_path / "out"
-    env = dict(os.environ, SHARDMERGE_FAULT="sleep:0.4", PYTHONPATH=str(REPO))
+    # the child inherits this process's import path, so it runs the same `shardmerge` as the module's Ray workers
+    env = dict(os.environ, SHARDMERGE_FAULT="sleep:0.4")
     cmd = [
         sys.executable,
         "-m",
