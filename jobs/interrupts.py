@@ -4,7 +4,7 @@ exact command that continues it, and the command exits 130 (SIGINT) or 143 (SIGT
 
 SIGTERM is raised in the main thread as `Terminated` (a KeyboardInterrupt), the way Python raises
 KeyboardInterrupt for SIGINT. Ray's driver installs its own SIGTERM handler when it connects (`sys.exit(15)`), so
-the engine puts the command's back once connected (shardmerge.engine.run.ray_pool.connect); a SystemExit(15) that
+the engine puts the command's back once connected (shardmerge.engine.run.ray_session.connect); a SystemExit(15) that
 still gets through is read as SIGTERM too.
 """
 

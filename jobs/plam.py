@@ -244,7 +244,7 @@ def run_plam(args: argparse.Namespace, progress: bool = True) -> dict:
     workers = 1 if workers is None else workers
     started = False
     if workers != 0:
-        from shardmerge.engine.run.ray_pool import connect
+        from shardmerge.engine.run.ray_session import connect
 
         started = connect(args.address)
     try:

@@ -8,7 +8,7 @@ import io
 import re
 
 from shardmerge.engine import phases
-from shardmerge.engine.run.executor import Progress
+from shardmerge.engine.run.driver import Progress
 
 MiB = 2**20
 
