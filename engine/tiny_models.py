@@ -29,10 +29,11 @@ TINY_LLM = dict(
 _TINY_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)  # <s>, </s>, <pad> of `write_tokenizer`
 # Tiny-model builder entries of the decoder-only LLM families (config kwargs for `build_llm(family=...)`; a family
 # without one gets TINY_LLM): GPT-2 names its sizes differently (and stores its linears as Conv1D, (in, out));
-# Gemma's and Qwen3's head_dim is their own key (Qwen3's default would be 128); Phi-3, OLMo 2, Qwen3 and Mistral
+# Gemma's and Qwen3's head_dim is their own key (defaults 256 and 128); Phi-3, OLMo 2, Qwen3 and Mistral
 # default to special-token ids outside a 128-token vocabulary.
 TINY_FAMILY = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128),
+    "gemma": dict(TINY_LLM, head_dim=8),
     "gemma2": dict(TINY_LLM, head_dim=8),
     "gemma3_text": dict(TINY_LLM, head_dim=8),
     "granite": dict(TINY_LLM),
