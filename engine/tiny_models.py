@@ -431,7 +431,7 @@ def _write_processor_files(out: Path, family: str) -> None:
     proc = cls(
         image_processor=image_processor,
         tokenizer=tok,
-        patch_size=14,
+        patch_size=TINY_MLLM[family].vision["patch_size"],
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=tok.chat_template,
