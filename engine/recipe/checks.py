@@ -44,7 +44,7 @@ def leaf_values(setting: Any) -> list[Any]:
     return [setting]
 
 
-def _check_settings(
+def check_settings(
     spec: MethodSpec, settings: dict, where: str, per_model_only: bool, n_models: int | None = None
 ) -> None:
     """Every key is a parameter the spec declares (per-model ones only, under models[].parameters) and every
@@ -97,12 +97,12 @@ def check_models_recipe(recipe: Recipe, source: str, spec: MethodSpec) -> None:
         raise ValueError(f"{source}: base_model: merge_method {spec.name!r} needs a base_model")
     _check_model_count(recipe, spec, f"{source}: models")
     n = len(input_models(recipe, spec))
-    _check_settings(spec, recipe.parameters, f"{source}: parameters", per_model_only=False, n_models=n)
+    check_settings(spec, recipe.parameters, f"{source}: parameters", per_model_only=False, n_models=n)
     module_specs = check_modules(recipe, source)
     for i, m in enumerate(recipe.models):
         for key, setting in m.parameters.items():  # a per-model key may serve a module's method only
             owner = next((s for s in [spec, *module_specs] if key in s.per_model_params), spec)
-            _check_settings(
+            check_settings(
                 owner,
                 {key: setting},
                 f"{source}: models[{i}].parameters",
@@ -185,7 +185,7 @@ def check_modules(recipe: Recipe, source: str) -> list[MethodSpec]:
         if mspec.needs_base and not recipe.base_model:
             raise ValueError(f"{where}.merge_method: {mspec.name!r} needs a base_model")
         _check_model_count(recipe, mspec, f"{where}.merge_method")
-        _check_settings(
+        check_settings(
             mspec,
             mod.parameters,
             f"{where}.parameters",

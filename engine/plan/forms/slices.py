@@ -32,7 +32,7 @@ from shardmerge.engine.methods.base import _same
 from shardmerge.engine.plan.forms import Form, form_for_method, register
 from shardmerge.engine.plan.grouping import NUMBERED_BLOCK, block_root, group_key, layout_of
 from shardmerge.engine.plan.model import COPY, FLOAT8_CODES, PlanItem
-from shardmerge.engine.recipe.checks import _check_settings, evaluate_setting
+from shardmerge.engine.recipe.checks import check_settings, evaluate_setting
 from shardmerge.engine.recipe.model import OutputSlice, Recipe
 
 PASSTHROUGH = "passthrough"
@@ -131,10 +131,10 @@ def _check_slice(recipe: Recipe, spec, sl: OutputSlice, where: str) -> None:
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
         want = f"{spec.min_models}" + (f"..{spec.max_models}" if spec.max_models != spec.min_models else "")
         raise ValueError(f"{where}.sources: merge_method {spec.name!r} takes {want} input model(s), got {n}")
-    _check_settings(spec, recipe.parameters, f"{where[: where.index(':')]}: parameters", False, n)
-    _check_settings(spec, sl.parameters, f"{where}.parameters", False, n)
+    check_settings(spec, recipe.parameters, f"{where[: where.index(':')]}: parameters", False, n)
+    check_settings(spec, sl.parameters, f"{where}.parameters", False, n)
     for j, src in enumerate(sl.sources):
-        _check_settings(spec, src.parameters, f"{where}.sources[{j}].parameters", False, n)
+        check_settings(spec, src.parameters, f"{where}.sources[{j}].parameters", False, n)
     for p in spec.params:
         if p.required and not p.per_model and p.name not in sl.parameters and p.name not in recipe.parameters:
             raise ValueError(f"{where}.parameters.{p.name}: required by merge_method {spec.name!r}")
@@ -258,10 +258,10 @@ class _SliceBuilder:
     ) -> PlanItem:
         """One planned output tensor from the slice's sources (`metas` in source order; `sl` None = copy)."""
         first = metas[0]
-        common = dict(name=out_name, shape=first.shape, layer=layer, num_layers=self.total, base=None)
+        common = dict(name=out_name, shape=first.shape, layer=layer, num_layers=self.total)
         out_dtype = self.recipe.output_dtype_code or first.dtype
         if first.dtype not in FLOAT_CODES:
-            return PlanItem(**common, dtype=first.dtype, op=COPY, inputs=(first,), params=())
+            return PlanItem(**common, dtype=first.dtype, op=COPY, inputs=(first,), base=None, params=())
         copy = sl is None or self.spec is None
         if first.dtype in FLOAT8_CODES and not (copy or _is_passthrough(self.recipe, self.spec)):
             raise ValueError(
@@ -269,14 +269,14 @@ class _SliceBuilder:
                 "quantized 8-bit float format that merge methods cannot combine; dequantize first"
             )
         if copy:
-            return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), params=())
+            return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), base=None, params=())
         inputs, base_at = _slice_inputs(self.recipe, self.spec, sl)
         params = resolve_slice_params(self.recipe, self.spec, sl, out_name, [m.name for m in metas], inputs, t)
         if _is_passthrough(self.recipe, self.spec) and all(  # no `scale` etc. given: a verbatim copy
             all(_same(v, p.default) for v in (params[p.name] if p.per_model else (params[p.name],)))
             for p in self.spec.params
         ):
-            return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), params=())
+            return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), base=None, params=())
         return PlanItem(
             **common,
             dtype=out_dtype,
