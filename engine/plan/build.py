@@ -23,8 +23,9 @@ from typing import Any
 
 import shardmerge
 from shardmerge.engine import methods
-from shardmerge.engine.io.checkpoint import Checkpoint, check_confined, files_identity, open_checkpoint
+from shardmerge.engine.io.checkpoint import Checkpoint, files_identity, open_checkpoint
 from shardmerge.engine.io.gather import gather_identity
+from shardmerge.engine.io.paths import check_confined
 from shardmerge.engine.io.writer import COPIED_FILES
 from shardmerge.engine.plan.forms import Form, form_of
 from shardmerge.engine.plan.grouping import group_key
