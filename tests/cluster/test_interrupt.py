@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import shardmerge
 from shardmerge.engine.io.output_dir import SUMMARY
 from shardmerge.engine.io.writer import MANIFEST, Journal
 from shardmerge.jobs.merge import main as merge_main
 
 REPO = Path(__file__).resolve().parents[2]
-IMPORT_ROOT = Path(shardmerge.__file__).parent.parent  # where this `shardmerge` is imported from (not an install's)
 TA = (
     "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {e1}\n    parameters: {{weight: 0.5}}\n"
     "  - model: {e2}\n    parameters: {{weight: 0.7}}\n"
@@ -50,7 +48,6 @@ def test_signal_mid_merge_then_resume(sig, reference, tmp_path, capsys):
     out = tmp_path / "out"
     env = dict(
         os.environ,
-        PYTHONPATH=str(IMPORT_ROOT),
         SHARDMERGE_FAULT="sleep:1.5",
         OMP_NUM_THREADS="1",
         RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp/ray"),
