@@ -27,6 +27,7 @@ from shardmerge.engine.io.checkpoint import DTYPES, TensorMeta, read_rows
 from shardmerge.engine.io.writer import partial_path, pwrite_all, write_unit_report
 from shardmerge.engine.methods.base import Chunk, TensorInfo
 from shardmerge.engine.plan.build import COPY, OutputTensor, WorkUnit
+from shardmerge.kernels import cpu_fused
 
 _FP32 = 4
 # Byte budget of one batched call when none is given (and no worker memory budget bounds it, shardmerge.engine.run.memory):
@@ -271,6 +272,12 @@ def _merge_tensor(
     spec = methods.get(t.op)
     params = dict(t.params)
     info = TensorInfo(t.name, t.shape, t.layer, t.num_layers)
+    fused = cpu_fused.plan_for(t, device)  # linear-family on CPU: one compiled pass per chunk, same bytes
+    if fused is not None:
+        yield from cpu_fused.run(
+            fused, chunks(t, chunk_bytes), lambda c: _merge_chunk(t, c, chunk_bytes, device, allow_nonfinite)
+        )
+        return
     read = _reader(t, chunk_bytes, device, not allow_nonfinite)
     stats = spec.prepare(read, info=info, **params) if spec.prepare else None
     if not spec.chunkwise:
@@ -290,6 +297,17 @@ def _merge_tensor(
             y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
         allowed = _check_result(t, y, c, chunk_bytes, device, allow_nonfinite, allowed)
         yield y.to(out_dtype).cpu()
+
+
+def _merge_chunk(t: OutputTensor, c: Chunk, chunk_bytes: int, device: str, allow_nonfinite: bool) -> torch.Tensor:
+    """One chunk of a chunkwise method without whole-tensor statistics, the eager way (cast, on CPU)."""
+    spec = methods.get(t.op)
+    xs = [_load(m, c, device, not allow_nonfinite) for m in t.inputs]
+    base = _load(t.base, c, device, not allow_nonfinite) if t.base is not None else None
+    info = TensorInfo(t.name, t.shape, t.layer, t.num_layers)
+    y = spec.merge(xs, base, stats=None, chunk=c, info=info, **dict(t.params))
+    _check_result(t, y, c, chunk_bytes, device, allow_nonfinite, None)
+    return y.to(DTYPES[t.dtype][0]).cpu()
 
 
 def _report_entry(t: OutputTensor, spec, rep: dict) -> dict:
