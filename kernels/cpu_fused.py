@@ -17,7 +17,9 @@ again by the eager path, which raises its usual error (or, with --allow-nonfinit
 
 Optional: numba is an optional dependency (`pip install shardmerge[fast]`). Without it, or with
 SHARDMERGE_CPU_KERNELS=torch, every chunk takes the eager torch path, as before. Kernels are compiled on first use
-and cached on disk by numba (`cache=True`), so later processes load them instead of compiling.
+and cached on disk by numba (`cache=True`), so later processes load them instead of compiling. Single-threaded:
+a worker already runs one merge per reserved core set; numba's `parallel=True` variant was slower on the busy
+2-core test machine (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ BLOCK = 4096  # elements per inner block: the decoded inputs and the accumulator
 _IN_KINDS = {"BF16": np.uint16, "F32": np.float32}  # stored dtype -> how the kernel sees the raw bytes
 _OUT_KINDS = {"BF16": (torch.bfloat16, np.uint16), "F32": (torch.float32, np.float32)}
 ENV = "SHARDMERGE_CPU_KERNELS"  # "torch": never use the fused kernels
-_OUT_RING = 3  # output buffers in rotation (see _Buffers.output)
-# Smaller tensors keep the eager path: loading numba and its cached kernels costs about a second per process
-# (several under load), which a merge of small tensors never earns back (eager: ~10-50 ms per 1M elements here).
+_OUT_RING = 2  # output buffers in rotation (see _Buffers.output)
+# Smaller tensors keep the eager path: loading numba and its cached kernels is a fixed cost per process
+# (BENCHMARKS.md) that a merge made only of small tensors would not earn back.
 MIN_NUMEL = 1 << 20
 
 _kernels = None  # the compiled module (shardmerge.kernels._cpu_fused_nb) once loaded; False: unavailable
@@ -67,8 +69,10 @@ class _Buffers:
     """Grow-only buffers of one process, reused by every chunk of every tensor (no allocation, no page faults in
     the steady state). Inputs: one (rows x capacity) array per raw dtype. Outputs: a ring of _OUT_RING arrays per
     output dtype, because a yielded chunk is still being written and hashed in the background while the next is
-    computed: the unit's writer holds at most one chunk in flight (shardmerge.engine.run.unit._Sink), so the ring
-    of three leaves one spare."""
+    computed: the unit's writer holds at most one chunk in flight (shardmerge.engine.run.unit._Sink.put waits for
+    the previous one; tests/kernels/test_cpu_fused.py pins that), so two buffers suffice. Memory: the K (+ base)
+    raw input chunks and two output chunks, within the per-tensor estimate of shardmerge.engine.run.memory (K (+
+    base) float32 chunks, the float32 result and its output-dtype copy)."""
 
     def __init__(self) -> None:
         self.inputs: dict[tuple, np.ndarray] = {}

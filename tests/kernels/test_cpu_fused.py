@@ -147,7 +147,7 @@ def test_steady_state_reuses_buffers(tmp_path):
     for p in unit_mod._merge_tensor(t, 3 * SHAPE[1] * 4, "cpu", False):
         ptrs.add(p.data_ptr())
     assert {k: v.ctypes.data for k, v in cpu_fused.BUFFERS.inputs.items()} == seen_in
-    assert len(ptrs) <= cpu_fused._OUT_RING  # 23 chunks, at most three output buffers in rotation
+    assert len(ptrs) <= cpu_fused._OUT_RING  # 23 chunks, at most two output buffers in rotation
     assert np.all([len(r) <= cpu_fused._OUT_RING for r in cpu_fused.BUFFERS.outputs.values()])
 
 
@@ -162,3 +162,28 @@ def test_without_numba_every_chunk_is_eager(tmp_path, monkeypatch):
     xs = [load_file(str(m.file))["w"].float() for m in inputs]
     want = (((xs[0] * 0.5).add_(0.0) + xs[1] * 0.5) / 1.0).to(torch.bfloat16)
     assert got == bytes(want.view(torch.uint8).numpy())
+
+
+def test_the_writer_holds_at_most_one_chunk_in_flight():
+    """The two-buffer output ring is safe only while _Sink.put returns after the previous chunk's write+hash."""
+    import threading
+    import time
+
+    done = []
+    first_running = threading.Event()
+
+    def slow():
+        first_running.set()
+        time.sleep(0.3)
+        done.append(1)
+
+    sink = unit_mod._Sink()
+    try:
+        sink.put(slow)
+        first_running.wait(10)
+        sink.put(lambda: done.append(2))
+        assert done[:1] == [1]  # put waited for the chunk before
+        sink.drain()
+    finally:
+        sink.close()
+    assert done == [1, 2] and cpu_fused._OUT_RING == 2
