@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from shardmerge.engine.io.checkpoint import parse_safetensors_header
 from shardmerge.engine.plan.build import OutputTensor
 from shardmerge.engine.run import unit as unit_mod
+from shardmerge.engine.run.options import RunOptions
 from shardmerge.kernels import cpu_fused
 
 needs_numba = pytest.mark.skipif(not cpu_fused.available(), reason="numba not installed (the eager path is used)")
@@ -56,7 +57,7 @@ def _tensor(op, inputs, base, out_code, params) -> OutputTensor:
 
 
 def _merge(t: OutputTensor, chunk_bytes: int, allow_nonfinite: bool = False) -> bytes:
-    parts = unit_mod._merge_tensor(t, chunk_bytes, "cpu", allow_nonfinite)
+    parts = unit_mod._merge_tensor(t, RunOptions(chunk_bytes=chunk_bytes, allow_nonfinite=allow_nonfinite))
     return b"".join(bytes(p.contiguous().view(torch.uint8).numpy()) for p in parts)
 
 
@@ -144,7 +145,7 @@ def test_steady_state_reuses_buffers(tmp_path):
     _merge(t, 3 * SHAPE[1] * 4)  # warm-up: buffers sized
     seen_in = {k: v.ctypes.data for k, v in cpu_fused.BUFFERS.inputs.items()}
     ptrs = set()
-    for p in unit_mod._merge_tensor(t, 3 * SHAPE[1] * 4, "cpu", False):
+    for p in unit_mod._merge_tensor(t, RunOptions(chunk_bytes=3 * SHAPE[1] * 4)):
         ptrs.add(p.data_ptr())
     assert {k: v.ctypes.data for k, v in cpu_fused.BUFFERS.inputs.items()} == seen_in
     assert len(ptrs) <= cpu_fused._OUT_RING  # 23 chunks, at most two output buffers in rotation
