@@ -188,3 +188,33 @@ def test_the_writer_holds_at_most_one_chunk_in_flight():
     finally:
         sink.close()
     assert done == [1, 2] and cpu_fused._OUT_RING == 2
+
+
+@needs_numba
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_whole_merge_bytes_equal_eager_across_chunk_sizes(llm_family_bf16, tmp_path, monkeypatch, method):
+    from shardmerge.jobs.merge import run_merge
+    from tests.conftest import write_recipe
+
+    f = llm_family_bf16
+    head = f"merge_method: {method}\n" + (f"base_model: {f['base']}\n" if method == "task_arithmetic" else "")
+    models = [f["e1"], f["e2"]] + ([f["base"]] if method == "linear" else [])
+    body = "models:\n" + "".join(f"  - model: {m}\n    parameters: {{weight: {0.3 + 0.2 * i}}}\n" for i, m in
+                                 enumerate(models))  # fmt: skip
+    recipe = write_recipe(tmp_path / "r.yaml", head + body + "dtype: float32\nout_dtype: bfloat16\n")
+    used = []
+    real_run = cpu_fused.run
+    monkeypatch.setattr(cpu_fused, "run", lambda *a: (used.append(1), (yield from real_run(*a))))
+    run_merge(recipe, tmp_path / "small", workers=0, chunk_mb=0.01, progress=False)
+    run_merge(recipe, tmp_path / "big", workers=0, chunk_mb=64, progress=False)
+    assert used  # the fused path merged tensors
+    monkeypatch.setenv(cpu_fused.ENV, "torch")
+    n = len(used)
+    run_merge(recipe, tmp_path / "eager", workers=0, chunk_mb=64, progress=False)
+    assert len(used) == n  # and the eager run did not
+    names = sorted(p.name for p in (tmp_path / "eager").glob("*.safetensors"))
+    assert names
+    for name in names:
+        eager = (tmp_path / "eager" / name).read_bytes()
+        assert (tmp_path / "small" / name).read_bytes() == eager, name
+        assert (tmp_path / "big" / name).read_bytes() == eager, name
