@@ -142,7 +142,7 @@ def plan_for(t, device: str) -> FusedPlan | None:
     """The fused plan of output tensor `t` (shardmerge.engine.plan.build.OutputTensor), or None when the eager path
     must merge it: another method or device, mixed or other dtypes, inputs formed in the read path, tensors below
     MIN_NUMEL elements, or parameters the method itself would reject (it then raises its own error)."""
-    if device != "cpu" or t.op not in ("linear", "task_arithmetic") or not available():
+    if device != "cpu" or t.op not in ("linear", "task_arithmetic"):
         return None
     if not t.shape or 0 in t.shape or t.dtype not in _OUT_KINDS or math.prod(t.shape) < MIN_NUMEL:
         return None
@@ -153,6 +153,8 @@ def plan_for(t, device: str) -> FusedPlan | None:
         return None
     codes = {m.dtype for m in metas}
     if len(codes) != 1 or next(iter(codes)) not in _IN_KINDS or any(m.shape != tuple(t.shape) for m in metas):
+        return None
+    if not available():  # last: the first call imports numba
         return None
     from shardmerge.engine.methods.base import TensorInfo
     from shardmerge.engine.methods.common import check_fraction, per_model
