@@ -17,7 +17,7 @@ from shardmerge.engine.run.unit import DEFAULT_SVD_BATCH_BYTES, batch_schedule, 
 WORKER_BASE_BYTES = 512 << 20
 
 
-def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool) -> int:
+def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool, input_shapes: tuple = ()) -> int:
     """Estimated peak working memory of a whole-matrix method on one tensor of K inputs: the method's own
     estimate (`MethodSpec.memory`; the SVD family's in shardmerge.engine.methods.svd.svd_memory, pivot's in
     shardmerge.engine.methods.pivot.pivot_memory), else its data alone (shardmerge.engine.methods.base.whole_data_bytes: the K (+ base)
@@ -30,7 +30,12 @@ def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base:
 
     spec = methods.get(op)
     estimate = spec.memory or whole_data_bytes
-    return estimate(tuple(shape), n_inputs, has_base)
+    return estimate(tuple(shape), n_inputs, has_base, input_shapes=tuple(tuple(s) for s in input_shapes))
+
+
+def op_bytes(t) -> int:
+    """`whole_tensor_bytes` of a plan tensor (its op, shape and inputs)."""
+    return whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None, tuple(i.shape for i in t.inputs))
 
 
 def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:
@@ -40,7 +45,7 @@ def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:
     rows = t.shape[0] if t.shape else 1
     row_numel = t.nbytes // max(1, rows) // max(1, _itemsize(t.dtype))
     if t.op != COPY and not methods.get(t.op).chunkwise:
-        return whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None), True
+        return op_bytes(t), True
     step = min(rows, rows_per_chunk(t, chunk_bytes))
     buffers = 2 if t.op == COPY else len(t.inputs) + (1 if t.base is not None else 0) + 2
     return step * row_numel * 4 * buffers, False
@@ -70,7 +75,7 @@ def _peak(plan: Plan, chunk_bytes: int, batch_bytes: int | None = None) -> tuple
             ts = tuple(u.tensors[i] for i in members)
             if len(ts) > 1:
                 need, is_whole = (
-                    sum(whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None) for t in ts),
+                    sum(op_bytes(t) for t in ts),
                     True,
                 )
             else:

@@ -150,14 +150,14 @@ class Batch:
     """Tensors of one unit merged by one `merge_batch` call."""
 
     members: tuple[int, ...]  # positions in the unit's tensor list, in plan order
-    nbytes: int  # summed shardmerge.engine.run.memory.whole_tensor_bytes of the members
+    nbytes: int  # summed shardmerge.engine.run.memory.op_bytes of the members
 
 
 def plan_batches(tensors, max_bytes: int) -> list[Batch]:
     """Group `tensors` (a unit's, in plan order) into batches of two or more with equal `batch_key` and a summed
     memory estimate <= max_bytes, filled greedily in plan order; ordered by first member. Tensors in no batch are
     merged alone exactly as without batching (a matrix above the budget is one of them)."""
-    from shardmerge.engine.run.memory import whole_tensor_bytes
+    from shardmerge.engine.run.memory import op_bytes
 
     if max_bytes <= 0:
         raise ValueError(f"SVD batch budget must be positive, got {max_bytes} bytes")
@@ -167,7 +167,7 @@ def plan_batches(tensors, max_bytes: int) -> list[Batch]:
         key = batch_key(t)
         if key is None:
             continue
-        need = whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None)
+        need = op_bytes(t)
         members, used = open_.get(key, ([], 0))
         if members and used + need > max_bytes:
             done.append((members, used))
