@@ -12,18 +12,7 @@ import torch
 from shardmerge.jobs import bench
 from shardmerge.jobs import bench_pivot as bp
 
-SMALL = dict(
-    splits=3,
-    train_pairs=192,
-    val_pairs=32,
-    test_pairs=48,
-    lm_steps=80,
-    steps=80,
-    batch=48,
-    text_hidden=32,
-    vision_hidden=16,
-    bootstrap=200,
-)
+SMALL = dict(splits=3, train_pairs=256, val_pairs=32, test_pairs=48, lm_steps=150, steps=150, bootstrap=200)
 
 
 def test_registered_in_the_bench_table():
