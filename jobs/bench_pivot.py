@@ -89,6 +89,9 @@ WORDS = sorted(
     {w for s in SPLITS for t in s.candidates() for w in t.split()} | set(COLOURS) | set(SHAPES)
 )  # word-level vocabulary, ids from 3
 VOCAB = {w: i + 3 for i, w in enumerate(WORDS)}
+# The shared warm-up of the projector (LLaVA's stage 1): alt-text style captions over every colour and shape, drawn
+# apart from the splits' pairs; the experts' init is the projector after it.
+WARMUP = Split("alt", tuple(COLOURS), SHAPES, "{colour} {shape} {v} {h}")
 
 
 def tokens(caption: str) -> list[int]:
@@ -165,7 +168,9 @@ class Config:
     lm_steps: int = 200
     steps: int = 250
     batch: int = 64
-    lr: float = 1e-2
+    lr: float = 1e-2  # language model and projector warm-up
+    warmup_steps: int = 60  # shared projector warm-up (the init every expert starts from); 0: a random init
+    expert_lr: float = 3e-3
     text_hidden: int = 64
     vision_hidden: int = 32
     layers: int = 2
@@ -288,22 +293,24 @@ def pretrain_language_model(model, pairs: list[Pairs], slots: int, cfg: Config, 
         p.requires_grad_(False)
 
 
-def train_projector(model, init_state: dict, feats: torch.Tensor, captions: list[str], cfg: Config, seed: int, log):
+def train_projector(
+    model, init_state: dict, feats: torch.Tensor, captions: list[str], cfg: Config, seed: int, log, *, steps, lr
+):
     """Train the projector (only) from `init_state` on (features, captions); returns its state dict."""
     proj = model.model.multi_modal_projector
     proj.load_state_dict(init_state)
     for p in proj.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(proj.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(proj.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     ids, mask = caption_ids(captions)
-    for step in range(cfg.steps):
+    for step in range(steps):
         idx = torch.randint(len(captions), (cfg.batch,), generator=gen)
         loss = _loss(model, proj(feats[idx]), ids[idx], mask[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == cfg.steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"    step {step}: loss {loss.item():.3f}")
     for p in proj.parameters():
         p.requires_grad_(False)
@@ -501,11 +508,38 @@ def run(cfg: Config, work: Path, log=print) -> dict:
     pretrain_language_model(model, [data[s.name]["train"] for s in splits], slots, cfg, log)
     feats = {s.name: {k: vision_features(model, v.images) for k, v in data[s.name].items()} for s in splits}
     init_state = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    if cfg.warmup_steps:
+        log(
+            f"[{time.perf_counter() - t0:6.1f}s] shared projector warm-up on `{WARMUP.name}` ({cfg.warmup_steps} steps)"
+        )
+        warm = make_pairs(WARMUP, cfg.train_pairs, cfg.image_size, gen)
+        init_state = train_projector(
+            model,
+            init_state,
+            vision_features(model, warm.images),
+            warm.captions,
+            cfg,
+            99,
+            log,
+            steps=cfg.warmup_steps,
+            lr=cfg.lr,
+        )
+        model.model.multi_modal_projector.load_state_dict(init_state)
     init_dir = save_checkpoint(model, work / "init")
     experts = []
     for k, s in enumerate(splits):
         log(f"[{time.perf_counter() - t0:6.1f}s] expert {k} ({s.name}): projector, {cfg.steps} steps")
-        state = train_projector(model, init_state, feats[s.name]["train"], data[s.name]["train"].captions, cfg, k, log)
+        state = train_projector(
+            model,
+            init_state,
+            feats[s.name]["train"],
+            data[s.name]["train"].captions,
+            cfg,
+            k,
+            log,
+            steps=cfg.steps,
+            lr=cfg.expert_lr,
+        )
         model.model.multi_modal_projector.load_state_dict(state)
         experts.append(save_checkpoint(model, work / f"expert_{s.name}"))
     model.model.multi_modal_projector.load_state_dict(init_state)
@@ -587,9 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads",
         "seed",
         "bootstrap",
+        "warmup_steps",
     ):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--expert-lr", type=float, default=d.expert_lr)
     p.add_argument("--grid", choices=("val", "default"), default=d.grid, help="tune on validation pairs, or defaults")
     p.add_argument("--methods", default=",".join(d.methods), help="comma-separated methods to merge with")
     p.add_argument("--workdir", default=None, help="keep the checkpoints here (default: a temporary dir)")
