@@ -9,13 +9,16 @@
    crosses and squares of four colours). Every split has disjoint train / validation / test pairs (seeded).
 2. One tiny LLaVA-style model in the Hugging Face layout (LlavaForConditionalGeneration: a CLIP vision tower, a
    two-layer MLP projector, a Llama language model): the language model is first trained on the captions alone
-   (text only, so it knows the templates), then frozen; the vision tower stays at its seeded random
-   initialisation, frozen. The projector's seeded initialisation is the `init` model.
+   (text only), each after a context of image-token slots holding its attribute words, so it reads a caption's
+   content from where the image embeddings will be; then frozen. The vision tower stays at its seeded random
+   initialisation, frozen. The projector's seeded initialisation (after `--warmup-steps` of shared training on
+   alt-text captions, 0 by default) is the `init` model.
 3. K experts (one per split): the projector (only) trained from that same initialisation on its split's training
    pairs (caption cross-entropy given the image). Each is written as a full checkpoint whose backbone bytes equal
    the init model's.
 4. Every method merges the K experts' projectors through the engine (a recipe per method, `run_merge` in this
-   process): `pivot` (the recipe form) and linear, task_arithmetic, ties, tsv, iso_c, cart (backbone passed
+   process): `pivot` (the recipe form; `pivot: mean` with `allow_unaligned: true`, since trained experts fail the
+   plan's weight-cosine heuristic although they share the init) and linear, task_arithmetic, ties, tsv, iso_c, cart (backbone passed
    through from the init model).
 5. Scores on the held-out pairs of every split: image -> caption retrieval accuracy (the caption of highest
    log-likelihood among all captions the split's template can produce, given the image) and the caption's mean
@@ -169,8 +172,8 @@ class Config:
     steps: int = 250
     batch: int = 64
     lr: float = 1e-2  # language model and projector warm-up
-    warmup_steps: int = 60  # shared projector warm-up (the init every expert starts from); 0: a random init
-    expert_lr: float = 3e-3
+    warmup_steps: int = 0  # > 0: a shared projector warm-up first (the init every expert starts from)
+    expert_lr: float = 1e-2
     text_hidden: int = 64
     vision_hidden: int = 32
     layers: int = 2

@@ -78,7 +78,7 @@ def test_small_benchmark_end_to_end(tmp_path):
     for k, split in enumerate(res["splits"]):
         own = rows[f"expert {split}"]["hit"]["splits"][k]["mean"]
         # each expert learned its split: well above chance and above the untrained projector
-        assert own > max(2.5 * chance[split], init[k]["mean"] + 0.2), (split, own, init[k])
+        assert own > max(2 * chance[split], init[k]["mean"] + 0.1), (split, own, init[k])
     labels = {m: [r for r in rows if r.startswith(f"{m} (tuned")] for m in cfg.methods}
     assert all(len(v) == 1 for v in labels.values()), labels
     assert "pivot (default)" in rows
