@@ -15,13 +15,13 @@ import pytest
 from shardmerge.engine.io.checkpoint import TensorMeta
 from shardmerge.engine.plan.build import OutputTensor, Plan, ShardSpec, WorkUnit, build_plan
 from shardmerge.engine.recipe.schema import Recipe, parse_recipe
+from shardmerge.engine.run.batching import op_bytes
 from shardmerge.engine.run.executor import (
     WORKER_BASE_BYTES,
     check_memory_budget,
     whole_tensor_bytes,
     worker_memory_floor,
 )
-from shardmerge.engine.run.memory import op_bytes
 from shardmerge.engine.tiny_models import build_mllm
 
 GB = 10**9
