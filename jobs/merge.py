@@ -66,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Without --workers and without a cluster, merges whose output is at most this size run in-process (--workers 0):
-# starting the embedded Ray instance and its worker actors costs 6-9 s on a quiet 2-core machine (more under
-# load), about what an in-process merge of this size takes, so a pool would not finish sooner.
+# starting the embedded Ray instance and its worker actors costs several seconds (BENCHMARKS.md, "CPU fast path"), about what an in-process merge of this size takes, so a pool would not finish sooner.
 IN_PROCESS_MAX_BYTES = 512 * 10**6
 
 

@@ -18,8 +18,8 @@ again by the eager path, which raises its usual error (or, with --allow-nonfinit
 Optional: numba is an optional dependency (`pip install shardmerge[fast]`). Without it, or with
 SHARDMERGE_CPU_KERNELS=torch, every chunk takes the eager torch path, as before. Kernels are compiled on first use
 and cached on disk by numba (`cache=True`), so later processes load them instead of compiling. Single-threaded:
-a worker already runs one merge per reserved core set; numba's `parallel=True` variant was slower on the busy
-2-core test machine (BENCHMARKS.md).
+a worker already runs one merge per reserved core set; numba's `parallel=True` variant was slower where measured
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations

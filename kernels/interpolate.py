@@ -46,7 +46,7 @@ _DARE = frozenset({"dare_linear", "dare_ties"})
 _CONSENSUS = frozenset({"ties", "dare_ties", "breadcrumbs_ties"})
 
 # Elements per Triton program. 1024 with 4 warps is the usual choice for a memory-bound elementwise kernel; it has
-# NOT been tuned on hardware yet (no GPU in the session that wrote it): `python -m shardmerge.jobs.bench kernels` on a CUDA
+# NOT been tuned on hardware yet: `python -m shardmerge.jobs.bench kernels` on a CUDA
 # machine measures it against a device copy.
 BLOCK = 1024
 

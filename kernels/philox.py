@@ -36,7 +36,7 @@ N_ROUNDS = 10
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
-# The reference works on blocks of this many offsets. Measured on the 2-core dev CPU (single thread, 2M offsets):
+# The reference works on blocks of this many offsets. Measured single-threaded on 2M offsets:
 # 2**12 -> 0.47 s, 2**14 -> 0.24 s, 2**16 -> 0.33 s, 2**18 -> 0.6 s (cache-resident temporaries win). Blocks above
 # torch's 32768-element grain size are also split across intra-op threads, which on a busy machine was 30x slower.
 _REF_BLOCK = 1 << 14

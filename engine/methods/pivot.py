@@ -1,6 +1,6 @@
 """PivotMerge -- OUR RECONSTRUCTION from the abstract of arXiv 2604.22823 (no code was released).
 
-Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "PivotMerge", docs/pivotmerge.md):
+Merges the cross-modal projectors of K expert MLLMs around a pivot (docs/pivotmerge.md):
 1. pivot: experts' `mean` [default], a shared initialisation (`init`, passed as `base`) or one expert
    (`model:<name>`, the engine passes that expert as `base`); Delta_k = W_k - W_pivot.
 2. shared space: U_s = top left singular vectors of [Delta_1 ... Delta_K] holding a fraction `energy` [0.9] of
@@ -13,7 +13,7 @@ Merges the cross-modal projectors of K expert MLLMs around a pivot (METHODS.md "
    ||C_k||^2 / ||Delta_k||^2 (`contribution: shared`, alias
    `data_free`) or precomputed alignment gains (`contribution: data`, per-model parameter `gain`).
 5. W = W_pivot + beta * (U_s (sum_k lambda_k C~_k) V_s^T + merged residual) [beta = 1; `scale` is the recipe
-   name of the same factor (issue 6's recipe form), give one of the two].
+   name of the same factor, give one of the two].
 A layer's bias: b_pivot + beta * sum_k lambda_k Delta b_k with its weight's lambda (`layer_weight`); other 0-D/1-D
 tensors: W_pivot + beta * mean_k(Delta_k) (the experts' mean when pivot = mean and beta = 1).
 
@@ -22,7 +22,7 @@ tensor only and the spec's `merge_with_report` returns both, which shardmerge.en
 collect the per-layer report. Registered as `pivot` (the recipe form, planned by shardmerge.engine.plan.forms.pivot) and, for the
 callers written before the rename, `pivotmerge`.
 
-Kernel path (issue 6): for CUDA coordinates, when Triton imports, the noise-floor / sign-election / suppression /
+Kernel path: for CUDA coordinates, when Triton imports, the noise-floor / sign-election / suppression /
 lambda-weighted combine (steps 3 and 5) is one fused call, `shardmerge.kernels.pivot_filter.pivot_filter_coords` (its torch reference
 repeats `_sign_filter` operation for operation; tests/kernels/test_pivot_kernel.py pins them together); elsewhere the torch
 path below runs. Both give the merge and the conflict count of `_filter_combine`. `_trim_disjoint_mean` is still
@@ -45,7 +45,7 @@ from shardmerge.kernels._util import use_triton
 from shardmerge.kernels.pivot_filter import pivot_filter_coords, triton_available
 
 SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")
-CONTRIBUTIONS = ("shared", "data_free", "data")  # data_free = shared (the issue's recipe spelling)
+CONTRIBUTIONS = ("shared", "data_free", "data")  # data_free = shared (an accepted recipe spelling)
 NOISE_RTOL = 10.0  # |C| <= this * max(m, n) * eps32 * max|C| is rounding noise: it neither votes nor conflicts
 TIE_RTOL = 1e-5  # |vote sum| at most this fraction of sum |votes| is a tie (float32 rounding of exact ties)
 NO_GAIN = float("nan")  # per-model `gain` default: "not given" (only contribution: data needs gains)
@@ -55,7 +55,7 @@ SPREAD_FLOOR = 0.05  # contributions whose std over experts is below this fracti
 
 @dataclass(frozen=True)
 class PivotParams:
-    """Every choice of the reconstruction, with METHODS.md's defaults (see docs/pivotmerge.md)."""
+    """Every choice of the reconstruction, with its defaults (see docs/pivotmerge.md)."""
 
     pivot: str = "mean"  # mean | init | model:<name>
     energy: float = 0.9  # rho: energy fraction kept by the shared bases
@@ -66,7 +66,7 @@ class PivotParams:
     standardize: bool = True  # lambda = softmax(z / T), z = contributions standardised per layer across experts
     spread_floor: float = SPREAD_FLOOR  # relative spread (std / mean |a| over experts) below which a_k count as ~equal
     beta: float = 1.0  # scale of the merged update
-    scale: float = NO_SCALE  # the recipe name of beta (issue 6); NaN = not given
+    scale: float = NO_SCALE  # the recipe name of beta; NaN = not given
     contribution: str = "shared"  # shared / data_free (data-free a_k) | data (precomputed alignment gains)
     svd_path: str = "auto"
     seed: int = DEFAULT_SEED

@@ -109,7 +109,7 @@ def _header(items: list[PlanItem]) -> tuple[bytes, list[int]]:
 
 # Decoder layers (or vision blocks) per work unit for recipes with batchable whole-matrix methods (SVD family),
 # by device, when --svd-batch-layers is not given. CPU 1: LAPACK loops over a batch there, so batching buys
-# nothing and plans stay as they were. CUDA 4 (chosen, not measured: no GPU here): a Llama layer holds three
+# nothing and plans stay as they were. CUDA 4 (chosen, not yet measured on a GPU): a Llama layer holds three
 # same-shape pairs (q/o, k/v, gate/up), so 4 layers give batches of 8 matrices (down_proj: 4), while an 80-layer
 # model still has 20 layer units for 8 GPUs and a lost unit redoes at most 4 layers.
 SVD_BATCH_LAYERS = {"cpu": 1, "cuda": 4}

@@ -19,8 +19,8 @@ from shardmerge.engine.run.batching import (  # noqa: F401  (whole_tensor_bytes:
 )
 from shardmerge.engine.run.unit import rows_per_chunk
 
-# Resident memory of an idle merge worker (Python + torch + Ray core worker): 0.36-0.42 GB measured on the test
-# machine (torch 2.13 CPU); rounded up so a budget that passes the check is not exhausted by the process itself.
+# Resident memory of an idle merge worker (Python + torch + Ray core worker): 0.36-0.42 GB measured with torch 2.13
+# CPU; rounded up so a budget that passes the check is not exhausted by the process itself.
 WORKER_BASE_BYTES = 512 << 20
 
 

@@ -69,8 +69,7 @@ def default_worker_count(device: str, cluster: dict) -> int:
     """One worker per GPU of the cluster with --device cuda; otherwise one per CPU slot.
 
     Streaming merges are memory-bound elementwise work: single-threaded workers side by side beat fewer workers with
-    intra-op threads (measured, 0.1 GB linear: 1 worker x 1 thread 4.2 s vs 1 worker x 2 threads 14.6 s on 2 busy
-    cores; see BENCHMARKS.md)."""
+    intra-op threads (measured: BENCHMARKS.md, "shardmerge vs mergekit", the side check on threads)."""
     if device == "cuda":
         return max(1, int(cluster.get("GPU", 0)))
     return max(1, int(cluster.get("CPU", 1)))

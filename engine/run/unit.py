@@ -47,8 +47,8 @@ def tune_allocator() -> bool:
     """Make freed chunk buffers reusable instead of returned to the OS (once per process; glibc only).
 
     Why: glibc serves every allocation above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh
-    mmap and unmaps it on free, so each chunk's float32 buffers were page-faulted in anew: measured on a 2-core
-    machine, a 3-input linear chunk loop over 16M-float chunks took 68 s wall (12 s system time, 2.7M minor
+    mmap and unmaps it on free, so each chunk's float32 buffers were page-faulted in anew: measured (BENCHMARKS.md, "CPU fast
+    path"), a 3-input linear chunk loop over 16M-float chunks took 68 s wall (12 s system time, 2.7M minor
     faults per GB of output) against 13 s (0.1 s, 41k faults/GB) with both thresholds raised to 1 GiB. Freed
     memory then stays in the heap for the next chunk instead of being handed back to the OS between chunks.
     SHARDMERGE_MALLOC=default, or glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment

@@ -1,7 +1,7 @@
 """PivotMerge planning: the `pivot` recipe form, from headers (plus one streamed identity check of the backbones).
 
 A PivotMerge recipe merges the cross-modal projectors of K expert MLLMs that share the vision encoder and the
-language model (METHODS.md "PivotMerge", docs/pivot_recipe.md):
+language model (docs/pivotmerge.md, docs/pivot_recipe.md):
 
     merge_method: pivot
     models: [expert_a, expert_b, expert_c]

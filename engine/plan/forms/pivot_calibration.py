@@ -1,6 +1,6 @@
 """PivotMerge's data-driven contributions: alignment gains of each expert's projector layers on image-caption pairs.
 
-METHODS.md "PivotMerge", step 4, data-driven option (OUR RECONSTRUCTION, docs/pivotmerge.md): for projector layer
+Step 4 of PivotMerge, data-driven option (OUR RECONSTRUCTION, docs/pivotmerge.md): for projector layer
 l and expert k, a_{k,l} = mean over calibration pairs of [score(pivot projector with expert k's layer l) -
 score(pivot projector)]. The default score is contrastive: per image, the cosine between its mean-pooled projected
 features and its own caption's mean-pooled LLM token embeddings minus the mean cosine with the other sampled
