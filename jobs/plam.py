@@ -4,6 +4,8 @@ shardmerge plam --mllm M --base B --bench FILE_OR_DIR --out DIR [--alpha A] [--t
                 [--layers S E] [--workers N] [--device auto|cpu|cuda] [--address ADDR] [--reprobe] [--limit N]
                 [--metric accuracy|logprob|kl] [--cuts all|...] [--path fast|exact] [--shard-size 5GB]
                 [--weights MLLM,BASE] [--holdout F] [--seed S] [--max-ci-width W] [--force]
+                [--score labels|generate] [--masking clean|reference-qwen25|reference-qwen3]
+                [--system-prompt TEXT] [--min-pixels N] [--max-pixels N]
 
 The probe (DIR/probe/) finds the plateau start c*; the merge (DIR/merged/) injects the base LLM into MLLM layers
 c*..L-1 with W = (1-α)·W_mllm + α·W_base on the target groups; the recipe it ran is kept as DIR/plam.yaml. One Ray
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N rows per benchmark file")
     p.add_argument("--metric", default="accuracy", help="probe curve metric [accuracy]")
     p.add_argument("--cuts", default="all", help="probe cut layers [all]")
-    p.add_argument("--path", default="fast", help="probe path: fast | exact [fast]")
+    p.add_argument("--path", default=None, help="probe path: fast | exact [fast; exact with a reference --masking]")
     p.add_argument("--shard-size", default="5GB", help="merged shard size [5GB]")
     p.add_argument("--weights", default=None, help="MLLM,BASE: unnormalised W = a·W_mllm + b·W_base (+ control)")
     p.add_argument(
@@ -66,7 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="split and bootstrap seed [0]")
     p.add_argument("--max-ci-width", type=int, default=4, help="refuse a c* interval wider than this [4 layers]")
     p.add_argument("--force", action="store_true", help="merge even when the probe is uninformative")
+    _probe_scoring_arguments(p)
     return p
+
+
+# Probe options passed through unchanged to every probe this job runs (see `shardmerge probe --help`).
+_PROBE_PASS_THROUGH = ("score", "masking", "system_prompt", "min_pixels", "max_pixels")
+
+
+def _probe_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--score", default=None, help="probe scoring: labels | generate [labels]")
+    p.add_argument("--masking", default=None, help="probe masking: clean | reference-qwen25 | reference-qwen3")
+    p.add_argument("--system-prompt", default=None, help="probe prompt: a system turn before the question")
+    p.add_argument("--min-pixels", type=int, default=None, help="probe, Qwen-VL: lower bound of resized pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="probe, Qwen-VL: upper bound of resized pixels")
+
+
+def _pass_through(args) -> list[str]:
+    argv = []
+    for name in _PROBE_PASS_THROUGH:
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
 
 
 def _weights(text: str | None) -> tuple[float, float] | None:
@@ -107,13 +131,14 @@ def _probe(model: str, args, out: Path, workers: int, side: str = "probe", cuts:
         args.metric,
         "--cuts",
         cuts or args.cuts,
-        "--path",
-        args.path,
         "--device",
         args.device,
         "--seed",
         str(args.seed),
     ]
+    if args.path is not None:
+        argv += ["--path", args.path]
+    argv += _pass_through(args)
     if args.holdout:
         argv += ["--holdout", str(args.holdout), "--side", side]
     for b in args.bench:

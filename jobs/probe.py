@@ -6,7 +6,7 @@ shardmerge probe --model M --bench FILE_OR_DIR --out DIR [--workers N] [--metric
                  [--limit N] [--format auto|ours|hf|tsv] [--rows-per-shard N] [--max-new-tokens N]
                  [--bootstrap N] [--delta D] [--epsilon E] [--seed S] [--pooling macro|samples]
                  [--system-prompt TEXT] [--min-pixels N] [--max-pixels N] [--holdout F [--side probe|eval]]
-                 [--local]
+                 [--score labels|generate] [--masking clean|reference-qwen25|reference-qwen3] [--local]
 Writes DIR/probe.parquet, DIR/probe.json, DIR/probe.png (and focus.* with --attention).
 """
 
@@ -18,10 +18,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shardmerge.engine.probe import readers
+from shardmerge.engine.probe import attention, readers
 from shardmerge.engine.probe.actors import DEVICES
 from shardmerge.engine.probe.runner import METRICS, ProbeJob, run_probe
-from shardmerge.engine.probe.scoring import PATHS, ScoreSettings
+from shardmerge.engine.probe.scoring import PATHS, SCORES, ScoreSettings
 from shardmerge.engine.probe.worker import DTYPES, WorkerSettings
 
 
@@ -54,7 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="probe actors, one model replica each [1]")
     p.add_argument("--metric", choices=sorted(METRICS), default="accuracy", help="curve metric [accuracy]")
     p.add_argument("--cuts", default="all", help="cut layers: all | 0,4,8 | start:stop[:step]; 0 and L always run")
-    p.add_argument("--path", choices=PATHS, default="fast", help="fast (prefix sharing) or exact (one pass per cut)")
+    p.add_argument(
+        "--path",
+        choices=PATHS,
+        default=None,
+        help="fast (prefix sharing) or exact (one pass per cut) [fast; exact with a reference --masking]",
+    )
+    p.add_argument(
+        "--score",
+        choices=SCORES,
+        default="labels",
+        help="labels: answer-label log-probs; generate: greedy answers with lmms-eval's prompts and extraction [labels]",
+    )
+    p.add_argument(
+        "--masking",
+        choices=attention.MODES,
+        default="clean",
+        help="clean, or a reference implementation's alignment after dropping image K/V (docs/probe.md) [clean]",
+    )
     p.add_argument("--attention", action="store_true", help="also write the attention-focus analysis")
     p.add_argument("--attention-sample", default=None, help="sample id for the focus heat map [first sample]")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when Ray sees a GPU [auto]")
@@ -115,7 +132,14 @@ def _split(args: argparse.Namespace) -> tuple:
 
 
 def job_from_args(args: argparse.Namespace) -> ProbeJob:
-    score = ScoreSettings(cuts=parse_cuts(args.cuts), path=args.path, max_new_tokens=args.max_new_tokens)
+    path = args.path or ("fast" if args.masking == "clean" else "exact")
+    score = ScoreSettings(
+        cuts=parse_cuts(args.cuts),
+        path=path,
+        max_new_tokens=args.max_new_tokens,
+        score=args.score,
+        masking=args.masking,
+    )
     worker = WorkerSettings(
         model=args.model,
         device=args.device,
