@@ -131,7 +131,7 @@ def _mllm_part(root: Path, workers: int) -> dict:
         from shardmerge.jobs.plam import demo_pipeline
     except ImportError:
         return {}
-    _step("PlaM pipeline on a tiny Qwen2.5-VL: probe -> plateau -> merge -> verify")
+    _step("PlaM pipeline on a tiny Qwen2.5-VL taught a visual question: probe -> plateau -> merge -> verify")
     return demo_pipeline(root / "plam", workers=workers)
 
 

@@ -271,17 +271,19 @@ def run_plam(args: argparse.Namespace) -> dict:
 
 
 def demo_pipeline(root: Path, workers: int = 2) -> dict:
-    """The demo's MLLM part: tiny Qwen2.5-VL + its tiny base LLM + a tiny benchmark, through `run_plam`.
-
-    Random tiny weights do not use the image, so their probe finds no plateau (the probe says so); the demo therefore
-    passes --layers for the merge and reports the probe's verdict alongside."""
-    from shardmerge.engine.probe.fixtures import bench_rows, write_ours
+    """The demo's MLLM part: a tiny Qwen2.5-VL taught in seconds to answer from the image (engine/probe/visual_task),
+    its base LLM (the language model before that training), and a benchmark of the same visual question on other
+    images, through `run_plam` with the probe choosing the layers — no --layers, no --force: a probe that finds the
+    image unneeded or no plateau stops the demo, as it would stop a real merge."""
+    from shardmerge.engine.probe import visual_task
+    from shardmerge.engine.probe.fixtures import write_ours
     from shardmerge.engine.tiny_models import build_base_llm, build_mllm
 
     root.mkdir(parents=True, exist_ok=True)
     mllm = build_mllm(root / "qwen2_5_vl", "qwen2_5_vl", seed=0, num_layers=4)
     base = build_base_llm(root / "qwen2_base", "qwen2_5_vl", seed=1, from_mllm=mllm)
-    bench = write_ours(root / "bench.parquet", bench_rows(8, seed=0, kinds=("choice", "yesno")))
+    training = visual_task.train_visual_mllm(mllm, seed=0)
+    bench = write_ours(root / "bench.parquet", visual_task.visual_rows(16, seed=1))  # unseen images
     args = build_parser().parse_args(
         [
             "--mllm",
@@ -292,26 +294,28 @@ def demo_pipeline(root: Path, workers: int = 2) -> dict:
             str(bench),
             "--out",
             str(root / "out"),
-            "--layers",
-            "2",
-            "3",
             "--workers",
             str(workers),
             "--device",
             "cpu",
             "--shard-size",
             "200KB",
-            "--force",
         ]
     )
     s = run_plam(args)
+    probe = json.loads((root / "out" / "probe" / "probe.json").read_text())
     return {
         "plam_merged_dir": s["merged"],
         "plam_verified": s["verified"],
-        "plam_layers": s["layers"],
+        "plam_layers": [s["plateau_start"], probe["num_layers"] - 1],
+        "plam_training": training,
         "probe_plateau_start": s["plateau_start"],
+        "probe_plateau_start_ci": s["plateau_start_ci"],
+        "probe_curve": probe["pooled"]["curve"],
+        "probe_stages": s["stages"],
         "probe_png": s["probe_png"],
         "probe_warnings": s["probe_warnings"],
+        "probe_forced_past": s["forced_past"],
     }
 
 

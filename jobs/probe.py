@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention", action="store_true", help="also write the attention-focus analysis")
     p.add_argument("--attention-sample", default=None, help="sample id for the focus heat map [first sample]")
+    p.add_argument(
+        "--merged-layers",
+        type=int,
+        nargs=2,
+        metavar=("S", "E"),
+        default=None,
+        help="with --attention: report the focus over layers S..E (a merge's range) separately",
+    )
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when Ray sees a GPU [auto]")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument(
@@ -168,6 +176,7 @@ def job_from_args(args: argparse.Namespace) -> ProbeJob:
         epsilon=args.epsilon,
         seed=args.seed,
         pooling=args.pooling,
+        merged_layers=tuple(args.merged_layers) if args.merged_layers else None,
     )
 
 
