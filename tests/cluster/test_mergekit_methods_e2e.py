@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.e2e.test_mergekit_oracle import _load
 
 from shardmerge.jobs.merge import run_merge
+from tests.e2e.test_mergekit_oracle import _load
 
 REL = 1e-3
 # Recipes over {base}, {e1}, {e2} (the bf16 family has two experts); model names are filled in per family.
@@ -108,9 +108,12 @@ def test_matches_mergekit_from_bf16_inputs(case, llm_family_bf16, tmp_path):
 def ray_two_cpus():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from shardmerge.engine.run.ray_pool import connect
+
+    started = connect(num_cpus=2)  # as the merge does: never a stale or running `ray start` cluster by accident
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def _same_bytes_in_process_and_two_workers(cases, family, tmp_path) -> None:
