@@ -181,7 +181,6 @@ def test_probe_beside_and_on_a_running_head(head, tmp_path):
     model = build_mllm(tmp_path / "m", "llava", seed=1, num_layers=2)
     bench = fixtures.write_ours(tmp_path / "b.parquet", fixtures.bench_rows(4, kinds=("choice", "yesno")))
     env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
     tables = []
     for name, extra in (("beside", []), ("on", ["--address", HEAD_GCS[-1]])):
         out = tmp_path / name

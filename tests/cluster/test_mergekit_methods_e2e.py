@@ -108,7 +108,7 @@ def test_matches_mergekit_from_bf16_inputs(case, llm_family_bf16, tmp_path):
 def ray_two_cpus():
     import ray
 
-    from shardmerge.engine.run.ray_pool import connect
+    from shardmerge.engine.run.ray_session import connect
 
     started = connect(num_cpus=2)  # as the merge does: never a stale or running `ray start` cluster by accident
     yield
