@@ -8,6 +8,7 @@ one run. Each lives in jobs/bench_<name>.py with `main(argv)`; results and comma
   probe        full cut-layer sweep cost / one unmasked pass
   kernels      Triton kernels: GB/s, ratio to device copy, speedup over eager torch
   svd          SVD merge methods vs a per-matrix torch.linalg.svd loop
+  pivot        PivotMerge vs the baselines on projector experts trained here (held-out retrieval, log-likelihood)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BENCHES = {
     "probe": "shardmerge.jobs.bench_probe",
     "kernels": "shardmerge.jobs.bench_kernels",
     "svd": "shardmerge.jobs.bench_svd",
+    "pivot": "shardmerge.jobs.bench_pivot",
 }
 
 

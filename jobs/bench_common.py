@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import resource
 import struct
 import subprocess
 import sys
@@ -208,6 +209,15 @@ def _status(pid: int) -> dict[str, int] | None:
     return out if "RssAnon" in out else None
 
 
+def _minflt(pid: int) -> int:
+    """Minor page faults of a process so far (field 10 of /proc/PID/stat), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _role(pid: int, root: int) -> str:
     """driver (the benchmarked process), merge-worker (a Ray MergeWorker actor), or ray (Ray's own processes)."""
     if pid == root:
@@ -225,6 +235,7 @@ class ProcPeak:
     role: str
     private_peak: int = 0  # max sampled RssAnon
     hwm: int = 0  # last VmHWM seen (the kernel's peak RSS; monotone)
+    minflt: int = 0  # last minor page-fault count seen (/proc/PID/stat; monotone)
 
 
 @dataclass
@@ -259,8 +270,10 @@ class TreeSampler:
                 p = self.procs.get(pid)
                 if p is None or p.role == "ray":  # a Ray worker process takes its actor name after start-up
                     role = _role(pid, self.root)
-                    p = self.procs[pid] = ProcPeak(role, p.private_peak if p else 0, p.hwm if p else 0)
+                    p = self.procs[pid] = ProcPeak(role, p.private_peak if p else 0, p.hwm if p else 0,
+                                                   p.minflt if p else 0)  # fmt: skip
                 p.private_peak = max(p.private_peak, st["RssAnon"])
+                p.minflt = max(p.minflt, _minflt(pid))
                 p.hwm = max(p.hwm, st.get("VmHWM", 0))
                 total += st["RssAnon"]
             self.total_private_peak = max(self.total_private_peak, total)
@@ -282,6 +295,7 @@ class TreeSampler:
             "driver_max_rss": max((p.hwm for p in driver), default=0),
             "worker_private_peaks": sorted((p.private_peak for p in workers), reverse=True),
             "worker_max_rss": max((p.hwm for p in workers), default=0),
+            "worker_minflt": sum(p.minflt for p in workers),
             "ray_private_peak_sum": sum(p.private_peak for p in ray_other),
             "tree_private_peak": self.total_private_peak,
             "samples": self.samples,
@@ -313,6 +327,7 @@ def run_child(
 ) -> ChildRun:
     """Run a command, timing its wall clock and sampling its process tree's memory; raises on a non-zero exit."""
     full_env = dict(os.environ, **(env or {}))
+    faults0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
     sampler = TreeSampler(proc.pid, interval).start()
@@ -325,6 +340,7 @@ def run_child(
         raise RuntimeError(f"{cmd[0]}: timed out after {timeout:.0f} s") from None
     wall = time.perf_counter() - t0
     mem = sampler.stop()
+    mem["process_minflt"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults0  # the whole child
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))[:300]}: exit code {proc.returncode}; stderr tail:\n{err[-3000:]}")
     return ChildRun(wall, proc.returncode, out, err, mem)
@@ -446,6 +462,7 @@ def _merge_child(argv: list[str]) -> int:
     started = connect(None, num_cpus=max(os.cpu_count() or 1, n_workers or 1)) if n_workers != 0 else False
     ray_up = time.perf_counter() - t0
     t1 = time.perf_counter()
+    faults1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     plan = build_plan(load_recipe(recipe), shard_size="5GB", source=str(recipe))
     summary = execute(
         plan,
@@ -456,6 +473,7 @@ def _merge_child(argv: list[str]) -> int:
         threads_per_worker=None if threads == "none" else int(threads),
     )
     merge_s = time.perf_counter() - t1
+    merge_minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults1
     t2 = time.perf_counter()
     if started:
         ray.shutdown()
@@ -467,6 +485,7 @@ def _merge_child(argv: list[str]) -> int:
                 "ray_up_s": ray_up,
                 "pool_start_s": summary.get("pool_start_s") or 0.0,
                 "merge_s": merge_s,
+                "merge_minflt": merge_minflt,
                 "ray_down_s": down,
                 "workers": summary.get("workers"),
                 "threads_per_worker": summary.get("threads_per_worker"),

@@ -1,9 +1,9 @@
 """`vs-mergekit` benchmark: the same recipes through mergekit-yaml and shardmerge on the same checkpoints,
-alternating runs, each in a fresh process; prints wall time, shardmerge's fixed Ray cost, sustained time, max RSS and
-peak private memory, and the ratios.
+alternating runs, each in a fresh process; prints wall time, shardmerge's fixed Ray cost, sustained time, max RSS,
+peak private memory, minor page faults per GB written, the ratios, each method's I/O floor and the load average.
 
-    python -m shardmerge.jobs.bench vs-mergekit [--size-gb 1.1] [--models 3] [--methods linear,task_arithmetic,ties,...]
-    (--methods also takes della, della_linear, sce, ram, ramplus_tl)
+    python -m shardmerge.jobs.bench vs-mergekit [--size-gb 1.1] [--models 3] [--methods linear,ties,dare_ties,slerp]
+    (--methods also takes task_arithmetic, della, della_linear, sce, ram, ramplus_tl)
                                      [--repeats 1] [--workers N] [--threads T] [--chunk-mb 64] [--models-dir DIR]
                                      [--json FILE]
 
@@ -20,7 +20,13 @@ Definitions (per run):
 - sustained: wall - fixed (mergekit has no fixed cost of this kind: its sustained = its wall);
 - max RSS: VmHWM of the process (driver and the largest worker for shardmerge);
 - peak private: the sampled peak of RssAnon (anonymous memory; page-cache pages of the inputs are not working
-  memory): per process, and summed over the whole process tree (Ray's own processes included).
+  memory): per process, and summed over the whole process tree (Ray's own processes included);
+- faults/GB: minor page faults per GB of output. mergekit: its whole process. shardmerge "merge phase": the driver's
+  own count around planning and execution plus the merge workers' (sampled, their start-up included; Ray's other
+  processes not counted); "whole driver": the driver process from start to exit (interpreter and imports included);
+- floor: reading the inputs the recipe uses from the page cache (at the rate measured once at start) + writing and
+  fsyncing one checkpoint's bytes (jobs/bench_floor.py); printed as mergekit wall / floor and shardmerge sustained /
+  floor.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from shardmerge.jobs.bench_common import (
     write_checkpoint,
 )
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")  # the default set
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+DEFAULT_METHODS = ("linear", "ties", "dare_ties", "slerp")
 MORE_METHODS = ("della", "della_linear", "sce", "ram", "ramplus_tl")  # accepted by --methods
 HEAD = "dtype: float32\nout_dtype: bfloat16\n"
 
@@ -107,6 +114,8 @@ def run_mergekit(recipe: Path, out: Path) -> dict:
         "max_rss": r.mem["driver_max_rss"],
         "private_peak": r.mem["driver_private_peak"],
         "tree_private_peak": r.mem["tree_private_peak"],
+        "process_faults": r.mem["process_minflt"],
+        "merge_faults": r.mem["process_minflt"],  # no separate merge phase: the whole process
     }
 
 
@@ -127,6 +136,11 @@ def run_shardmerge(recipe: Path, out: Path, workers: int | None, chunk_mb: float
         "worker_private_peak": max(m["worker_private_peaks"], default=0),
         "driver_private_peak": m["driver_private_peak"],
         "tree_private_peak": m["tree_private_peak"],
+        "process_faults": m["process_minflt"],
+        # the merge phase: the driver's own count around planning + execution, plus the merge workers' (sampled,
+        # their start-up included); Ray's other processes are not counted
+        "merge_faults": t.get("merge_minflt", 0) + m.get("worker_minflt", 0),
+        "out_bytes": t["bytes"],
         "phases": t,
     }
 
@@ -164,38 +178,71 @@ def bench_method(
     return {"method": method, "mergekit": _median(mk), "shardmerge": _median(sm), "load": load}
 
 
+def inputs_read(method: str, n_models: int) -> int:
+    """How many of the K checkpoints a method's recipe reads (slerp: the base and one expert)."""
+    return 2 if method == "slerp" else n_models
+
+
+def add_floor(r: dict, floor: dict, n_models: int) -> dict:
+    """The method's floor: reading the inputs its recipe uses (at the measured page-cache rate) + writing and
+    fsyncing one checkpoint's bytes; stored in r."""
+    share = inputs_read(r["method"], n_models) / n_models
+    r["floor_s"] = floor["read_s"] * share + floor["write_fsync_s"]
+    return r
+
+
 def print_row(r: dict) -> None:
     mk, sm = r["mergekit"], r["shardmerge"]
-    print(f"{r['method']:<16} load average {r.get('load', '?')}", flush=True)
+    gb = max(1, sm.get("out_bytes", 0)) / 1e9
+    floor = r.get("floor_s")
     print(
         f"{r['method']:<16} mergekit wall {mk['wall_s']:7.1f} s  max RSS {gib(mk['max_rss'])}  "
-        f"private {gib(mk['private_peak'])} | shardmerge wall {sm['wall_s']:6.1f} s  fixed {sm['fixed_s']:4.1f} s "
-        f"(start-up {sm['startup_s']:.1f} s)  sustained {sm['sustained_s']:6.1f} s  max RSS {gib(sm['max_rss'])}  "
-        f"private worker {gib(sm['worker_private_peak'])} driver {gib(sm['driver_private_peak'])} "
-        f"tree {gib(sm['tree_private_peak'])}",
+        f"private {gib(mk['private_peak'])}  faults/GB {mk['process_faults'] / gb:,.0f} | shardmerge wall "
+        f"{sm['wall_s']:6.1f} s  fixed {sm['fixed_s']:4.1f} s (start-up {sm['startup_s']:.1f} s)  sustained "
+        f"{sm['sustained_s']:6.1f} s  max RSS {gib(sm['max_rss'])}  private worker {gib(sm['worker_private_peak'])} "
+        f"driver {gib(sm['driver_private_peak'])} tree {gib(sm['tree_private_peak'])}  faults/GB merge phase "
+        f"{sm['merge_faults'] / gb:,.0f}, whole driver {sm['process_faults'] / gb:,.0f}",
         flush=True,
+    )
+    floor_text = (
+        f"  floor {floor:.1f} s: mergekit {mk['wall_s'] / floor:.1f}x floor, shardmerge sustained "
+        f"{sm['sustained_s'] / floor:.1f}x floor"
+        if floor
+        else ""
     )
     print(
-        f"{'':<16} ratios (mergekit / shardmerge): end-to-end {mk['wall_s'] / sm['wall_s']:.2f}x  "
+        f"{r['method']:<16} ratios (mergekit / shardmerge): end-to-end {mk['wall_s'] / sm['wall_s']:.2f}x  "
         f"sustained {mk['sustained_s'] / sm['sustained_s']:.2f}x  "
-        f"peak private (largest process) {mk['private_peak'] / max(1, sm['private_peak']):.2f}x",
+        f"peak private (largest process) {mk['private_peak'] / max(1, sm['private_peak']):.2f}x{floor_text}  "
+        f"| load average {r.get('load', '?')}",
         flush=True,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="shardmerge bench vs-mergekit", description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.1, help="size of each checkpoint in GB (default 1.1)")
     p.add_argument("--models", type=int, default=3, help="checkpoints: a base and K-1 experts (default 3)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated (default {','.join(DEFAULT_METHODS)})"
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
-    p.add_argument("--workers", type=int, default=None, help="shardmerge workers (default: the engine's default)")
+    options.add_workers(p, "as `shardmerge merge` chooses")
     p.add_argument("--chunk-mb", type=float, default=64, help="shardmerge --chunk-mb (default 64)")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per shardmerge worker (default: the CPUs it reserves)"
     )
     p.add_argument("--models-dir", default=None, help="keep generated checkpoints here (default: a temp dir)")
-    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS) - set(MORE_METHODS))
@@ -218,13 +265,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{seconds:.1f} s); wall/fixed/sustained in seconds, memory in GiB",
             flush=True,
         )
+        from shardmerge.jobs.bench_floor import floor_seconds
+
+        floor = floor_seconds(dirs, dir_bytes(dirs[0]), work)
+        print(
+            f"# floor: read {floor['in_bytes'] / 1e9:.2f} GB {floor['read_s']:.2f} s + write+fsync "
+            f"{floor['out_bytes'] / 1e9:.2f} GB {floor['write_fsync_s']:.2f} s (per method: the inputs it reads)",
+            flush=True,
+        )
         results = []
         for method in methods:
-            results.append(bench_method(method, dirs, work, args.repeats, args.workers, args.chunk_mb, args.threads))
+            r = bench_method(method, dirs, work, args.repeats, args.workers, args.chunk_mb, args.threads)
+            results.append(add_floor(r, floor, len(dirs)))
             print_row(results[-1])
         if args.json:
             Path(args.json).write_text(
-                json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=1, default=str)
+                json.dumps(
+                    {"machine": machine, "args": vars(args), "floor": floor, "results": results}, indent=1, default=str
+                )
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -63,7 +63,10 @@ class Param:
     kind: "float" (any finite number; YAML ints accepted), "int", "bool" or "str". default None = required.
     lo/hi bound the value (inclusive unless lo_open/hi_open); hi_models: the upper bound is the number of input
     models (checked where the model count is known). choices: the allowed values of a "str" parameter. A value
-    equal to the default is always accepted (sentinel defaults such as "auto" or NaN mean "not set")."""
+    equal to the default is always accepted (sentinel defaults such as "auto" or NaN mean "not set").
+    internal: set by the planner from the plan's structure (e.g. how many trailing inputs are a companion tensor's),
+    never by a recipe: the recipe checks refuse it by name, every op gets the default unless its planner sets it,
+    and docs/methods.md lists it as internal. It must have a default."""
 
     name: str
     kind: str = "float"
@@ -76,10 +79,13 @@ class Param:
     hi_models: bool = False
     choices: tuple = ()
     doc: str = ""
+    internal: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in PARAM_KINDS:
             raise ValueError(f"parameter {self.name!r}: kind must be one of {PARAM_KINDS}, got {self.kind!r}")
+        if self.internal and self.default is None:
+            raise ValueError(f"parameter {self.name!r}: an internal parameter needs a default (the planner sets it)")
 
     @property
     def required(self) -> bool:
@@ -157,8 +163,10 @@ def _legacy_params(per_model: Mapping[str, Any], global_: Mapping[str, Any]) -> 
     )
 
 
-# Estimated peak bytes of a whole-matrix merge of one tensor: (shape, number of non-base inputs, base given).
-MemoryEstimate = Callable[[tuple, int, bool], int]
+# Estimated peak bytes of a whole-matrix merge of one tensor: (shape, number of non-base inputs, base given,
+# input_shapes=the shapes of those inputs) -> bytes. `input_shapes` matters where inputs are not all of the output's
+# shape (pivot's bias op, which also receives its layer weight's inputs); an estimate may ignore it.
+MemoryEstimate = Callable[..., int]
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -167,7 +175,7 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return m, math.prod(shape[1:])
 
 
-def whole_data_bytes(shape: tuple[int, ...], n_inputs: int, has_base: bool) -> int:
+def whole_data_bytes(shape: tuple[int, ...], n_inputs: int, has_base: bool, input_shapes: tuple = ()) -> int:
     """Data of a whole-matrix merge: the K (+ base) float32 inputs as read, their stack, the task vectors, the
     result and its output-dtype copy, D = 4 m n (3 K + base + 2); the default estimate of a whole-matrix method
     that declares none (one without decompositions)."""

@@ -22,7 +22,8 @@ file and the specs disagree. Each method is one module under `engine/methods/`.
   input) or unused (accepted and ignored).
 - **models**: how many inputs besides the base model.
 - parameters: `name` [default] range; *per model* ones may be set under `models[].parameters` or globally;
-  "required" ones have no default.
+  "required" ones have no default; *internal* ones are set by the planner from the plan's structure and refused
+  in recipes.
 """
 
 
@@ -34,7 +35,7 @@ def _param_text(p: Param) -> str:
     else:
         default = {True: "true", False: "false"}.get(p.default, p.default) if p.kind == "bool" else str(p.default)
     extra = p.range_text() or (" / ".join(p.choices) if p.choices else "")
-    scope = ", per model" if p.per_model else ""
+    scope = ", per model" if p.per_model else ", internal: set by the planner" if p.internal else ""
     return f"`{p.name}` [{default}{scope}]" + (f" {extra}" if extra else "")
 
 

@@ -405,7 +405,8 @@ def pivot_merge(
 
 def split_layer_weight(tensors, params: dict) -> tuple[list, tuple | None, dict]:
     """The plan passes a projector bias as K bias inputs followed by its layer weight's K inputs (+ the weight's
-    pivot for `init` / `model:<name>`), with `weight_inputs` = how many of those trail; split them off."""
+    pivot for `init` / `model:<name>`), with `weight_inputs` (the spec's internal parameter, set by the planner) =
+    how many of those trail; split them off."""
     params = dict(params)
     n = int(params.pop("weight_inputs", 0) or 0)
     if not n:
@@ -474,18 +475,36 @@ _RANGES = {
 
 
 def _params() -> tuple[Param, ...]:
-    """PivotParams' fields as declared parameters (kind from the default), plus the per-model `gain`."""
+    """PivotParams' fields as declared parameters (kind from the default), plus the per-model `gain` and the
+    planner's internal `weight_inputs` (see `split_layer_weight`)."""
     kinds = {bool: "bool", str: "str", int: "int", float: "float"}
     out = [Param("gain", default=NO_GAIN, per_model=True, doc="precomputed alignment gain (contribution: data)")]
     for name, default in asdict(PivotParams()).items():
         out.append(Param(name, kinds[type(default)], default, doc=_DOCS[name], **_RANGES.get(name, {})))
+    out.append(
+        Param(
+            "weight_inputs",
+            "int",
+            0,
+            lo=0,
+            internal=True,
+            doc="a projector bias op: how many trailing inputs are its layer weight's (K, + its pivot)",
+        )
+    )
     return tuple(out)
 
 
-def pivot_memory(shape: tuple, n_inputs: int, has_base: bool) -> int:
+def pivot_memory(shape: tuple, n_inputs: int, has_base: bool, input_shapes: tuple = ()) -> int:
     """Peak bytes of one projector merge: the data, the stacked copy and full spectra of the horizontal
     (m x K n) and vertical (K m x n) stacks (24 a b + 40 a^2 each, a <= b; see shardmerge.engine.run.memory), summed although
-    they run one after the other, because the allocator does not hand the first one's pages back in time."""
+    they run one after the other, because the allocator does not hand the first one's pages back in time.
+    A bias op whose inputs end with its layer weight's (`input_shapes` has 2-D entries, see `split_layer_weight`)
+    recomputes that weight's shared space for lambda: its K bias inputs' data plus the weight's own estimate."""
+    if len(shape) < 2 and any(len(s) >= 2 for s in input_shapes):
+        k = sum(1 for s in input_shapes if tuple(s) == tuple(shape))
+        weight = next(tuple(s) for s in input_shapes if len(s) >= 2)
+        n_weight = len(input_shapes) - k
+        return whole_data_bytes(shape, k, has_base) + pivot_memory(weight, k, n_weight > k)
     data = whole_data_bytes(shape, n_inputs, has_base)
     if len(shape) < 2:
         return data

@@ -427,7 +427,7 @@ def svd_memory(extra: int):
     float32 copies (~24 a b) and the Gram matrix, eigenvectors and eigh workspace (~40 a^2), less when few
     triplets are kept. N-D weights count as their (out, rest) matrix; 0-D/1-D tensors only hold data."""
 
-    def estimate(shape: tuple, n_inputs: int, has_base: bool) -> int:
+    def estimate(shape: tuple, n_inputs: int, has_base: bool, input_shapes: tuple = ()) -> int:
         data = whole_data_bytes(shape, n_inputs, has_base)
         if len(shape) < 2:
             return data

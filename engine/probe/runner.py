@@ -197,10 +197,12 @@ def run_probe(job: ProbeJob) -> dict:
         raise RuntimeError(f"every sample was a bad row ({len(bad)}); first reasons: {bad[:3]}")
     pq.write_table(table, out / "probe.parquet")
     pooled, per = analyse(table, job)
-    plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric)
+    plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric, model=job.worker.model)
     summary = _summary(job, device, table, bad, pooled, per, time.perf_counter() - t0)
     if job.worker.attention:
-        summary["attention"] = _write_focus(out, results, job.worker.attention_sample, job.merged_layers)
+        summary["attention"] = _write_focus(
+            out, results, job.worker.attention_sample, job.merged_layers, model=job.worker.model
+        )
     for warning in [pooled.warning] + [p.warning for p in per.values()]:
         if warning:
             log.warning("probe: %s", warning)
@@ -255,7 +257,9 @@ FOCUS_METRICS = (
 )
 
 
-def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, merged_layers=None) -> dict:
+def _write_focus(
+    out: Path, results: list[ShardResult], wanted: str | None, merged_layers=None, model: str | None = None
+) -> dict:
     """focus.parquet (per sample x layer), per-benchmark means per layer (also without attention sinks, inside
     region boxes), the merged layer range's means apart, and heat maps with and without the sink tokens."""
     import pyarrow as pa
@@ -288,7 +292,17 @@ def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, merg
     else:
         h = min(heats, key=lambda x: (x["benchmark"], x["row"]))
         png = out / f"focus_{_safe(h['id'])}.png"
-        plots.plot_focus(png, h["image"], h["per_token"], h["grid"], h["mass"], h["entropy"], sample=h["id"])
+        plots.plot_focus(
+            png,
+            h["image"],
+            h["per_token"],
+            h["grid"],
+            h["mass"],
+            h["entropy"],
+            sample=h["id"],
+            model=model,
+            benchmark=h["benchmark"],
+        )
         info["heatmap"] = {"sample": h["id"], "benchmark": h["benchmark"], "file": png.name, "grid": list(h["grid"])}
         # the second figure: the sink tokens' cells blanked, curves recomputed without them
         per_token = np.array(h["per_token"], dtype=np.float64)
@@ -302,6 +316,8 @@ def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, merg
             h["mass_nosink"],
             h["entropy_nosink"],
             sample=f"{h['id']} (no sinks)",
+            model=model,
+            benchmark=h["benchmark"],
         )
         info["heatmap"].update(file_nosinks=png2.name, sinks=list(h.get("sinks", [])))
     if merged_layers is not None:

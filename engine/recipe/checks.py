@@ -49,8 +49,13 @@ def check_settings(
 ) -> None:
     """Every key is a parameter the spec declares (per-model ones only, under models[].parameters) and every
     value a filter or gradient can produce is valid for its declaration (Param.check)."""
-    known = {p.name: p for p in spec.params if p.per_model or not per_model_only}
+    known = {p.name: p for p in spec.params if (p.per_model or not per_model_only) and not p.internal}
+    internal = {p.name for p in spec.params if p.internal}
     for key, setting in settings.items():
+        if key in internal:
+            raise ValueError(
+                f"{where}.{key}: set by the planner for merge_method {spec.name!r}, not a recipe parameter; remove it"
+            )
         if key not in known:
             raise ValueError(
                 f"{where}.{key}: unknown parameter for merge_method {spec.name!r}; "

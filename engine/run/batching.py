@@ -23,19 +23,25 @@ from shardmerge.engine.plan.build import COPY, OutputTensor
 DEFAULT_SVD_BATCH_BYTES = 8 << 30
 
 
-def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool) -> int:
+def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool, input_shapes: tuple = ()) -> int:
     """Estimated peak working memory of a whole-matrix method on one tensor of K inputs: the method's own
     estimate (`MethodSpec.memory`; the SVD family's in shardmerge.engine.methods.svd.svd_memory, pivot's in
     shardmerge.engine.methods.pivot.pivot_memory), else its data alone (shardmerge.engine.methods.base.whole_data_bytes: the K (+ base)
     float32 inputs, their stack, the task vectors, the result and its output-dtype copy).
     Measured peaks (K = 3, CPU, 500 x 3000 to 1280 x 2048) are 0.43-0.76 of the SVD/pivot estimates
-    (docs/pivot_recipe.md, tests/e2e/test_svd_budget.py).
+    (docs/pivot_recipe.md, tests/e2e/test_svd_budget.py). `input_shapes`: the inputs' shapes, for estimates whose
+    inputs are not all of the output's shape (pivot's bias op also receives its layer weight's inputs).
     """
     from shardmerge.engine.methods.base import whole_data_bytes
 
     spec = methods.get(op)
     estimate = spec.memory or whole_data_bytes
-    return estimate(tuple(shape), n_inputs, has_base)
+    return estimate(tuple(shape), n_inputs, has_base, input_shapes=tuple(tuple(s) for s in input_shapes))
+
+
+def op_bytes(t: OutputTensor) -> int:
+    """`whole_tensor_bytes` of a plan tensor (its op, shape and inputs)."""
+    return whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None, tuple(i.shape for i in t.inputs))
 
 
 def batching_on(device: str, svd_batch: bool | None) -> bool:
@@ -61,7 +67,7 @@ class Batch:
     """Tensors of one unit merged by one `merge_batch` call."""
 
     members: tuple[int, ...]  # positions in the unit's tensor list, in plan order
-    nbytes: int  # summed whole_tensor_bytes of the members
+    nbytes: int  # summed op_bytes of the members
 
 
 def plan_batches(tensors, max_bytes: int) -> list[Batch]:
@@ -76,7 +82,7 @@ def plan_batches(tensors, max_bytes: int) -> list[Batch]:
         key = batch_key(t)
         if key is None:
             continue
-        need = whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None)
+        need = op_bytes(t)
         members, used = open_.get(key, ([], 0))
         if members and used + need > max_bytes:
             done.append((members, used))

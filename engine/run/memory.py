@@ -10,7 +10,13 @@ tests/e2e/test_svd_budget.py and tests/e2e/test_memory_bound.py.
 from __future__ import annotations
 
 from shardmerge.engine.plan.build import COPY, Plan
-from shardmerge.engine.run.batching import DEFAULT_SVD_BATCH_BYTES, batch_schedule, batching_on, whole_tensor_bytes
+from shardmerge.engine.run.batching import (  # noqa: F401  (whole_tensor_bytes: re-exported, the executor's interface)
+    DEFAULT_SVD_BATCH_BYTES,
+    batch_schedule,
+    batching_on,
+    op_bytes,
+    whole_tensor_bytes,
+)
 from shardmerge.engine.run.unit import rows_per_chunk
 
 # Resident memory of an idle merge worker (Python + torch + Ray core worker): 0.36-0.42 GB measured on the test
@@ -25,7 +31,7 @@ def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:
     rows = t.shape[0] if t.shape else 1
     row_numel = t.nbytes // max(1, rows) // max(1, _itemsize(t.dtype))
     if t.op != COPY and not methods.get(t.op).chunkwise:
-        return whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None), True
+        return op_bytes(t), True
     step = min(rows, rows_per_chunk(t, chunk_bytes))
     buffers = 2 if t.op == COPY else len(t.inputs) + (1 if t.base is not None else 0) + 2
     return step * row_numel * 4 * buffers, False
@@ -55,7 +61,7 @@ def _peak(plan: Plan, chunk_bytes: int, batch_bytes: int | None = None) -> tuple
             ts = tuple(u.tensors[i] for i in members)
             if len(ts) > 1:
                 need, is_whole = (
-                    sum(whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None) for t in ts),
+                    sum(op_bytes(t) for t in ts),
                     True,
                 )
             else:

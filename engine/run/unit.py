@@ -25,6 +25,7 @@ from shardmerge.engine.methods.base import Chunk, TensorInfo
 from shardmerge.engine.plan.build import COPY, OutputTensor, WorkUnit
 from shardmerge.engine.run.batching import Batch, plan_batches
 from shardmerge.engine.run.options import RunOptions
+from shardmerge.kernels import cpu_fused
 
 _FP32 = 4
 
@@ -190,6 +191,10 @@ def _merge_tensor(t: OutputTensor, opts: RunOptions, reports: list | None = None
     spec = methods.get(t.op)
     params = dict(t.params)
     info = TensorInfo(t.name, t.shape, t.layer, t.num_layers)
+    fused = cpu_fused.plan_for(t, device)  # linear-family on CPU: one compiled pass per chunk, same bytes
+    if fused is not None:
+        yield from cpu_fused.run(fused, chunks(t, chunk_bytes), lambda c: _merge_chunk(t, c, opts))
+        return
     read = _reader(t, chunk_bytes, device, check)
     stats = spec.prepare(read, info=info, **params) if spec.prepare else None
     if not spec.chunkwise:
@@ -209,6 +214,17 @@ def _merge_tensor(t: OutputTensor, opts: RunOptions, reports: list | None = None
             y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
         allowed = _check_result(t, y, c, opts, allowed)
         yield y.to(out_dtype).cpu()
+
+
+def _merge_chunk(t: OutputTensor, c: Chunk, opts: RunOptions) -> torch.Tensor:
+    """One chunk of a chunkwise method without whole-tensor statistics, the eager way (cast, on CPU)."""
+    spec, check = methods.get(t.op), not opts.allow_nonfinite
+    xs = [_load(m, c, opts.device, check) for m in t.inputs]
+    base = _load(t.base, c, opts.device, check) if t.base is not None else None
+    info = TensorInfo(t.name, t.shape, t.layer, t.num_layers)
+    y = spec.merge(xs, base, stats=None, chunk=c, info=info, **dict(t.params))
+    _check_result(t, y, c, opts, None)
+    return y.to(DTYPES[t.dtype][0]).cpu()
 
 
 def _report_entry(t: OutputTensor, spec, rep: dict) -> dict:

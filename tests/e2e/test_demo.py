@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-from shardmerge.jobs.demo import main
+from shardmerge.jobs.demo import human_summary, main
 
 
 def test_demo_runs_and_reports_every_part(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--workers", "1"]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("[demo] done:") + len("[demo] done:") :])
+    assert main(["--out", str(tmp_path), "--workers", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # --json: stdout is the JSON summary alone (steps go to stderr)
     assert result["verified"] and result["logits_finite"] and result["shards"] > 1
     assert result["pivot_verified"] and result["plam_verified"]
     lam = result["pivot_lambda_per_layer"]
@@ -26,3 +25,11 @@ def test_demo_runs_and_reports_every_part(tmp_path, capsys):
     c = result["probe_plateau_start"]
     assert c is not None and 0 < c < len(curve) - 1 and result["plam_layers"] == [c, len(curve) - 2]
     assert result["plam_training"]["train_accuracy_after"] > result["plam_training"]["train_accuracy_before"]
+    text = human_summary(result, True, 12.0)  # the default (human) summary names every part's output and layers
+    for line in (
+        result["merged_dir"],
+        result["pivot_merged_dir"],
+        result["plam_merged_dir"],
+        f"layers {result['plam_layers'][0]}..{result['plam_layers'][1]}",
+    ):
+        assert line in text, text

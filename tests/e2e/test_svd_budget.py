@@ -15,6 +15,7 @@ import pytest
 from shardmerge.engine.io.checkpoint import TensorMeta
 from shardmerge.engine.plan.build import OutputTensor, Plan, ShardSpec, WorkUnit, build_plan
 from shardmerge.engine.recipe.schema import Recipe, parse_recipe
+from shardmerge.engine.run.batching import op_bytes
 from shardmerge.engine.run.executor import (
     WORKER_BASE_BYTES,
     check_memory_budget,
@@ -152,8 +153,48 @@ def test_budget_of_a_real_pivot_plan_names_the_projector_matrix(tmp_path):
     experts = [shutil.copytree(init, tmp_path / f"e{k}") for k in range(3)]
     plan = build_plan(parse_recipe({"merge_method": "pivot", "models": [{"model": str(e)} for e in experts]}))
     floor, where = worker_memory_floor(plan, 64 << 20)
-    # llava projector linear_2 is 64 x 64 (linear_1 64 x 32): the largest whole matrix, above any copy's buffers
-    assert where == "model.multi_modal_projector.linear_2.weight"
-    assert floor == WORKER_BASE_BYTES + whole_tensor_bytes("pivot", (64, 64), 3, False)
-    with pytest.raises(ValueError, match="cannot hold tensor 'model.multi_modal_projector.linear_2.weight'"):
+    # llava projector linear_2 is 64 x 64 (linear_1 64 x 32): the largest whole matrix, above any copy's buffers.
+    # Its bias op decomposes that same matrix again (for the weight's lambda) and holds its own 3 biases on top,
+    # so the bias op sets the floor: the weight's estimate + the biases' data
+    weight = whole_tensor_bytes("pivot", (64, 64), 3, False)
+    bias = weight + whole_tensor_bytes("pivot", (64,), 3, False)
+    assert where == "model.multi_modal_projector.linear_2.bias"
+    assert floor == WORKER_BASE_BYTES + bias
+    ops = {t.name: t for t in plan.tensors()}
+    assert op_bytes(ops["model.multi_modal_projector.linear_2.weight"]) == weight
+    assert op_bytes(ops["model.multi_modal_projector.linear_2.bias"]) == bias
+    with pytest.raises(ValueError, match="cannot hold tensor 'model.multi_modal_projector.linear_2.bias'"):
         check_memory_budget(plan, 64 << 20, floor - 1)
+
+
+MEASURE_BIAS = textwrap.dedent("""
+    import json, sys
+    import torch
+    from shardmerge.engine import methods
+    m, n, K = int(sys.argv[1]), int(sys.argv[2]), 3
+    spec = methods.get("pivot")
+    torch.set_num_threads(1)
+    a = torch.randn(8, 8)
+    torch.linalg.svd(a), torch.linalg.eigh(a @ a.T), torch.linalg.qr(a)
+    g = torch.Generator().manual_seed(0)
+    w0, b0 = torch.randn(m, n, generator=g), torch.randn(m, generator=g)
+    ws = [w0 + 0.01 * torch.randn(m, n, generator=g) for _ in range(K)]
+    bs = [b0 + 0.01 * torch.randn(m, generator=g) for _ in range(K)]
+    before = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+    y = spec.merge(bs + ws, None, weight_inputs=K)
+    peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"measured": peak - before}))
+""")
+
+
+def test_bias_estimate_bounds_the_measured_peak():
+    """A pivot bias op gets K biases + its layer weight's K inputs and decomposes the weight's stacks again: its
+    estimate (from the inputs' shapes) must hold the measured peak, which the 1-D estimate alone does not."""
+    m, n = 700, 1400
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE_BIAS, str(m), str(n)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])["measured"]
+    estimate = whole_tensor_bytes("pivot", (m,), 6, False, input_shapes=[(m,)] * 3 + [(m, n)] * 3)
+    assert whole_tensor_bytes("pivot", (m,), 6, False) < measured <= estimate <= 2.5 * measured, (measured, estimate)

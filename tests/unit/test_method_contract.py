@@ -205,3 +205,15 @@ def test_model_card_names_the_method_from_its_spec():
 def test_input_contracts_and_required_parameters_of_the_mergekit_methods(recipe, match):
     with pytest.raises(ValueError, match=match):
         parse_recipe(recipe, source="r.yaml")
+
+
+def test_internal_params_are_declared_and_refused_in_recipes():
+    """pivot's `weight_inputs` (set by the planner on a projector bias op) is a declared, internal parameter: the
+    spec lists it with its default, a recipe that sets it is refused by name, and it must have a default."""
+    weight_inputs = methods.get("pivot").param("weight_inputs")
+    assert weight_inputs is not None and weight_inputs.internal and weight_inputs.default == 0
+    recipe = {"merge_method": "pivot", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"weight_inputs": 2}}
+    with pytest.raises(ValueError, match=r"parameters\.weight_inputs: set by the planner .*not a recipe parameter"):
+        parse_recipe(recipe, source="r.yaml")
+    with pytest.raises(ValueError, match="internal parameter needs a default"):
+        Param("n", "int", None, internal=True)

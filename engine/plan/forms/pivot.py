@@ -234,7 +234,7 @@ def _params(recipe: Recipe, spec, name: str, t: float, source: str, calibration:
                 f"{source}: calibration has no gains for projector tensor {name!r} (it covers "
                 f"{sorted(calibration.layers)}); was it computed for these experts?"
             ) from None
-    p = PivotParams(**{k: v for k, v in params.items() if k != "gain"})
+    p = PivotParams(**{k: v for k, v in params.items() if k not in ("gain", "weight_inputs")})
     try:
         p.validate(f"tensor {name!r}")
     except ValueError as exc:
