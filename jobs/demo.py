@@ -1,6 +1,8 @@
 """`shardmerge demo`: on a fresh machine, build tiny random models locally (no downloads), merge them with TIES on an
 embedded local Ray, verify the output, load it with transformers and print a short summary; then the MLLM methods on
-tiny MLLMs: PivotMerge of three LLaVA experts' projectors with calibration gains, and the PlaM pipeline.
+tiny MLLMs: PivotMerge of three LLaVA experts' projectors with calibration gains, and the PlaM pipeline on a tiny
+Qwen2.5-VL first taught (in seconds) to answer a question from the image, so that its probe is informative and
+chooses the merged layers.
 
 Everything runs through the same code as a real merge (recipe → plan → Ray workers → verified HF directory).
 """
@@ -137,7 +139,7 @@ def _mllm_part(root: Path, workers: int) -> dict:
         from shardmerge.jobs.plam import demo_pipeline
     except ImportError:
         return {}
-    _step("PlaM pipeline on a tiny Qwen2.5-VL: probe -> plateau -> merge -> verify")
+    _step("PlaM pipeline on a tiny Qwen2.5-VL taught a visual question: probe -> plateau -> merge -> verify")
     return demo_pipeline(root / "plam", workers=workers)
 
 

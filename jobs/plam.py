@@ -4,6 +4,8 @@ shardmerge plam --mllm M --base B --bench FILE_OR_DIR --out DIR [--alpha A] [--t
                 [--layers S E] [--workers N] [--device auto|cpu|cuda] [--address ADDR] [--reprobe] [--limit N]
                 [--metric accuracy|logprob|kl] [--cuts all|...] [--path fast|exact] [--shard-size 5GB]
                 [--weights MLLM,BASE] [--holdout F] [--seed S] [--max-ci-width W] [--force]
+                [--score labels|generate] [--masking clean|reference-qwen25|reference-qwen3]
+                [--system-prompt TEXT] [--min-pixels N] [--max-pixels N]
 
 The probe (DIR/probe/) finds the plateau start c*; the merge (DIR/merged/) injects the base LLM into MLLM layers
 c*..L-1 with W = (1-α)·W_mllm + α·W_base on the target groups; the recipe it ran is kept as DIR/plam.yaml. One Ray
@@ -69,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 TARGETS = ("qkvo", "attn", "mlp", "norms", "all")  # PlaM's target groups (test_cli checks them against the engine's)
 
 
+# Probe options passed through unchanged to every probe this job runs (see `shardmerge probe --help`).
+_PROBE_PASS_THROUGH = ("score", "masking", "system_prompt", "min_pixels", "max_pixels")
+
+
+def _pass_through(args) -> list[str]:
+    argv = []
+    for name in _PROBE_PASS_THROUGH:
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
 def _weights(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None
@@ -107,13 +122,14 @@ def _probe(model: str, args, out: Path, workers: int, side: str = "probe", cuts:
         args.metric,
         "--cuts",
         cuts or args.cuts,
-        "--path",
-        args.path,
         "--device",
         args.device,
         "--seed",
         str(args.seed),
     ]
+    if args.path is not None:
+        argv += ["--path", args.path]
+    argv += _pass_through(args)
     if args.holdout:
         argv += ["--holdout", str(args.holdout), "--side", side]
     for b in args.bench:
@@ -331,17 +347,19 @@ def human_summary(s: dict, seconds: float) -> str:
 
 
 def demo_pipeline(root: Path, workers: int = 2) -> dict:
-    """The demo's MLLM part: tiny Qwen2.5-VL + its tiny base LLM + a tiny benchmark, through `run_plam`.
-
-    Random tiny weights do not use the image, so their probe finds no plateau (the probe says so); the demo therefore
-    passes --layers for the merge and reports the probe's verdict alongside."""
-    from shardmerge.engine.probe.fixtures import bench_rows, write_ours
+    """The demo's MLLM part: a tiny Qwen2.5-VL taught in seconds to answer from the image (engine/probe/visual_task),
+    its base LLM (the language model before that training), and a benchmark of the same visual question on other
+    images, through `run_plam` with the probe choosing the layers — no --layers, no --force: a probe that finds the
+    image unneeded or no plateau stops the demo, as it would stop a real merge."""
+    from shardmerge.engine.probe import visual_task
+    from shardmerge.engine.probe.fixtures import write_ours
     from shardmerge.engine.tiny_models import build_base_llm, build_mllm
 
     root.mkdir(parents=True, exist_ok=True)
     mllm = build_mllm(root / "qwen2_5_vl", "qwen2_5_vl", seed=0, num_layers=4)
     base = build_base_llm(root / "qwen2_base", "qwen2_5_vl", seed=1, from_mllm=mllm)
-    bench = write_ours(root / "bench.parquet", bench_rows(8, seed=0, kinds=("choice", "yesno")))
+    training = visual_task.train_visual_mllm(mllm, seed=0)
+    bench = write_ours(root / "bench.parquet", visual_task.visual_rows(16, seed=1))  # unseen images
     args = build_parser().parse_args(
         [
             "--mllm",
@@ -352,26 +370,28 @@ def demo_pipeline(root: Path, workers: int = 2) -> dict:
             str(bench),
             "--out",
             str(root / "out"),
-            "--layers",
-            "2",
-            "3",
             "--workers",
             str(workers),
             "--device",
             "cpu",
             "--shard-size",
             "200KB",
-            "--force",
         ]
     )
     s = run_plam(args)
+    probe = json.loads((root / "out" / "probe" / "probe.json").read_text())
     return {
         "plam_merged_dir": s["merged"],
         "plam_verified": s["verified"],
-        "plam_layers": s["layers"],
+        "plam_layers": [s["plateau_start"], probe["num_layers"] - 1],
+        "plam_training": training,
         "probe_plateau_start": s["plateau_start"],
+        "probe_plateau_start_ci": s["plateau_start_ci"],
+        "probe_curve": probe["pooled"]["curve"],
+        "probe_stages": s["stages"],
         "probe_png": s["probe_png"],
         "probe_warnings": s["probe_warnings"],
+        "probe_forced_past": s["forced_past"],
     }
 
 

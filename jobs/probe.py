@@ -21,6 +21,8 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 FORMATS = ("auto", "ours", "hf", "tsv")
 POOLINGS = ("macro", "samples")
 SIDES = ("probe", "eval")
+SCORES = ("labels", "generate")
+MASKINGS = ("clean", "reference-qwen25", "reference-qwen3")
 
 
 def parse_cuts(text: str) -> tuple[int, ...] | None:
@@ -53,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true", help="also write the attention-focus analysis")
     p.add_argument("--attention-sample", default=None, help="sample id for the focus heat map [the first sample]")
     p.add_argument(
+        "--merged-layers",
+        type=int,
+        nargs=2,
+        metavar=("S", "E"),
+        default=None,
+        help="with --attention: report the focus over layers S..E (a merge's range) separately",
+    )
+    p.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, the checkpoint's on cuda [auto]"
     )
     p.add_argument("--format", choices=FORMATS, default="auto", help="benchmark format [auto]")
@@ -66,19 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=POOLINGS,
         default="macro",
         help="pooled curve: macro (each benchmark weighs the same) or samples [macro]",
-    )
-    p.add_argument("--system-prompt", default=None, help="a system turn before the question [none]")
-    p.add_argument(
-        "--min-pixels",
-        type=int,
-        default=None,
-        help="Qwen-VL: lower bound of the resized image's pixels [the model's; lmms-eval: 200704]",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="Qwen-VL: upper bound of the resized image's pixels [the model's; lmms-eval: 1605632]",
     )
     p.add_argument(
         "--side",
@@ -108,8 +105,33 @@ def add_probe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--path",
         choices=PATHS,
-        default="fast",
-        help="probe path: fast (prefix sharing) or exact (one pass per cut) [fast]",
+        default=None,
+        help="probe path: fast (prefix sharing) or exact (one pass per cut) [fast; exact with a reference --masking]",
+    )
+    p.add_argument(
+        "--score",
+        choices=SCORES,
+        default="labels",
+        help="labels: answer-label log-probs; generate: greedy answers with lmms-eval's prompts and extraction [labels]",
+    )
+    p.add_argument(
+        "--masking",
+        choices=MASKINGS,
+        default="clean",
+        help="clean, or a reference implementation's alignment after dropping image K/V (docs/probe.md) [clean]",
+    )
+    p.add_argument("--system-prompt", default=None, help="a system turn before the question [none]")
+    p.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen-VL: lower bound of the resized image's pixels [the model's; lmms-eval: 200704]",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen-VL: upper bound of the resized image's pixels [the model's; lmms-eval: 1605632]",
     )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N rows per benchmark file [all]")
     p.add_argument(
@@ -128,6 +150,11 @@ def _split(args: argparse.Namespace) -> tuple:
     return (args.holdout, args.seed, args.side) if args.holdout > 0 else ()
 
 
+def probe_path(args: argparse.Namespace) -> str:
+    """--path, defaulting to fast for clean masking and exact for a reference --masking."""
+    return args.path or ("fast" if args.masking == "clean" else "exact")
+
+
 def job_from_args(args: argparse.Namespace):
     from shardmerge.engine.probe.runner import ProbeJob
     from shardmerge.engine.probe.scoring import ScoreSettings
@@ -135,7 +162,13 @@ def job_from_args(args: argparse.Namespace):
 
     workers = options.workers(args, "shardmerge probe")
     workers = 1 if workers is None else workers
-    score = ScoreSettings(cuts=parse_cuts(args.cuts), path=args.path, max_new_tokens=args.max_new_tokens)
+    score = ScoreSettings(
+        cuts=parse_cuts(args.cuts),
+        path=probe_path(args),
+        max_new_tokens=args.max_new_tokens,
+        score=args.score,
+        masking=args.masking,
+    )
     worker = WorkerSettings(
         model=args.model,
         device=args.device,
@@ -164,6 +197,7 @@ def job_from_args(args: argparse.Namespace):
         epsilon=args.epsilon,
         seed=args.seed,
         pooling=args.pooling,
+        merged_layers=tuple(args.merged_layers) if args.merged_layers else None,
     )
 
 
@@ -189,7 +223,7 @@ def human_summary(args: argparse.Namespace, summary: dict, seconds: float) -> st
     lines = [
         f"probed     {args.model}",
         f"benchmarks {', '.join(args.bench)}; {summary.get('samples')} sample(s), {summary['bad_rows']['count']} bad row(s)",
-        f"metric     {args.metric}, {args.path} path",
+        f"metric     {args.metric}, {probe_path(args)} path, {args.score} scoring, {args.masking} masking",
         f"plateau    {plateau}",
         f"time       {duration(seconds)}",
     ]

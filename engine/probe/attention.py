@@ -9,6 +9,19 @@ Inside `masking(cut, image_mask)` the decoder layers with index >= cut see a mas
 keys/values of image tokens. Positions (RoPE, M-RoPE) are untouched because keys are masked, not removed; tokens
 before the image keep their ordinary causal attention (no bottom-right alignment quirk). The same function serves
 the independent check (image K/V replaced by seeded noise) and the attention-focus recorder.
+
+`mode` reproduces, for comparison with published curves, what a reference implementation that *drops* the image
+K/V slices before calling its attention kernel computes (expressed here as a mask over the full keys, so RoPE and
+the KV cache are the same as in clean mode):
+
+- "reference-qwen25": FlashAttention's causal mask is aligned bottom-right when there are fewer keys than queries:
+  query i sees the kept keys of rank <= i + K' - Q (K' kept keys, Q queries). After dropping N image keys, text
+  after the image sees exactly the text up to itself, but a query before position N sees no key at all and
+  FlashAttention returns a zero output for it (so the text before the image changes in masked layers, and through
+  its keys the text after it too). Decode steps (one query) see every kept key.
+- "reference-qwen3": PyTorch SDPA's `is_causal` is aligned top-left: query i sees the kept keys of rank <= i, so
+  text after the image sees up to N later prompt tokens. Decode steps are not masked at all (the image K/V are only
+  dropped in the prefill).
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 ATTN_NAME = "shardmerge_probe"
+MODES = ("clean", "reference-qwen25", "reference-qwen3")
 LAYER_ATTR = "_shardmerge_probe_layer"
 
 
@@ -33,6 +47,7 @@ class MaskState:
     noise_seed: int | None = None  # replace the image tokens' K/V in blocked layers by seeded noise
     block: bool = True  # False only for the sensitivity check (noise without the mask must change outputs)
     recorder: AttentionRecorder | None = None
+    mode: str = "clean"  # one of MODES
 
 
 class AttentionRecorder:
@@ -96,19 +111,23 @@ def masking(
     noise_seed: int | None = None,
     block: bool = True,
     recorder: AttentionRecorder | None = None,
+    mode: str = "clean",
 ) -> Iterator[MaskState]:
     """Within the block, forwards of a probe-installed model block image keys from decoder layer `cut` on.
 
     image_mask: (S,) or (B, S) bool over the prompt positions. Keys beyond the prompt (generated tokens) are text.
+    mode: "clean" (default) or one of the reference implementations' alignments (see the module docstring).
     """
     if isinstance(cut, bool) or not isinstance(cut, int) or cut < 0:
         raise ValueError(f"cut layer must be an int >= 0, got {cut!r}")
+    if mode not in MODES:
+        raise ValueError(f"masking mode must be one of {MODES}, got {mode!r}")
     if image_mask.dtype != torch.bool or image_mask.ndim not in (1, 2):
         raise ValueError(
             f"image_mask must be a 1-D or 2-D bool tensor, got dtype {image_mask.dtype} shape {tuple(image_mask.shape)}"
         )
     keys = image_mask if image_mask.ndim == 2 else image_mask[None]
-    state = MaskState(cut=cut, image_keys=keys, noise_seed=noise_seed, block=block, recorder=recorder)
+    state = MaskState(cut=cut, image_keys=keys, noise_seed=noise_seed, block=block, recorder=recorder, mode=mode)
     token = _STATE.set(state)
     try:
         yield state
@@ -166,6 +185,22 @@ def _last_row_probs(module, query, key, mask, scaling: float | None) -> torch.Te
     return torch.softmax(scores, dim=-1)[:, :, 0, :]
 
 
+def _reference_mask(mode: str, image: torch.Tensor, q_len: int) -> torch.Tensor | None:
+    """(B, 1, Q, K) bool: what a kernel given only the kept (non-image) keys lets each query see, placed back on the
+    full key positions; None where the reference does not mask (reference-qwen3's decode steps)."""
+    kv_len = image.shape[1]
+    kept = ~image
+    rank = torch.cumsum(kept.long(), dim=1) - 1  # (B, K): index of each kept key among the kept keys
+    rows = torch.arange(q_len, device=image.device)[None, :, None]  # (1, Q, 1)
+    if mode == "reference-qwen25":  # FlashAttention: causal aligned to the bottom-right corner
+        limit = rows + kept.sum(dim=1)[:, None, None] - q_len
+    elif kv_len > q_len:  # reference-qwen3 decode step: the reference drops the image K/V in the prefill only
+        return None
+    else:  # SDPA is_causal: aligned to the top-left corner
+        limit = rows
+    return (kept[:, None, :] & (rank[:, None, :] <= limit))[:, None]
+
+
 def probe_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers attention function: SDPA with image keys blocked in decoder layers >= the active cut."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -188,7 +223,20 @@ def probe_attention(module, query, key, value, attention_mask, **kwargs):
         if state.noise_seed is not None:
             key = _noisy(key, image, state.noise_seed * 1009 + 2 * layer)
             value = _noisy(value, image, state.noise_seed * 1009 + 2 * layer + 1)
-        if state.block:
+        if state.block and state.mode != "clean":
+            ref = _reference_mask(state.mode, image, q_len)
+            if ref is not None:
+                empty = ~ref.any(dim=-1, keepdim=True)  # (B, 1, Q, 1): FlashAttention's zero-output rows
+                own = torch.arange(kv_len, device=query.device)[None, :] == (
+                    torch.arange(q_len, device=query.device)[:, None] + kv_len - q_len
+                )
+                mask = ref | (empty & own[None, None])  # any visible key keeps SDPA finite; the row is zeroed below
+                if state.recorder is not None:
+                    state.recorder.add(layer, _last_row_probs(module, query, key, mask, kwargs.get("scaling")))
+                out, weights = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+                zero = empty[:, 0, :, 0]  # (B, Q); the output is (B, Q, heads, D)
+                return out.masked_fill(zero[:, :, None, None], 0.0), weights
+        elif state.block:
             blocked = mask & ~image[:, None, None, :]
             # An image query with no text before it would see nothing (NaN); let it see its own key. Its output is
             # never read: no later query attends to image keys in these layers.

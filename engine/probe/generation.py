@@ -24,15 +24,17 @@ def greedy_generate(
     max_new_tokens: int = 8,
     eos_ids: Sequence[int] | None = None,
     with_logits: bool = False,
+    mode: str = "clean",
 ):
     """Greedy continuation (new token ids, eos excluded) with image keys blocked in decoder layers >= cut.
 
-    with_logits: also return the (V,) float32 logits of every decoding step (tests compare them to the fast path)."""
+    with_logits: also return the (V,) float32 logits of every decoding step (tests compare them to the fast path).
+    mode: see `attention.MODES` (reference-qwen3 leaves the decode steps unmasked, as that reference does)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = list(eos_ids) if eos_ids else None
     pad = eos[0] if eos else 0
-    with attention.masking(cut, inputs.image_mask):
+    with attention.masking(cut, inputs.image_mask, mode=mode):
         out = model.generate(
             **inputs.model_kwargs,
             do_sample=False,

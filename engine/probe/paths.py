@@ -42,10 +42,11 @@ def exact_logits(
     last: int = 0,
     noise_seed: int | None = None,
     block: bool = True,
+    mode: str = "clean",
 ) -> torch.Tensor:
     """(S, V) float32 logits of one forward with image keys blocked in decoder layers >= cut (cut = L: unmasked);
-    with last=k only the (k, V) logits of the last k positions."""
-    with attention.masking(cut, inputs.image_mask, noise_seed=noise_seed, block=block):
+    with last=k only the (k, V) logits of the last k positions; mode: see `attention.MODES`."""
+    with attention.masking(cut, inputs.image_mask, noise_seed=noise_seed, block=block, mode=mode):
         return _model_logits(model, inputs, last)
 
 
@@ -226,6 +227,8 @@ def _validate_cuts(cuts: Iterable[int], num_layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def all_exact_logits(model, parts: LMParts, inputs: ProbeInputs, cuts: Iterable[int]) -> dict[int, torch.Tensor]:
+def all_exact_logits(
+    model, parts: LMParts, inputs: ProbeInputs, cuts: Iterable[int], *, mode: str = "clean"
+) -> dict[int, torch.Tensor]:
     """The reference sweep: one masked forward per cut; logits (S, V) each."""
-    return {c: exact_logits(model, inputs, c) for c in _validate_cuts(cuts, parts.num_layers)}
+    return {c: exact_logits(model, inputs, c, mode=mode) for c in _validate_cuts(cuts, parts.num_layers)}

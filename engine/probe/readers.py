@@ -56,6 +56,7 @@ class Sample:
     hint: str = ""
     n_choices: int = 0  # number of option letters A.. (0: yes/no or open question)
     group: str = ""  # resampling unit of the bootstrap (question group / image); "" means the sample itself
+    bbox: tuple = ()  # region box (x0, y0, x1, y1) in the image's pixels, for the attention focus; () if none
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ def _sample(bench: str, row: int, rid: str, rec: dict, image: bytes) -> Sample:
         hint=schemas.text(rec.get("hint")),
         n_choices=n_choices,
         group=schemas.group(rec, rid),
+        bbox=schemas.bbox(rec),
     )
 
 

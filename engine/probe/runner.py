@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardmerge.engine.probe import actors, plateau, plots, readers
+from shardmerge.engine.probe import actors, focus, plateau, plots, readers
 from shardmerge.engine.probe.worker import ShardResult, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class ProbeJob:
     epsilon: float = 0.05
     seed: int = 0
     pooling: str = "macro"  # macro: each benchmark weighs the same; samples: each sample does
+    merged_layers: tuple | None = None  # with attention: report focus over these layers (start, end) apart
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -199,7 +200,9 @@ def run_probe(job: ProbeJob) -> dict:
     plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric, model=job.worker.model)
     summary = _summary(job, device, table, bad, pooled, per, time.perf_counter() - t0)
     if job.worker.attention:
-        summary["attention"] = _write_focus(out, results, job.worker.attention_sample, model=job.worker.model)
+        summary["attention"] = _write_focus(
+            out, results, job.worker.attention_sample, job.merged_layers, model=job.worker.model
+        )
     for warning in [pooled.warning] + [p.warning for p in per.values()]:
         if warning:
             log.warning("probe: %s", warning)
@@ -242,8 +245,23 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
     }
 
 
-def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, model: str | None = None) -> dict:
-    """focus.parquet (per sample x layer), per-benchmark mean mass/entropy per layer, and one heat map."""
+FOCUS_METRICS = (
+    "mass",
+    "entropy",
+    "weighted_entropy",
+    "mass_nosink",
+    "entropy_nosink",
+    "weighted_entropy_nosink",
+    "box_inside",
+    "box_hit",
+)
+
+
+def _write_focus(
+    out: Path, results: list[ShardResult], wanted: str | None, merged_layers=None, model: str | None = None
+) -> dict:
+    """focus.parquet (per sample x layer), per-benchmark means per layer (also without attention sinks, inside
+    region boxes), the merged layer range's means apart, and heat maps with and without the sink tokens."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -251,16 +269,21 @@ def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, mode
     if not rows:
         return {"samples": 0}
     pq.write_table(pa.Table.from_pylist(rows), out / "focus.parquet")
-    means: dict = {}
-    for r in rows:
-        means.setdefault(r["benchmark"], {}).setdefault(r["layer"], []).append((r["mass"], r["entropy"]))
-    summary = {
-        b: {
-            "mass": [float(np.mean([v[0] for v in per[k]])) for k in sorted(per)],
-            "entropy": [float(np.mean([v[1] for v in per[k]])) for k in sorted(per)],
-        }
-        for b, per in means.items()
-    }
+    summary: dict = {}
+    for b in sorted({r["benchmark"] for r in rows}):
+        mine = [r for r in rows if r["benchmark"] == b]
+        layers = sorted({r["layer"] for r in mine})
+        per: dict = {}
+        for key in FOCUS_METRICS:
+            have = [r for r in mine if r.get(key) is not None]
+            if have:
+                per[key] = [float(np.mean([float(r[key]) for r in have if r["layer"] == i])) for i in layers]
+        per["sink_samples"] = len({r["row"] for r in mine if r.get("n_sinks")})
+        if merged_layers is not None:
+            per["merged_range"] = {
+                k: focus.range_means(per[k], tuple(merged_layers)) for k in FOCUS_METRICS if k in per
+            }
+        summary[b] = per
     heats = [res.heatmap for res in results if res.heatmap is not None]
     info = {"samples": len({(r["benchmark"], r["row"]) for r in rows}), "per_benchmark": summary, "heatmap": None}
     if not heats:
@@ -281,8 +304,56 @@ def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, mode
             benchmark=h["benchmark"],
         )
         info["heatmap"] = {"sample": h["id"], "benchmark": h["benchmark"], "file": png.name, "grid": list(h["grid"])}
+        # the second figure: the sink tokens' cells blanked, curves recomputed without them
+        per_token = np.array(h["per_token"], dtype=np.float64)
+        per_token[:, list(h.get("sinks", []))] = 0.0
+        png2 = out / f"focus_{_safe(h['id'])}_nosinks.png"
+        plots.plot_focus(
+            png2,
+            h["image"],
+            per_token,
+            h["grid"],
+            h["mass_nosink"],
+            h["entropy_nosink"],
+            sample=f"{h['id']} (no sinks)",
+            model=model,
+            benchmark=h["benchmark"],
+        )
+        info["heatmap"].update(file_nosinks=png2.name, sinks=list(h.get("sinks", [])))
+    if merged_layers is not None:
+        info["merged_layers"] = list(merged_layers)
     (out / "focus.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def compare_focus(before: Path, after: Path, metric: str = "mass", *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per-layer before/after difference of a focus metric between two probe outputs of the same rows (e.g. the
+    MLLM and its merge), with paired bootstrap intervals resampling question groups."""
+    import pyarrow.parquet as pq
+
+    if metric not in FOCUS_METRICS:
+        raise ValueError(f"focus metric must be one of {FOCUS_METRICS}, got {metric!r}")
+    tables = [pq.read_table(Path(d) / "focus.parquet").to_pylist() for d in (before, after)]
+    keyed = [{(r["benchmark"], r["row"], r["layer"]): r for r in t} for t in tables]
+    common = sorted(set(keyed[0]) & set(keyed[1]))
+    if not common or len(common) != len(keyed[0]) or len(common) != len(keyed[1]):
+        raise ValueError(
+            f"focus of {before} and {after} cover different samples/layers ({len(keyed[0])} vs {len(keyed[1])} rows, "
+            f"{len(common)} shared); probe the same rows with --attention"
+        )
+    out = {}
+    for layer in sorted({k[2] for k in common}):
+        keys = [k for k in common if k[2] == layer]
+        if keyed[0][keys[0]].get(metric) is None:
+            raise ValueError(f"focus metric {metric!r} is not in {before}/focus.parquet")
+        out[layer] = focus.paired_bootstrap(
+            [keyed[0][k][metric] for k in keys],
+            [keyed[1][k][metric] for k in keys],
+            [f"{k[0]}/{keyed[0][k].get('group', k[1])}" for k in keys],
+            n_boot=n_boot,
+            seed=seed,
+        )
+    return {"metric": metric, "layers": out}
 
 
 def _safe(name: str) -> str:

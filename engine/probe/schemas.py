@@ -159,3 +159,22 @@ def group(rec: dict, rid: str) -> str:
     if "/" in qid or re.search(r"\.(png|jpe?g|bmp|webp)$", qid, re.I):
         return qid  # MME: the image path, shared by its two questions
     return rid
+
+
+def bbox(rec: dict) -> tuple:
+    """A region box `bbox` (x0, y0, x1, y1 in the image's pixels): a list of four numbers or its string form;
+    missing: (). Used by the attention focus (attention inside the box, pointing game)."""
+    value = rec.get("bbox")
+    if isinstance(value, str):
+        if not text(value):
+            return ()
+        value = _literal_list("bbox", value) if value.strip().startswith("[") else value.split(",")
+    if value is None or (isinstance(value, float) and value != value):
+        return ()
+    try:
+        box = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise BadRow(f"bbox {value!r} is not four numbers x0, y0, x1, y1") from None
+    if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+        raise BadRow(f"bbox {list(box)} is not four numbers x0 < x1, y0 < y1")
+    return box

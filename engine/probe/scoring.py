@@ -4,6 +4,10 @@ Closed questions (multiple choice, yes/no): the next-token log-probabilities of 
 the answer position, from one forward per cut (or one fast sweep). Open questions: short greedy generation under the
 mask and normalised exact match; the gold answer's log-probability by teacher forcing.
 
+score="generate": every question is answered by greedy generation under the mask, with lmms-eval's prompt and
+answer extraction for the benchmark (`extraction`); `correct` and `pred` come from the generated answer, the
+log-probability and KL columns are still computed at the answer position of the same prompt.
+
 Metrics per (sample, cut):
   correct       prediction == gold (closed: arg-max over the labels; open: normalised exact match)
   gold_logprob  log p(gold) over the full vocabulary (closed: gold label's first token; open: sum over the gold
@@ -22,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from shardmerge.engine.probe import core, generation, paths, prompting
+from shardmerge.engine.probe import attention, core, extraction, generation, paths, prompting
 from shardmerge.engine.probe.readers import Sample
 
 PATHS = ("fast", "exact")
+SCORES = ("labels", "generate")
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,21 @@ class ScoreSettings:
     cuts: tuple[int, ...] | None = None  # None: every cut 0..L
     path: str = "fast"  # fast | exact
     max_new_tokens: int = 8
+    score: str = "labels"  # labels: label log-probs (closed questions); generate: lmms-eval-style generation
+    masking: str = "clean"  # clean | reference-qwen25 | reference-qwen3 (attention.MODES)
 
     def __post_init__(self):
         if self.path not in PATHS:
             raise ValueError(f"probe path must be one of {PATHS}, got {self.path!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.masking not in attention.MODES:
+            raise ValueError(f"masking must be one of {attention.MODES}, got {self.masking!r}")
+        if self.masking != "clean" and self.path == "fast":
+            raise ValueError(
+                f"masking {self.masking!r} changes the text before the image or lets text see later tokens, which "
+                "the fast path's prefix sharing assumes never happens; use the exact path (--path exact)"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -89,17 +105,24 @@ def gold_sequence_logprob(text_logits: torch.Tensor, gold_ids: Sequence[int]) ->
     return float(rows[torch.arange(g, device=rows.device), ids].sum())
 
 
-def _closed_logits(model, parts, inputs, cuts, path) -> dict:
-    if path == "fast":
+def _closed_logits(model, parts, inputs, cuts, settings: ScoreSettings) -> dict:
+    if settings.path == "fast":
         return paths.fast_logits(model, parts, inputs, cuts, positions="last")
-    return {c: paths.exact_logits(model, inputs, c, last=1)[-1] for c in cuts}
+    return {c: paths.exact_logits(model, inputs, c, last=1, mode=settings.masking)[-1] for c in cuts}
 
 
-def _forced_logits(model, parts, inputs, cuts, path, rows: int) -> dict:
+def _forced_logits(model, parts, inputs, cuts, settings: ScoreSettings, rows: int) -> dict:
     """Logits at the last `rows` positions (answer position + teacher-forced gold tokens) per cut."""
-    if path == "fast":
+    if settings.path == "fast":
         return paths.fast_logits(model, parts, inputs, cuts, positions=rows)
-    return {c: paths.exact_logits(model, inputs, c, last=rows) for c in cuts}
+    return {c: paths.exact_logits(model, inputs, c, last=rows, mode=settings.masking) for c in cuts}
+
+
+def _generate(model, prompter, inputs, cut: int, settings: ScoreSettings) -> str:
+    new = generation.greedy_generate(
+        model, inputs, cut, max_new_tokens=settings.max_new_tokens, eos_ids=prompter.eos_ids(), mode=settings.masking
+    )
+    return prompter.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def score_sample(
@@ -109,7 +132,9 @@ def score_sample(
     L = parts.num_layers
     cuts = settings.cut_list(L)
     kind = prompting.question_kind(sample)
-    inputs = core.to_device(prompter.encode(sample), model.device)
+    task = extraction.task_for(sample.benchmark) if settings.score == "generate" else None
+    text = task.prompt(sample) if task is not None else None
+    inputs = core.to_device(prompter.encode(sample, text=text), model.device)
     base = dict(
         benchmark=sample.benchmark,
         row=sample.row,
@@ -126,26 +151,34 @@ def score_sample(
         label_ids = prompter.label_ids(sample)
         labs = prompting.labels(sample)
         gold = labs.index(prompting.gold_label(sample))
-        logits = _closed_logits(model, parts, inputs, cuts, settings.path)
+        logits = _closed_logits(model, parts, inputs, cuts, settings)
         for c in cuts:
             m = closed_metrics(logits[c], logits[L], label_ids, gold)
-            rows.append(dict(base, cut=c, pred=labs[m.pop("pred_index")], gold=labs[gold], **m))
+            pred = labs[m.pop("pred_index")]
+            if task is not None:
+                pred = task.extract(_generate(model, prompter, inputs, c, settings), sample)
+                m["correct"] = task.correct(pred, sample)
+            rows.append(dict(base, cut=c, pred=pred, gold=labs[gold], **m))
         return rows
     gold_ids = prompter.continuation_ids(sample, sample.answer)
-    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings.path, len(gold_ids) + 1)
+    forced = _forced_logits(model, parts, core.append_tokens(inputs, gold_ids), cuts, settings, len(gold_ids) + 1)
     answer_row = -(len(gold_ids) + 1)
-    eos = prompter.eos_ids()
     for c in cuts:
-        new = generation.greedy_generate(model, inputs, c, max_new_tokens=settings.max_new_tokens, eos_ids=eos)
-        text = prompter.tokenizer.decode(new, skip_special_tokens=True)
+        answer = _generate(model, prompter, inputs, c, settings)
+        pred = task.extract(answer, sample) if task is not None else answer
+        right = (
+            task.correct(pred, sample)
+            if task is not None
+            else normalize_answer(pred) == normalize_answer(sample.answer)
+        )
         vocab_kl = kl(forced[L][answer_row], forced[c][answer_row])
         rows.append(
             dict(
                 base,
                 cut=c,
-                pred=text,
+                pred=pred,
                 gold=sample.answer,
-                correct=normalize_answer(text) == normalize_answer(sample.answer),
+                correct=right,
                 gold_logprob=gold_sequence_logprob(forced[c], gold_ids),
                 kl=vocab_kl,
                 kl_vocab=vocab_kl,

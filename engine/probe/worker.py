@@ -100,10 +100,31 @@ class ShardProber:
     def _focus(self, sample: readers.Sample):
         inputs = core.to_device(self.prompter.encode(sample), self.model.device)
         f = focus.attention_focus(self.model, self.parts, inputs)
-        rows = [
-            dict(benchmark=sample.benchmark, row=sample.row, id=sample.id, layer=i, mass=m, entropy=e)
-            for i, (m, e) in enumerate(zip(f.mass, f.entropy))
-        ]
+        nosink = f.without(f.sinks)
+        grid = focus.image_grid(inputs, self.model.config)
+        box = None
+        if sample.bbox:
+            size = prompting.decode_image(sample.image).size
+            box = focus.box_focus(f.per_token, grid, size, sample.bbox)
+        rows = []
+        for i in range(len(f.mass)):
+            row = dict(
+                benchmark=sample.benchmark,
+                row=sample.row,
+                id=sample.id,
+                group=sample.group or sample.id,
+                layer=i,
+                mass=f.mass[i],
+                entropy=f.entropy[i],
+                weighted_entropy=f.weighted_entropy[i],
+                n_sinks=len(f.sinks),
+                mass_nosink=nosink.mass[i],
+                entropy_nosink=nosink.entropy[i],
+                weighted_entropy_nosink=nosink.weighted_entropy[i],
+            )
+            if box is not None:
+                row.update(box_inside=box["inside"][i], box_hit=box["hit"][i])
+            rows.append(row)
         wanted = self.settings.attention_sample
         heat = None
         if wanted is None or wanted == sample.id:
@@ -113,9 +134,12 @@ class ShardProber:
                 id=sample.id,
                 image=sample.image,
                 per_token=f.per_token.numpy(),
-                grid=focus.image_grid(inputs, self.model.config),
+                grid=grid,
                 mass=list(f.mass),
                 entropy=list(f.entropy),
+                sinks=list(f.sinks),
+                mass_nosink=list(nosink.mass),
+                entropy_nosink=list(nosink.entropy),
             )
         return rows, heat
 

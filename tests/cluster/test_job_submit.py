@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
+HEAD_GCS: list = []  # the GCS address of the `head` fixture's cluster
 
 
 def _free_port() -> int:
@@ -39,11 +40,13 @@ def head():
     process of that node with it (Ray fate-shares them with the `ray start` process)."""
     temp = tempfile.mkdtemp(prefix="smjob", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     dash = _free_port()
+    gcs = _free_port()
+    HEAD_GCS.append(f"127.0.0.1:{gcs}")
     cmd = RAY + [
         "start",
         "--head",
         "--block",
-        f"--port={_free_port()}",
+        f"--port={gcs}",
         f"--dashboard-port={dash}",
         "--dashboard-host=127.0.0.1",
         "--include-dashboard=true",
@@ -166,3 +169,26 @@ def test_ray_job_submit_runs_the_merge(head, family, tmp_path):
     assert summary["verified"] is True and summary["workers"] == 2 and summary["units_run"] == summary["units"]
     assert verify_dir(out) == []
     assert {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")} == family["ref"]
+
+
+@pytest.mark.slow
+def test_probe_beside_and_on_a_running_head(head, tmp_path):
+    """`shardmerge probe` with a `ray start --head` running on the machine: without --address it starts its own
+    local Ray (never the cluster by accident), with --address it runs its actors on that cluster; same rows."""
+    import pyarrow.parquet as pq
+
+    from shardmerge.engine.probe import fixtures
+    from shardmerge.engine.tiny_models import build_mllm
+
+    model = build_mllm(tmp_path / "m", "llava", seed=1, num_layers=2)
+    bench = fixtures.write_ours(tmp_path / "b.parquet", fixtures.bench_rows(4, kinds=("choice", "yesno")))
+    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
+    tables = []
+    for name, extra in (("beside", []), ("on", ["--address", HEAD_GCS[-1]])):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "shardmerge.jobs.probe", "--model", str(model), "--bench", str(bench)]
+        cmd += ["--out", str(out), "--workers", "1", "--device", "cpu", "--bootstrap", "50", *extra]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        tables.append(pq.read_table(out / "probe.parquet").to_pylist())
+    assert tables[0] == tables[1]

@@ -108,9 +108,12 @@ def test_matches_mergekit_from_bf16_inputs(case, llm_family_bf16, tmp_path):
 def ray_two_cpus():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from shardmerge.engine.run.ray_session import connect
+
+    started = connect(num_cpus=2)  # as the merge does: never a stale or running `ray start` cluster by accident
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def _same_bytes_in_process_and_two_workers(cases, family, tmp_path) -> None:

@@ -93,6 +93,10 @@ def test_probe_choices_are_the_engines():
     assert set(probe.DTYPES) == {"auto", *worker.DTYPES}
     assert tuple(probe.FORMATS) == tuple(readers.FORMATS)
     assert tuple(probe.POOLINGS) == tuple(plateau.POOLINGS)
+    assert tuple(probe.SCORES) == tuple(scoring.SCORES)
+    from shardmerge.engine.probe import attention
+
+    assert tuple(probe.MASKINGS) == tuple(attention.MODES)
     assert tuple(plam.TARGETS) == tuple(TARGET_GROUPS)
     flags = _actions("plam")
     assert tuple(flags["--metric"].choices) == probe.METRICS and tuple(flags["--path"].choices) == probe.PATHS
