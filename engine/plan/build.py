@@ -531,7 +531,7 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
         tok_dir,
         recipe.output_dtype_code,
         phash,
-        tuple(str(c.root) for c in planner.ckpts.values()),
+        tuple(str(getattr(c, "location", c.root)) for c in planner.ckpts.values()),  # URL of a remote input
         (*getattr(planner, "notes", ()), *input_notes(planner.ckpts)),
         tuple(getattr(planner, "artifacts", ())) + artifacts,
         updates + tuple(getattr(planner, "config_updates", ())),

@@ -18,13 +18,13 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from shardmerge.engine import methods
 from shardmerge.engine.io.checkpoint import DTYPES, TensorMeta, read_rows
-from shardmerge.engine.io.writer import partial_path, pwrite_all, write_unit_report
+from shardmerge.engine.io.stores import open_store
+from shardmerge.engine.io.writer import write_unit_report
 from shardmerge.engine.methods.base import Chunk, TensorInfo
 from shardmerge.engine.plan.build import COPY, OutputTensor, WorkUnit
 
@@ -313,8 +313,8 @@ def _inputs_nonfinite(read) -> bool:
     return any(not all_finite(x) for _, xs, base in read() for x in (*xs, base) if x is not None)
 
 
-def _write_and_hash(fd: int, data: memoryview, offset: int, h, label: str, path: str) -> None:
-    pwrite_all(fd, data, offset, label, path)
+def _write_and_hash(writer, data: memoryview, offset: int, h, label: str) -> None:
+    writer.write(data, offset, label)
     h.update(data)
 
 
@@ -358,7 +358,8 @@ def run_unit(
     svd_batch: bool | None = None,
     svd_batch_bytes: int | None = None,
 ) -> UnitResult:
-    """Merge and write every tensor of `unit` into its shard's partial file; fsync before returning.
+    """Merge and write every tensor of `unit` into its shards' temp state through the output's shard store (`out`:
+    a directory, URL or store, shardmerge.engine.io.stores); durable (fsync'ed, or uploaded) before returning.
     Tensors in `skip_shards` (already finalised and verified, on resume) are not recomputed. Per-tensor reports of
     reporting methods go to the state dir (shardmerge.engine.io.writer.write_unit_report), the results stay as they were.
     `svd_batch` (None: on off the CPU, `batching_on`) merges same-shape whole matrices in batched calls of at most
@@ -366,7 +367,8 @@ def run_unit(
     rounding, the write order and hashing are unchanged."""
     t0 = time.perf_counter()
     tune_allocator()
-    fds: dict[int, int] = {}
+    store = open_store(out)
+    writers: dict[int, object] = {}
     hashes: dict[int, hashlib._Hash] = {}
     reports: list[dict] = []
     sink = _Sink()
@@ -378,10 +380,9 @@ def run_unit(
     try:
         for i, t in enumerate(todo):
             h = hashes.setdefault(t.shard, hashlib.sha256())
-            path = partial_path(Path(out), plan_shards[t.shard].filename)
-            fd = fds.get(t.shard)
-            if fd is None:
-                fd = fds[t.shard] = os.open(path, os.O_WRONLY)
+            writer = writers.get(t.shard)
+            if writer is None:
+                writer = writers[t.shard] = store.shard_writer(plan_shards[t.shard], unit.id)
             offset = t.offset
             parts = (
                 batched.take(i)
@@ -393,39 +394,23 @@ def run_unit(
                 data = (
                     memoryview(y.contiguous().reshape(-1).view(torch.uint8).numpy()) if y.numel() else memoryview(b"")
                 )
-                sink.put(_write_and_hash, fd, data, offset, h, label, str(path))
+                sink.put(_write_and_hash, writer, data, offset, h, label)
                 offset += len(data)
             if offset != t.offset + t.nbytes:
                 raise RuntimeError(f"tensor {t.name!r}: wrote {offset - t.offset} bytes, planned {t.nbytes}")
         sink.drain()
-        for fd in fds.values():
-            os.fsync(fd)
+        for writer in writers.values():
+            writer.commit()
         if reports:  # next to the shards' temp files: the driver's writer gathers them (survives --resume)
-            write_unit_report(Path(out), unit.id, reports)
+            write_unit_report(store, unit.id, reports)
     finally:
         sink.close()
-        for fd in fds.values():
-            os.close(fd)
+        for writer in writers.values():
+            writer.close()
     digests = {plan_shards[s].filename: h.hexdigest() for s, h in hashes.items()}
     return UnitResult(unit.id, digests, unit.nbytes, time.perf_counter() - t0, worker)
 
 
-def unit_digest(unit: WorkUnit, shard, out: str) -> str | None:
-    """Re-hash a unit's bytes in one shard's partial file (resume check); None if the file is missing or short."""
-    h = hashlib.sha256()
-    path = partial_path(Path(out), shard.filename)
-    if not path.exists():
-        return None
-    for t in unit.tensors:
-        if t.shard != shard.index:
-            continue
-        with open(path, "rb") as f:
-            f.seek(t.offset)
-            left = t.nbytes
-            while left:
-                block = f.read(min(left, 8 << 20))
-                if not block:
-                    return None
-                h.update(block)
-                left -= len(block)
-    return h.hexdigest()
+def unit_digest(unit: WorkUnit, shard, out) -> str | None:
+    """Re-hash a unit's bytes in one shard's temp state (resume check); None if missing or short."""
+    return open_store(out).unit_digest(unit, shard)
