@@ -38,6 +38,12 @@ _FILES: dict[str, RemoteFile] = {}
 _LOCK = threading.Lock()
 
 
+def clear_cache() -> None:
+    """Forget the cached object sizes/ETags and clients (new credentials or endpoint in this process)."""
+    with _LOCK:
+        _FILES.clear()
+
+
 def _split_file(url: str):
     """(client, key) of a file URL: the last path component is the file, the rest its model prefix."""
     client, prefix = client_for(url)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.e2e.test_mergekit_oracle import _load
 
 from shardmerge.jobs.merge import run_merge
+from tests.e2e.test_mergekit_oracle import _load
 
 REL = 1e-3
 # Recipes over {base}, {e1}, {e2} (the bf16 family has two experts); model names are filled in per family.
