@@ -225,6 +225,7 @@ def _resume_state(plan: Plan, store: ShardStore) -> RunState:
             f"--resume refused: {store.url} was started for plan {old[:12]}…, but this recipe/inputs give plan "
             f"{plan.plan_hash[:12]}… (recipe, shard size or input files changed); use a new --out or --overwrite"
         )
+    store.recover()  # e.g. the multipart upload of a shard the killed run was publishing
     state = RunState()
     by_name = {s.filename: s for s in plan.shards}
     journaled = {r["shard"]: (r["sha256"], r["size"]) for r in recs if "shard" in r}

@@ -100,6 +100,10 @@ class ShardStore(abc.ABC):
         """Whether `name` is published with exactly this size and sha256 (re-hashed, never trusted)."""
         return self.size(name) == size and self.sha256(name) == sha
 
+    def recover(self) -> None:
+        """On resume: drop what a killed writer left half-done and invisible (unfinished uploads)."""
+        return None
+
     @abc.abstractmethod
     def clear_temp(self) -> None:
         """Forget every shard's temp state (a fresh run: no journal vouches for it)."""

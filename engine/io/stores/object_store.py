@@ -271,6 +271,9 @@ class ObjectStore(ShardStore):
         if self.has_partial(shard):
             self.remove(shard.filename)
 
+    def recover(self) -> None:
+        self.client.abort_stale_uploads(self.key(""))
+
     def clear_temp(self) -> None:
         self.remove(f"{STATE}/parts")
         self.client.abort_stale_uploads(self.key(""))
