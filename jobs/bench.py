@@ -8,6 +8,7 @@ one run. Each lives in jobs/bench_<name>.py with `main(argv)`; results and comma
   probe        full cut-layer sweep cost / one unmasked pass
   kernels      Triton kernels: GB/s, ratio to device copy, speedup over eager torch
   svd          SVD merge methods vs a per-matrix torch.linalg.svd loop
+  object-store read throughput from a local S3 server vs local disk; reader memory vs its chunk buffer
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BENCHES = {
     "probe": "shardmerge.jobs.bench_probe",
     "kernels": "shardmerge.jobs.bench_kernels",
     "svd": "shardmerge.jobs.bench_svd",
+    "object-store": "shardmerge.jobs.bench_object_store",
 }
 
 

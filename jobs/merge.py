@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (mergekit-compatible subset; see README)")
-    p.add_argument("--out", required=True, help="output directory (Hugging Face layout)")
+    p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix (Hugging Face layout)")
     p.add_argument(
         "--workers",
         type=int,
@@ -97,6 +97,7 @@ def run_merge(
     `svd_batch_layers` None: shardmerge.engine.plan.build.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
     or off (None: on off the CPU; see shardmerge.engine.run.executor.execute). `random_seed` is --random-seed
     (shardmerge.engine.recipe.schema.with_random_seed)."""
+    from shardmerge.engine.io.stores import is_url
     from shardmerge.engine.io.writer import state_dir
     from shardmerge.engine.plan.build import SVD_BATCH_LAYERS, build_plan, parse_size
     from shardmerge.engine.recipe.schema import load_recipe, with_random_seed
@@ -110,7 +111,7 @@ def run_merge(
         recipe,
         shard_size=shard_size,
         source=str(recipe_path),
-        state=state_dir(Path(out)) if resume else None,
+        state=state_dir(Path(out)) if resume and not is_url(out) else None,  # no cached calibration from a bucket
         address=address,
         svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers,
     )
@@ -183,7 +184,7 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def _interrupted(args: argparse.Namespace, name: str, code: int) -> int:
     print(
-        f"shardmerge merge: interrupted by {name}; the unfinished merge in {Path(args.out).resolve()} is kept. "
+        f"shardmerge merge: interrupted by {name}; the unfinished merge in {args.out if '://' in str(args.out) else Path(args.out).resolve()} is kept. "
         f"Continue it with: {resume_command(args)}",
         file=sys.stderr,
         flush=True,

@@ -1,4 +1,4 @@
-"""`shardmerge verify DIR` / `python -m shardmerge.jobs.verify DIR`: re-check a merged output directory; exit 1 on a problem."""
+"""`shardmerge verify DIR|s3://…` / `python -m shardmerge.jobs.verify DIR`: re-check a merged output; exit 1 on a problem."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="a shardmerge output directory")
+    p.add_argument("dir", help="a shardmerge output directory or object-store prefix (s3://bucket/prefix)")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 re-hash (sizes and headers only)")
 
 
