@@ -9,12 +9,11 @@ On a machine without CUDA it times the torch reference path only (the Triton ker
 TRITON_INTERPRET=1 interpreter, which says nothing about speed) and says that the GPU numbers need CUDA; with
 --interpret it also times the interpreted kernels beside the reference (a smoke run of the benchmark itself).
 
-Kernel cases: `interpolate` (linear, ties, dare_ties), `svd_filter` (the TIES-style fused filter on shared
-coordinates) and `pivot_filter` (PivotMerge's noise floor / weighted sign election / combine, against the torch
+Kernel cases: `interpolate` (linear, ties, dare_ties) and `pivot_filter` (PivotMerge's noise floor / weighted sign election / combine, against the torch
 path pivot.py runs without the kernel; the expert_energy case includes the torch reduction of the expert energies).
 
     python -m shardmerge.jobs.bench kernels [--sizes-mb 64,256] [--experts 3] [--dtype bf16] [--repeats 20] [--json out.json]
-                                 [--kernels interpolate,svd_filter,pivot_filter] [--interpret]
+                                 [--kernels interpolate,pivot_filter] [--interpret]
 """
 
 from __future__ import annotations
@@ -32,11 +31,11 @@ import torch
 
 from shardmerge.kernels import interpolate as ip
 from shardmerge.kernels import philox as ph
-from shardmerge.kernels import svd_filter as sf
+from shardmerge.kernels import pivot_filter as sf
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INTERP_MODES = ("linear", "ties", "dare_ties")
-KERNELS = ("interpolate", "svd_filter", "pivot_filter")
+KERNELS = ("interpolate", "pivot_filter")
 PIVOT_WEIGHTS = ("expert_energy", "count")  # with and without the energy pre-pass
 
 
@@ -150,40 +149,12 @@ def bench_interpolate(sizes_mb, k, dtype, device, timed, interpret=False) -> lis
     return rows
 
 
-def bench_svd_filter(sizes_mb, k, device, timed, interpret=False) -> list[Row]:
-    """The fused trim/elect/combine step on (B, K, r, s) float32 coordinates (matmuls excluded: they are cuBLAS)."""
-    rows = []
-    for size_mb in sizes_mb:
-        b, s = 4, 512  # four same-shape matrices (e.g. projector layers); coords of one expert total size_mb
-        r = max(1, int(size_mb * 2**20) // (4 * b * s))
-        g = torch.Generator(device=device).manual_seed(0)
-        coords = torch.randn(b, k, r, s, generator=g, device=device)
-        lam = torch.full((b, k), 1.0 / k)
-        thr = sf.shared_thresholds(coords, 0.3)
-        nbytes = (k + 1) * b * r * s * 4
-        rows.append(
-            _row(
-                "svd_filter:filter_coords",
-                size_mb,
-                nbytes,
-                device,
-                timed,
-                lambda: sf.filter_coords_triton(coords, lam, thresholds=thr),
-                lambda: sf.filter_coords_reference(coords, lam, thresholds=thr),
-                _copy_gbps(nbytes, device, timed),
-                interpret,
-            )
-        )
-        coords = None
-    return rows
-
-
 def bench_pivot_filter(sizes_mb, k, device, timed, interpret=False) -> list[Row]:
     """PivotMerge's fused floor/elect/combine on (B, K, r, s) float32 coordinates against the torch path (its
     reference, operation for operation pivot.py's `_sign_filter` + weighted sum); matmuls excluded."""
     rows = []
     for size_mb in sizes_mb:
-        b, s = 4, 512  # as bench_svd_filter: four same-shape matrices, coords of one expert total size_mb
+        b, s = 4, 512  # four same-shape matrices, coords of one expert total size_mb
         r = max(1, int(size_mb * 2**20) // (4 * b * s))
         g = torch.Generator(device=device).manual_seed(0)
         coords = torch.randn(b, k, r, s, generator=g, device=device)
@@ -219,8 +190,8 @@ def _parse(argv):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--kernels",
-        default="interpolate,svd_filter",
-        help=f"comma-separated subset of {', '.join(KERNELS)} [interpolate,svd_filter]",
+        default="interpolate,pivot_filter",
+        help=f"comma-separated subset of {', '.join(KERNELS)} [interpolate,pivot_filter]",
     )
     p.add_argument(
         "--interpret",
@@ -288,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if "interpolate" in which:
         rows += bench_interpolate(sizes, args.experts, _DTYPES[args.dtype], device, timed, args.interpret)
-    if "svd_filter" in which:
-        rows += bench_svd_filter(sizes, args.experts, device, timed, args.interpret)
     if "pivot_filter" in which:
         rows += bench_pivot_filter(sizes, args.experts, device, timed, args.interpret)
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"

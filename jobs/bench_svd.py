@@ -1,8 +1,8 @@
 """Benchmark of the SVD merge methods against a straightforward per-matrix `torch.linalg.svd` loop.
 
 `python -m shardmerge.jobs.bench_svd` (or `python -m shardmerge.jobs.bench svd`) times tsv, iso_c, iso_cts and cart on K experts of an
-up_proj-shaped weight (4096 x 11008 at --scale 1; the default --scale 0.26 = 1065 x 2862 runs in under
-3 minutes on a 2-core CPU) and, for each, the naive implementation the papers' code uses: a Python loop of full
+up_proj-shaped weight (4096 x 11008 at --scale 1; the default --scale 0.26 = 1065 x 2862; run times in
+BENCHMARKS.md) and, for each, the naive implementation the papers' code uses: a Python loop of full
 `torch.linalg.svd` calls per matrix, SVD-based polar factors. Prints both times, their ratio and the largest
 difference between the two results relative to the largest entry of the naive update.
 

@@ -9,20 +9,18 @@
 - the fused kernel path: `on_kernel_device` / `fused_merge` / `window_thresholds`: chunks on CUDA are merged by
   ONE call of `shardmerge.kernels.interpolate.interpolate` (the Triton kernel); CPU chunks keep the eager torch code above,
   whose operation order the kernel's torch reference restates bit for bit (tests/kernels/test_kernel_wiring.py);
-- `run_in_memory`: a reference driver that runs a chunkwise method over in-memory tensors in row chunks, the way
-  the engine does (for tests and in-memory reference merges; the engine itself never rebuilds a tensor).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.methods.base import Chunk, ChunkReader, Param, TensorInfo
 from shardmerge.engine.methods.select import keep_in_window, rank_streaming
 from shardmerge.kernels._util import use_triton
 from shardmerge.kernels.interpolate import interpolate
@@ -104,7 +102,7 @@ def pairwise_rows(x: torch.Tensor) -> torch.Tensor:
     """Sum each row of a 2-D tensor by a fixed pairwise tree of elementwise additions.
 
     Why not torch.sum: its association order depends on the tensor's shape and the thread count (a 1-row chunk
-    is split across threads, a many-row one is not: measured on 2 threads, 8 of 13 rows of 70001 floats summed
+    is split across threads, a many-row one is not: with 2 threads, 8 of 13 rows of 70001 floats summed
     differently alone than in one 13-row call), so per-chunk partials would change with the chunking. Here a
     row's result depends only on its own values and the row length. Pairwise summation is also accurate."""
     rows, width = x.shape
@@ -124,7 +122,7 @@ def pairwise_rows(x: torch.Tensor) -> torch.Tensor:
 class RowSum:
     """Sum of a per-element float64 quantity over a whole tensor that arrives in row chunks, bit-identical
     whatever the chunking: each row is reduced by `pairwise_rows`, and the per-row partials of all chunks are
-    concatenated in row order and reduced once the same way (the brief's 'per-row partials summed once')."""
+    concatenated in row order and reduced once the same way."""
 
     def __init__(self, label: str = "sum") -> None:
         self._label = label
@@ -472,63 +470,6 @@ def window_thresholds(windows: Sequence[Window]) -> tuple[tuple[float, ...], tup
         lo.append(0.0 if w.lo is None else float(w.lo))
         hi.append(math.inf if w.hi is None else _float32_above(float(w.hi)))
     return tuple(lo), tuple(hi)
-
-
-# ----------------------------------------------------------------------------------------------- reference driver
-def bind_params(spec: MethodSpec, n: int, given: Mapping[str, Any], info: TensorInfo) -> dict[str, Any]:
-    """Fill defaults as the engine does: per-model values broadcast to n-tuples, missing required ones refused."""
-    unknown = set(given) - set(spec.per_model_params) - set(spec.global_params)
-    if unknown:
-        raise ValueError(f"{spec.name}: unknown parameter(s) {sorted(unknown)}")
-    out: dict[str, Any] = {}
-    for name, default in {**spec.per_model_params, **spec.global_params}.items():
-        value = given.get(name, default)
-        if value is None:
-            raise ValueError(f"tensor {info.name!r}: {spec.name} needs parameter {name!r}")
-        if name in spec.per_model_params and not isinstance(value, (tuple, list)):
-            value = (value,) * n
-        out[name] = tuple(value) if name in spec.per_model_params else value
-    return out
-
-
-def _chunks(shape: tuple[int, ...], rows: int | None) -> list[Chunk]:
-    if len(shape) <= 1:
-        return [Chunk(0, shape[0] if shape else 1, 0)]
-    step = shape[0] if rows is None else rows
-    row_numel = math.prod(shape[1:])
-    return [Chunk(r, min(r + step, shape[0]), r * row_numel) for r in range(0, shape[0], step)]
-
-
-def run_in_memory(
-    spec: MethodSpec,
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    name: str = "t",
-    rows_per_chunk: int | None = None,
-    layer: int | None = None,
-    num_layers: int = 0,
-    **params: Any,
-) -> torch.Tensor:
-    """Merge in-memory float32 tensors with `spec` in chunks of `rows_per_chunk` rows (None = one chunk), the way
-    the engine calls a chunkwise method: prepare once over a re-iterable reader, then merge chunk by chunk."""
-    shape = tuple(tensors[0].shape)
-    info = TensorInfo(name=name, shape=shape, layer=layer, num_layers=num_layers)
-    bound = bind_params(spec, len(tensors), params, info)
-    chunks = _chunks(shape, rows_per_chunk)
-
-    def part(t: torch.Tensor | None, c: Chunk) -> torch.Tensor | None:
-        return None if t is None else (t if t.dim() <= 1 else t[c.row_start : c.row_stop])
-
-    def read():
-        return ((c, [part(t, c) for t in tensors], part(base, c)) for c in chunks)
-
-    stats = spec.prepare(read, info=info, **bound) if spec.prepare is not None else None
-    outs = [
-        spec.merge([part(t, c) for t in tensors], part(base, c), stats=stats, chunk=c, info=info, **bound)
-        for c in chunks
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 def windowed_merge(mode: str, consensus: bool):

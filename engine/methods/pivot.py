@@ -23,7 +23,7 @@ collect the per-layer report. Registered as `pivot` (the recipe form, planned by
 callers written before the rename, `pivotmerge`.
 
 Kernel path (issue 6): for CUDA coordinates, when Triton imports, the noise-floor / sign-election / suppression /
-lambda-weighted combine (steps 3 and 5) is one fused call, `shardmerge.kernels.svd_filter.pivot_filter_coords` (its torch reference
+lambda-weighted combine (steps 3 and 5) is one fused call, `shardmerge.kernels.pivot_filter.pivot_filter_coords` (its torch reference
 repeats `_sign_filter` operation for operation; tests/kernels/test_pivot_kernel.py pins them together); elsewhere the torch
 path below runs. Both give the merge and the conflict count of `_filter_combine`. `_trim_disjoint_mean` is still
 plain torch.
@@ -42,7 +42,7 @@ from shardmerge.engine.methods.base import Chunk, MethodSpec, Param, TensorInfo,
 from shardmerge.engine.methods.rsvd import DEFAULT_SEED, PATHS, energy_rank, truncated_svd
 from shardmerge.engine.methods.svd import _where, stack_inputs, svd_options
 from shardmerge.kernels._util import use_triton
-from shardmerge.kernels.svd_filter import pivot_filter_coords, triton_available
+from shardmerge.kernels.pivot_filter import pivot_filter_coords, triton_available
 
 SIGN_WEIGHTS = ("expert_energy", "entry_energy", "magnitude", "count")
 CONTRIBUTIONS = ("shared", "data_free", "data")  # data_free = shared (the issue's recipe spelling)
@@ -147,7 +147,7 @@ def _sign_filter(C: torch.Tensor, floor: torch.Tensor, sign_weight: str) -> tupl
     and its sign not the strict weighted majority. A tie (|score| <= TIE_RTOL * sum |votes|) elects no sign:
     every entry above the floor there is a conflict -- with K = 2 and pivot = mean (Delta_2 = -Delta_1) the shared
     part cancels to 0 instead of keeping one side chosen by rounding. The torch path (CPU, or CUDA without Triton);
-    shardmerge.kernels.svd_filter.pivot_filter_coords_reference repeats these operations for the fused kernel."""
+    shardmerge.kernels.pivot_filter.pivot_filter_coords_reference repeats these operations for the fused kernel."""
     real = C.abs() > floor
     sign = torch.where(real, C.sign(), torch.zeros_like(C))
     if sign_weight == "expert_energy":
@@ -187,7 +187,7 @@ def _filter_combine(C: torch.Tensor, lam: torch.Tensor, shape, sign_weight: str)
 
 def _trim_disjoint_mean(residuals: torch.Tensor, density: float) -> torch.Tensor:
     """Keep each residual's top `density` fraction of entries by |value| (exact count, floor), then average each
-    entry over the experts that kept it (disjoint mean; 0 where none did). Swap point for kernels/svd_filter.py."""
+    entry over the experts that kept it (disjoint mean; 0 where none did). Swap point for kernels/pivot_filter.py."""
     K = residuals.shape[0]
     flat = residuals.reshape(K, -1)
     keep_n = int(density * flat.shape[1])
@@ -429,19 +429,6 @@ def merge_pivot(
 ) -> torch.Tensor:
     """Registered entry: `pivot_merge` without the report (see the module doc for the report hook)."""
     return merge_pivot_report(tensors, base, info=info, gain=gain, **params)[0]
-
-
-def require_identical(tensors: Sequence[torch.Tensor], info: TensorInfo | None = None) -> torch.Tensor:
-    """For the non-projector tensors of a PivotMerge: return the shared tensor or raise ValueError naming the
-    first expert that differs (PivotMerge assumes a shared vision encoder and LLM)."""
-    for k, t in enumerate(tensors[1:], start=1):
-        if t.shape != tensors[0].shape or not torch.equal(t, tensors[0]):
-            diff = (t - tensors[0]).abs().max().item() if t.shape == tensors[0].shape else "shape"
-            raise ValueError(
-                f"pivot: {_where(info)}: expert {k} differs from expert 0 (max |diff| {diff}); PivotMerge merges "
-                "only projector tensors and expects every other tensor identical across experts"
-            )
-    return tensors[0]
 
 
 def merge_pivot_report(

@@ -23,8 +23,7 @@ depends on the matrix size and on how many triplets are kept. `truncated_svd` pi
 - "gram": eigendecomposition of the float64 Gram matrix of the smaller side, for large matrices of which many
   triplets are kept (tsv with few experts, iso_cts's common space, full spectra). Direct, not random; singular
   values accurate to about eps64 * sigma_max^2 / sigma_i, i.e. better than a float32 SVD for every
-  sigma_i > 1e-7 sigma_max. 4096 x 11008 float32 on this project's shared 2-core CPU box: gesdd 50 s; float64
-  Gram 6 s + float64 eigh 27 s under load (float32 Gram + eigh 4 s unloaded).
+  sigma_i > 1e-7 sigma_max. Its cost against a float32 SVD is in BENCHMARKS.md ("SVD paths").
 
 Every path returns singular triplets sorted by decreasing singular value, and triplets whose singular value is at
 most `null_tolerance(m, n)` * sigma_max = 10 sqrt(max(m, n)) eps32 sigma_max are returned as ZERO vectors: they are

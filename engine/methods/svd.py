@@ -1,4 +1,4 @@
-"""SVD merge family: tsv, iso_c, iso_cts and cart as pure whole-tensor methods (METHODS.md "SVD methods").
+"""SVD merge family: tsv, iso_c, iso_cts and cart as pure whole-tensor methods (docs/svd.md).
 
 Each method works on one 2-D weight at a time through its singular vectors, so it is registered with
 `chunkwise=False` and receives whole float32 matrices. 0-D and 1-D tensors (biases, norms) have no SVD; they are

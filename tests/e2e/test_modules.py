@@ -14,11 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from shardmerge.engine import methods
-from shardmerge.engine.methods.common import run_in_memory
 from shardmerge.engine.plan.build import build_plan
 from shardmerge.engine.recipe.schema import load_recipe, parse_recipe
 from shardmerge.engine.tiny_models import build_mllm, legacy_name, mm_inputs
 from shardmerge.jobs.merge import run_merge
+from tests.oracles.methods import run_in_memory
 
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it red? A or B"}]}]
 

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from shardmerge.engine import methods
 from shardmerge.engine.methods import pivot as pm
-from shardmerge.engine.methods.common import run_in_memory
 from shardmerge.engine.plan.build import COPY, build_plan
 from shardmerge.engine.recipe.schema import parse_recipe
 from shardmerge.engine.tiny_models import build_mllm, derive_projector_expert, mm_inputs
 from shardmerge.engine.verify import verify_dir
 from shardmerge.jobs.merge import run_merge
+from tests.oracles.methods import run_in_memory
 
 PROJ = "model.multi_modal_projector."
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]

@@ -174,7 +174,7 @@ def test_plam_merge_changes_exactly_the_targets(models, tmp_path, family, naming
 
     # loads with transformers and runs image + text; logits equal an in-memory merge through the same method
     from shardmerge.engine import methods
-    from shardmerge.engine.methods.common import run_in_memory
+    from tests.oracles.methods import run_in_memory
 
     spec = methods.get("plam")
     disk_to_current = {(legacy_name(family, n) if naming == "legacy" else n): n for n in current}

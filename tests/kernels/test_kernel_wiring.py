@@ -27,9 +27,10 @@ import math
 import pytest
 
 from shardmerge.engine.methods import common, get
-from shardmerge.engine.methods.common import Window, run_in_memory, window_thresholds
+from shardmerge.engine.methods.common import Window, window_thresholds
 from shardmerge.engine.methods.dare import DareStats, kernel_args
 from shardmerge.kernels import interpolate as ip
+from tests.oracles.methods import run_in_memory
 
 # The one dtype -> (atol, rtol) table for kernel-vs-method comparisons. The engine hands methods float32 and they
 # return float32, so only that row is used: float32 results differ only where a compiled kernel contracts

@@ -20,7 +20,6 @@ import pytest
 
 from shardmerge.kernels import interpolate as ip
 from shardmerge.kernels import philox as ph
-from shardmerge.kernels import svd_filter as sf
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -396,139 +395,6 @@ def test_interpolate_dispatcher_cuda_matches_cpu(mode):
     assert_close(got, want)
 
 
-# ------------------------------------------------------------------------------------------------------- svd_filter
-
-# ragged (B, K, r, s): a single entry, odd K with r·s not a multiple of the block, a second batch shape
-SVD_CASES = ((1, 1, 1, 1), (3, 3, 7, 33), (2, 2, 5, 11))
-
-
-def test_filter_triton_really_runs_the_kernel():
-    sf.filter_coords_triton(torch.ones(1, 1, 2, 2, device=DEV), [1.0])
-    assert type(sf._kernels()[1]).__name__ == ("JITFunction" if HAS_CUDA else "InterpretedFunction")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("election", sf.ELECTIONS)
-def test_filter_coords_triton_matches_reference(dtype, election):
-    g = torch.Generator().manual_seed(4)
-    for b, k, r, s in SVD_CASES:
-        coords = torch.randn(b, k, r, s, generator=g).to(dtype)
-        lam = torch.rand(b, k, generator=g) + 0.1
-        for thr in (None, sf.shared_thresholds(coords, 0.5)):
-            for normalize in (False, True):
-                want = sf.filter_coords_reference(coords, lam, thresholds=thr, election=election, normalize=normalize)
-                got = sf.filter_coords_triton(
-                    coords.to(DEV), lam, thresholds=thr, election=election, normalize=normalize, block=64
-                )
-                assert got.dtype == torch.float32 and got.shape == (b, r, s)
-                assert_close(got, want)
-
-
-def test_filter_closed_form():
-    """Three experts, one row: energy and sum elections disagree on entry 0; expert 0's 0.2 is trimmed."""
-    coords = torch.tensor([[[3.0, 1.0, 0.2]], [[-2.0, -3.0, 0.3]], [[-2.0, 1.0, -0.1]]])  # (K=3, r=1, s=3)
-    thr = [0.5, 0.0, 0.0]
-    # energy votes: [9-4-4, 1-9+1, .09-.01] = [1, -7, .08] -> [+, -, +];  sum votes: [-1, -1, .2] -> [-, -, +]
-    want = {
-        ("energy", False): [3.0, -3.0, 0.3],
-        ("sum", False): [-4.0, -3.0, 0.3],
-        ("sum", True): [-2.0, -3.0, 0.3],
-        ("energy", True): [3.0, -3.0, 0.3],
-    }
-    for (election, normalize), row in want.items():
-        for fn in (sf.filter_coords_reference, sf.filter_coords_triton):
-            got = fn(coords, [1.0, 1.0, 1.0], thresholds=thr, election=election, normalize=normalize)
-            torch.testing.assert_close(got, torch.tensor([row]), atol=1e-6, rtol=0)
-    # λ weights the merge and the vote: with λ = (1, 2, 0.5) the sum vote of entry 0 is 3 - 4 - 1 = -2
-    got = sf.filter_coords_reference(coords, [1.0, 2.0, 0.5], thresholds=thr, election="sum")
-    torch.testing.assert_close(got[0, 0], torch.tensor(-4.0 - 1.0))
-
-
-def _orthonormal(n, r, g):
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
-    return q[:, :r]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_svd_filter_triton_matches_reference_and_closed_form(dtype):
-    """Δ_k = U C_k Vᵀ with orthonormal U, V: projection recovers C_k and the output is U filter(C) Vᵀ."""
-    g = torch.Generator().manual_seed(6)
-    b, k, m, n, r, s = 2, 3, 9, 7, 4, 5
-    U = torch.stack([_orthonormal(m, r, g) for _ in range(b)])
-    V = torch.stack([_orthonormal(n, s, g) for _ in range(b)])
-    C = torch.randn(b, k, r, s, generator=g)
-    deltas = (U.unsqueeze(1) @ C @ V.transpose(-1, -2).unsqueeze(1)).to(dtype)
-    lam = torch.softmax(torch.randn(b, k, generator=g), dim=1)
-    want = sf.svd_filter_reference(deltas, U, V, lam, density=0.6)
-    got = sf.svd_filter_triton(deltas.to(DEV), U.to(DEV), V.to(DEV), lam, density=0.6)
-    assert got.dtype == dtype and got.shape == (b, m, n)
-    assert_close(got, want)
-    if dtype == torch.float32:
-        torch.testing.assert_close(sf.project(deltas, U, V), C, atol=1e-5, rtol=1e-5)
-        merged = sf.filter_coords_reference(C, lam, thresholds=sf.shared_thresholds(C, 0.6))
-        closed = U @ merged @ V.transpose(-1, -2)
-        torch.testing.assert_close(want, closed, atol=1e-5, rtol=1e-5)
-
-
-def test_shared_thresholds_keep_count():
-    g = torch.Generator().manual_seed(8)
-    coords = torch.randn(2, 3, 6, 7, generator=g)
-    thr = sf.shared_thresholds(coords, 0.3)
-    kept = (coords.abs() >= thr[..., None, None]).flatten(2).sum(-1)
-    assert (kept == max(1, int(0.3 * 42))).all()
-    assert (sf.shared_thresholds(coords, 1.0) == 0).all() and torch.isinf(sf.shared_thresholds(coords, 0.0)).all()
-
-
-def test_shared_basis_spans_and_pads():
-    g = torch.Generator().manual_seed(9)
-    full = torch.randn(3, 6, 8, generator=g)
-    low = torch.randn(3, 6, 1, generator=g) @ torch.randn(1, 8, generator=g)  # rank-1 experts sharing columns
-    deltas = torch.stack([full, low * 0 + torch.randn(6, 1, generator=g) @ torch.randn(1, 8, generator=g)])
-    U, V, ranks = sf.shared_basis(deltas, energy=1.0)
-    assert ranks[1].tolist() == [1, 1] and U.shape[2] == int(ranks[:, 0].max()) and V.shape[2] == int(ranks[:, 1].max())
-    # every expert is reproduced exactly: U, V span the stacked column / row spaces
-    rec = sf.reconstruct(sf.project(deltas, U, V).flatten(0, 1), U.repeat_interleave(3, 0), V.repeat_interleave(3, 0))
-    torch.testing.assert_close(rec.reshape(deltas.shape), deltas, atol=1e-4, rtol=1e-4)
-    # orthonormal kept columns, zero padding past each matrix's rank
-    gram = U[1].T @ U[1]
-    torch.testing.assert_close(gram, torch.diag((torch.arange(U.shape[2]) < 1).float()), atol=1e-5, rtol=0)
-    _, _, ranks90 = sf.shared_basis(deltas, energy=0.9)
-    s = torch.linalg.svdvals(deltas[0].permute(1, 0, 2).reshape(6, 24)).square()
-    r = int(ranks90[0, 0])
-    assert s[:r].sum() >= 0.9 * s.sum() > s[: r - 1].sum()
-
-
-def test_svd_filter_rejects_bad_input():
-    coords = torch.randn(2, 3, 4, 5)
-    with pytest.raises(ValueError):
-        sf.filter_coords(coords, [1.0, 1.0])  # one λ per expert
-    with pytest.raises(ValueError):
-        sf.filter_coords(coords, [1.0] * 3, election="majority")
-    with pytest.raises(ValueError):
-        sf.filter_coords(coords, [1.0] * 3, thresholds=[-1.0, 0.0, 0.0])
-    with pytest.raises(ValueError):
-        sf.filter_coords(coords[0, 0], [1.0])  # 2-d coords
-    with pytest.raises(ValueError):
-        sf.svd_filter(torch.randn(3, 4, 5), torch.randn(5, 2), torch.randn(5, 2), [1.0] * 3)  # U rows != m
-    with pytest.raises(ValueError):
-        sf.svd_filter(
-            torch.randn(3, 4, 5), torch.randn(4, 2), torch.randn(5, 2), [1.0] * 3, thresholds=[0.0] * 3, density=0.5
-        )
-
-
-@gpu
-@needs_cuda
-def test_svd_filter_dispatcher_cuda_matches_cpu():
-    g = torch.Generator().manual_seed(10)
-    deltas = torch.randn(4, 3, 64, 48, generator=g)
-    U, V, _ = sf.shared_basis(deltas, 0.9)
-    lam = torch.softmax(torch.randn(4, 3, generator=g), dim=1)
-    want = sf.svd_filter(deltas, U, V, lam, density=0.3)
-    got = sf.svd_filter(deltas.cuda(), U.cuda(), V.cuda(), lam, density=0.3)
-    assert got.is_cuda
-    assert_close(got, want)
-
-
 # ------------------------------------------------------------------------------------------------------- benchmark
 
 
@@ -559,7 +425,7 @@ def test_bench_kernels_runs_and_reports(tmp_path, capsys):
     )
     rows = json.loads(out.read_text())["rows"]
     assert [r["kernel"] for r in rows] == [f"interpolate:{m}" for m in bench_kernels.INTERP_MODES] + [
-        "svd_filter:filter_coords"
+        f"pivot_filter:{w}" for w in bench_kernels.PIVOT_WEIGHTS
     ]
     numel = int(0.0625 * 2**20) // 2
     # bytes each op must move: linear reads K inputs, the task modes also the base; one output write

@@ -1,4 +1,4 @@
-"""PivotMerge's fused sign-election kernel (`shardmerge.kernels.svd_filter.pivot_filter_coords`) and its wiring in pivot.py.
+"""PivotMerge's fused sign-election kernel (`shardmerge.kernels.pivot_filter.pivot_filter_coords`) and its wiring in pivot.py.
 
 - The torch reference repeats engine/methods/pivot.py's torch path (`_noise_floor` + `_sign_filter` + the
   lambda-weighted sum) operation for operation: equal bit for bit on random inputs, batched or not.
@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import shardmerge.engine.methods.pivot as pm
-from shardmerge.kernels import svd_filter as sf
+from shardmerge.kernels import pivot_filter as sf
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"

@@ -15,8 +15,9 @@ import torch
 
 import shardmerge.engine.methods as methods
 from shardmerge.engine.methods.base import TensorInfo
-from shardmerge.engine.methods.common import magnitude_ks, outlier_ks, run_in_memory, select_windows, window_mask
+from shardmerge.engine.methods.common import magnitude_ks, outlier_ks, select_windows, window_mask
 from shardmerge.engine.methods.select import rank_streaming
+from tests.oracles.methods import run_in_memory
 from tests.unit.test_methods_mergekit import mergekit, rel_err
 
 SHAPE = (64, 48)

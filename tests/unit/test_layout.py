@@ -461,7 +461,7 @@ def _plam():
 
 @pytest.mark.parametrize("rows", [None, 1, 3])
 def test_plam_closed_form(rows):
-    from shardmerge.engine.methods.common import run_in_memory
+    from tests.oracles.methods import run_in_memory
 
     spec = _plam()
     assert (spec.min_models, spec.max_models, spec.needs_base, spec.chunkwise) == (2, 2, False, True)
@@ -488,7 +488,7 @@ def test_plam_closed_form(rows):
 
 
 def test_plam_parameter_errors():
-    from shardmerge.engine.methods.common import run_in_memory
+    from tests.oracles.methods import run_in_memory
 
     spec = _plam()
     w = [torch.ones(2, 2), torch.zeros(2, 2)]
@@ -519,7 +519,7 @@ def test_plam_on_tiny_pairs(tiny, tmp_path):
     """Layout pairing + method on real tiny checkpoints: targeted tensors become the closed-form mix."""
     from safetensors.torch import load_file
 
-    from shardmerge.engine.methods.common import run_in_memory
+    from tests.oracles.methods import run_in_memory
 
     root = tmp_path
     m_dir = build_mllm(root / "m", "qwen3_vl", seed=0, naming="legacy", num_layers=TINY_LAYERS)

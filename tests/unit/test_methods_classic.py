@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import shardmerge.engine.methods as methods
-from shardmerge.engine.methods.common import RowSum, pairwise_rows, run_in_memory
+from shardmerge.engine.methods.common import RowSum, pairwise_rows
 from shardmerge.engine.methods.select import kth_largest_abs, kth_largest_abs_streaming
 from shardmerge.kernels.philox import stream_key
+from tests.oracles.methods import run_in_memory
 
 # dtype -> (atol, rtol) for values computed along different float paths; every other check here is exact.
 TOL = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12)}

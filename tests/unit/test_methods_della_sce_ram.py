@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import shardmerge.engine.methods as methods
-from shardmerge.engine.methods.common import run_in_memory
 from shardmerge.engine.methods.della import DellaStats, keep_mask
 from shardmerge.kernels.philox import philox, stream_key
+from tests.oracles.methods import run_in_memory
 from tests.unit.test_methods_mergekit import REL, mergekit, models, ours, randn, rel_err
 
 NEW = ("della", "della_linear", "sce", "ram", "ramplus_tl")

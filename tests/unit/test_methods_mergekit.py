@@ -16,7 +16,7 @@ import torch
 from mergekit.merge_methods.base import TensorGroup
 
 import shardmerge.engine.methods as methods
-from shardmerge.engine.methods.common import run_in_memory
+from tests.oracles.methods import run_in_memory
 
 REL = 1e-3
 OUR_EXTRAS = {"dare_linear": {"random_seed", "rescale_rule"}, "dare_ties": {"random_seed", "rescale_rule"}}

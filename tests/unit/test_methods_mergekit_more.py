@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import shardmerge.engine.methods as methods
-from shardmerge.engine.methods.common import run_in_memory
+from tests.oracles.methods import run_in_memory
 from tests.unit.test_methods_mergekit import mergekit, models, rel_err
 
 REL = 1e-3

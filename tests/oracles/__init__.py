@@ -1,0 +1,1 @@
+"""Oracles and drivers that only tests use (kept out of the library)."""
