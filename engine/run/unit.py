@@ -107,7 +107,11 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def _load(meta: TensorMeta, c: Chunk, device: str, check_finite: bool) -> torch.Tensor:
-    x = read_rows(meta, c.row_start, c.row_stop).to(device=device, dtype=torch.float32)
+    return _finish(meta, c, read_rows(meta, c.row_start, c.row_stop), device, check_finite)
+
+
+def _finish(meta: TensorMeta, c: Chunk, raw: torch.Tensor, device: str, check_finite: bool) -> torch.Tensor:
+    x = raw.to(device=device, dtype=torch.float32)
     if check_finite and not all_finite(x):
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(
@@ -117,14 +121,47 @@ def _load(meta: TensorMeta, c: Chunk, device: str, check_finite: bool) -> torch.
     return x
 
 
+_FETCH_THREADS = 4  # ranged GETs in flight per worker process (all inputs of a chunk, and the next chunk's)
+_fetch_pool = None
+
+
+def _fetcher():
+    global _fetch_pool
+    if _fetch_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _fetch_pool = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="shardmerge-fetch")
+    return _fetch_pool
+
+
 def _reader(t: OutputTensor, chunk_bytes: int, device: str, check_finite: bool):
+    """The tensor's (chunk, inputs, base) in row order. When an input is on object storage or the hub, every input
+    of a chunk is fetched concurrently and the next chunk's ranged GETs run while the current chunk is merged: at
+    most two chunks of raw input bytes are held (the bounded buffer); local inputs are read as they are needed."""
+    metas = [*t.inputs, *([t.base] if t.base is not None else [])]
+    remote = any("://" in m.file for m in metas)
+
     def read():
         for c in chunks(t, chunk_bytes):
             xs = [_load(m, c, device, check_finite) for m in t.inputs]
             base = _load(t.base, c, device, check_finite) if t.base is not None else None
             yield c, xs, base
 
-    return read
+    def read_ahead():
+        pool = _fetcher()
+        fetch = lambda c: [pool.submit(read_rows, m, c.row_start, c.row_stop) for m in metas]
+        it = iter(chunks(t, chunk_bytes))
+        c = next(it, None)
+        pending = fetch(c) if c is not None else []
+        while c is not None:
+            nxt = next(it, None)
+            ahead = fetch(nxt) if nxt is not None else []
+            xs = [_finish(m, c, f.result(), device, check_finite) for m, f in zip(metas, pending)]
+            base = xs.pop() if t.base is not None else None
+            yield c, xs, base
+            c, pending = nxt, ahead
+
+    return read_ahead if remote else read
 
 
 def batching_on(device: str, svd_batch: bool | None) -> bool:

@@ -58,3 +58,39 @@ def test_writing_to_gs_is_not_supported_yet(tmp_path):
         open_store("gs://bucket/out")
     assert open_store(tmp_path).local and not open_store("s3://b/out").local
     assert open_store("s3://b/out/").url == "s3://b/out"
+
+
+def test_remote_inputs_fetch_the_next_chunk_while_the_current_one_is_merged(monkeypatch):
+    import threading
+
+    import torch
+
+    import shardmerge.engine.run.unit as unit
+    from shardmerge.engine.io.checkpoint import TensorMeta
+    from shardmerge.engine.plan.build import OutputTensor
+
+    calls, lock = [], threading.Lock()
+
+    def fake_read_rows(meta, a, b):
+        with lock:
+            calls.append((meta.name, a))
+        return torch.full((b - a, 4), float(a))
+
+    monkeypatch.setattr(unit, "read_rows", fake_read_rows)
+    metas = [TensorMeta(n, f"s3://b/m/{n}.safetensors", "F32", (8, 4), 0, 128) for n in ("x", "y", "base")]
+    t = OutputTensor("w", "F32", (8, 4), "linear", tuple(metas[:2]), metas[2], (), None, 1, 0, 0)
+    gen = unit._reader(t, 2 * 4 * 4, "cpu", True)()  # two rows per chunk: 4 chunks
+    c, xs, base = next(gen)
+    import time
+
+    deadline = time.monotonic() + 30
+    while len(calls) < 6 and time.monotonic() < deadline:  # the second chunk's fetches, issued before it is asked for
+        time.sleep(0.01)
+    assert {a for _, a in calls} == {0, 2} and len(calls) == 6
+    assert c.row_start == 0 and [x[0, 0].item() for x in xs] == [0.0, 0.0] and base.shape == (2, 4)
+    rest = list(gen)
+    assert [r[0].row_start for r in rest] == [2, 4, 6] and len(calls) == 12
+    assert all(x[0, 0].item() == r[0].row_start for r in rest for x in r[1])
+    on_disk = tuple(TensorMeta(n, f"/m/{n}.safetensors", "F32", (8, 4), 0, 128) for n in ("x", "y"))
+    local = OutputTensor("w", "F32", (8, 4), "linear", on_disk, None, (), None, 1, 0, 0)
+    assert unit._reader(local, 32, "cpu", True).__name__ == "read"  # local files: read when needed, as before
