@@ -221,3 +221,22 @@ def test_sigkill_mid_upload_then_resume_is_byte_identical_and_leaks_no_secret(s3
         assert secret not in text
     staged = list((tmp_path / "stage").glob("*")) if (tmp_path / "stage").exists() else []
     assert staged == []  # staging files of finished units are removed
+
+
+def test_overwrite_and_input_overlap_on_s3(s3_env, models, local_ref, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(**models))
+    with pytest.raises(
+        ValueError, match=r"--out s3://models/tiny/e1/out lies inside the input location s3://models/tiny/e1"
+    ):
+        run_merge(recipe, models["e1"] + "/out", workers=0, shard_size=SHARD, progress=False)
+    out = "s3://outputs/overwrite"
+    run_merge(recipe, out, workers=0, shard_size=SHARD, chunk_mb=0.01, progress=False)
+    with pytest.raises(ValueError, match=r"already holds this finished merge"):
+        run_merge(recipe, out, workers=0, shard_size=SHARD, chunk_mb=0.01, progress=False)
+    s = run_merge(recipe, out, workers=0, shard_size=SHARD, chunk_mb=0.01, progress=False, overwrite=True)
+    assert "shardmerge_manifest.json" in s["removed"] and any(n.endswith(".safetensors") for n in s["removed"])
+    _assert_same_as_local(_objects(s3_env, out), local_ref)
+    s3_env.client().put_object(Bucket="outputs", Key="overwrite/notes.txt", Body=b"mine")
+    with pytest.raises(ValueError, match=r"holds files that no earlier shardmerge merge wrote \(notes.txt\)"):
+        run_merge(recipe, out, workers=0, shard_size=SHARD, chunk_mb=0.01, progress=False, overwrite=True)
+    assert _objects(s3_env, out)["notes.txt"] == b"mine"
