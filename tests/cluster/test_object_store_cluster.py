@@ -79,3 +79,37 @@ def test_two_nodes_without_a_shared_directory_merge_s3_to_s3(tmp_path, monkeypat
 
         assert verify_dir("s3://outputs/cluster") == []
         assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
+
+
+def test_worker_that_cannot_reach_an_object_store_input_fails_clearly(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import ray
+
+    from shardmerge.engine.plan.build import build_plan
+    from shardmerge.engine.recipe.schema import load_recipe
+    from shardmerge.engine.run.executor import execute
+    from shardmerge.engine.tiny_models import build_llm
+    from shardmerge.jobs.s3_local import LocalS3
+
+    base = build_llm(tmp_path / "base", seed=6, num_hidden_layers=2, tokenizer=False)
+    e1 = build_llm(tmp_path / "e1", base=base, perturb_seed=1, tokenizer=False)
+    (tmp_path / "r.yaml").write_text(
+        RECIPE.replace("  - model: {e2}\n    parameters: {{weight: 0.5}}\n", "").format(base=base, e1=e1)
+    )
+    plan = build_plan(load_recipe(tmp_path / "r.yaml"), shard_size="40KB")
+    with LocalS3() as s3:
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            bad = replace(plan, inputs=plan.inputs + ("s3://no-such-bucket/models/e2",))
+            with pytest.raises(
+                RuntimeError,
+                match=r"cannot read the input s3://no-such-bucket/models/e2: .*bucket 'no-such-bucket' does not exist",
+            ):
+                execute(bad, tmp_path / "out", workers=1, progress=False)
+        finally:
+            ray.shutdown()
