@@ -14,4 +14,4 @@ if __name__ == "jobs":  # imported under its checkout name: bind the checkout as
         _module = _util.module_from_spec(_spec)
         _sys.modules["shardmerge"] = _module
         _spec.loader.exec_module(_module)
-        _module.CHECKOUT = str(_root)  # the Ray pool ships this checkout to its workers (engine/run/ray_pool.py)
+        _module.CHECKOUT = str(_root)  # the Ray pool ships this checkout to its workers (engine/run/ray_session.py)

@@ -440,7 +440,7 @@ def _merge_child(argv: list[str]) -> int:
     from shardmerge.engine.plan.build import build_plan
     from shardmerge.engine.recipe.schema import load_recipe
     from shardmerge.engine.run.executor import execute
-    from shardmerge.engine.run.ray_pool import connect
+    from shardmerge.engine.run.ray_session import connect
 
     t0 = time.perf_counter()
     started = connect(None, num_cpus=max(os.cpu_count() or 1, n_workers or 1)) if n_workers != 0 else False

@@ -149,16 +149,17 @@ def _child(argv: list[str]) -> int:
     from shardmerge.engine.plan.build import build_plan
     from shardmerge.engine.recipe.schema import load_recipe
     from shardmerge.engine.run import executor
+    from shardmerge.engine.run.driver import Driver
 
     plan = build_plan(load_recipe(recipe), shard_size="5GB", source=recipe)
     times: list[tuple[str, float, int]] = []
-    original = executor._Driver.unit_finished
+    original = Driver.unit_finished
 
     def record(self, res, node=""):  # benchmark-only wrapper; the driver's own accounting is unchanged
         times.append((self.plan.units[res.unit_id].key, res.seconds, res.nbytes))
         return original(self, res, node)
 
-    executor._Driver.unit_finished = record
+    Driver.unit_finished = record
     t0 = time.perf_counter()
     summary = executor.execute(
         plan, out, workers=int(workers), chunk_bytes=int(float(chunk_mb) * 2**20), progress=False

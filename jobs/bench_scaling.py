@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     started = False
     if any(counts):
-        from shardmerge.engine.run.ray_pool import connect
+        from shardmerge.engine.run.ray_session import connect
 
         started = connect(None, num_cpus=os.cpu_count())
     try:

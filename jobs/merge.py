@@ -69,7 +69,7 @@ def default_workers(device: str) -> int:
         import torch
 
         return max(1, torch.cuda.device_count())
-    return max(1, os.cpu_count() or 1)  # one single-threaded worker per CPU slot (see executor.default_worker_count)
+    return max(1, os.cpu_count() or 1)  # one single-threaded worker per CPU slot (see ray_pool.default_worker_count)
 
 
 def run_merge(
@@ -87,7 +87,6 @@ def run_merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     verify: bool = True,
-    fault: str | None = None,
     threads_per_worker: int | None = None,
     svd_batch_layers: int | None = None,
     svd_batch: bool | None = None,
@@ -96,12 +95,15 @@ def run_merge(
     """Plan, execute and verify a merge; returns a summary dict. Raises ValueError/RuntimeError with the cause.
     `svd_batch_layers` None: shardmerge.engine.plan.build.SVD_BATCH_LAYERS for the device; `svd_batch` forces batched SVD calls on
     or off (None: on off the CPU; see shardmerge.engine.run.executor.execute). `random_seed` is --random-seed
-    (shardmerge.engine.recipe.schema.with_random_seed)."""
+    (shardmerge.engine.recipe.schema.with_random_seed). Fault injection for tests is the environment variable
+    SHARDMERGE_FAULT (shardmerge.engine.run.worker.fault_from_env): it needs Ray workers, so it turns off the
+    in-process shortcut for small merges."""
     from shardmerge.engine.io.stores import is_url
     from shardmerge.engine.io.writer import state_dir
     from shardmerge.engine.plan.build import SVD_BATCH_LAYERS, build_plan, parse_size
     from shardmerge.engine.recipe.schema import load_recipe, with_random_seed
     from shardmerge.engine.run.executor import execute
+    from shardmerge.engine.run.worker import fault_from_env
     from shardmerge.engine.verify import verify_dir
 
     if chunk_mb <= 0:
@@ -118,7 +120,7 @@ def run_merge(
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
         # on a cluster, execute() sizes the pool from the cluster's resources; on this machine a small merge runs
         # in this process, since starting an embedded Ray and its workers costs more than the merge itself
-        small = device == "cpu" and fault is None and plan.total_bytes <= IN_PROCESS_MAX_BYTES
+        small = device == "cpu" and fault_from_env() is None and plan.total_bytes <= IN_PROCESS_MAX_BYTES
         workers = 0 if small else default_workers(device)
     summary = execute(
         plan,
@@ -130,7 +132,6 @@ def run_merge(
         chunk_bytes=max(1, int(chunk_mb * 2**20)),
         allow_nonfinite=allow_nonfinite,
         progress=progress,
-        fault=fault,
         address=address,
         threads_per_worker=threads_per_worker,
         svd_batch=svd_batch,
@@ -235,7 +236,6 @@ def _run(args: argparse.Namespace) -> int:
             allow_nonfinite=args.allow_nonfinite,
             progress=not args.no_progress,
             verify=not args.no_verify,
-            fault=os.environ.get("SHARDMERGE_FAULT"),
             threads_per_worker=args.threads_per_worker,
             svd_batch_layers=args.svd_batch_layers,
             random_seed=args.random_seed,

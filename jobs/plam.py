@@ -199,7 +199,7 @@ def _evaluate(args, out: Path, workers: int, models: dict) -> dict:
 
 def run_plam(args: argparse.Namespace) -> dict:
     """Run every stage; returns the summary also written to DIR/plam_summary.json."""
-    from shardmerge.engine.run.ray_pool import connect
+    from shardmerge.engine.run.ray_session import connect
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -70,9 +70,9 @@ class ProbeJob:
 
 
 def _start_ray(job: ProbeJob) -> bool:
-    """Connect the way a merge does (shardmerge.engine.run.ray_pool.connect): --address, RAY_ADDRESS, else a fresh local Ray
+    """Connect the way a merge does (shardmerge.engine.run.ray_session.connect): --address, RAY_ADDRESS, else a fresh local Ray
     (never a stale or running `ray start` cluster of this machine); True when this call started it."""
-    from shardmerge.engine.run.ray_pool import connect
+    from shardmerge.engine.run.ray_session import connect
 
     return connect(job.address, num_cpus=max(1, int(job.workers * job.cpus_per_actor)))
 

@@ -1,8 +1,8 @@
 """Per-worker memory estimates and the budget check (--max-memory-per-worker), before anything runs.
 
 A worker holds, per tensor, every input chunk in float32, the float32 result and its output-dtype copy; whole-matrix
-methods (SVD family, pivot) hold their matrices whole (`whole_tensor_bytes`), and batched SVD calls hold a batch of
-them plus the outputs waiting to be written (`svd_batch_budget`). `check_memory_budget` refuses, naming the tensor
+methods (SVD family, pivot) hold their matrices whole (`whole_tensor_bytes`, shardmerge.engine.run.batching), and
+batched SVD calls hold a batch of them plus the outputs waiting to be written (`svd_batch_budget`). `check_memory_budget` refuses, naming the tensor
 or batch, a budget that cannot hold the largest of these; the estimates are checked against measured peaks in
 tests/e2e/test_svd_budget.py and tests/e2e/test_memory_bound.py.
 """
@@ -10,27 +10,12 @@ tests/e2e/test_svd_budget.py and tests/e2e/test_memory_bound.py.
 from __future__ import annotations
 
 from shardmerge.engine.plan.build import COPY, Plan
-from shardmerge.engine.run.unit import DEFAULT_SVD_BATCH_BYTES, batch_schedule, batching_on, rows_per_chunk
+from shardmerge.engine.run.batching import DEFAULT_SVD_BATCH_BYTES, batch_schedule, batching_on, whole_tensor_bytes
+from shardmerge.engine.run.unit import rows_per_chunk
 
 # Resident memory of an idle merge worker (Python + torch + Ray core worker): 0.36-0.42 GB measured on the test
 # machine (torch 2.13 CPU); rounded up so a budget that passes the check is not exhausted by the process itself.
 WORKER_BASE_BYTES = 512 << 20
-
-
-def whole_tensor_bytes(op: str, shape: tuple[int, ...], n_inputs: int, has_base: bool) -> int:
-    """Estimated peak working memory of a whole-matrix method on one tensor of K inputs: the method's own
-    estimate (`MethodSpec.memory`; the SVD family's in shardmerge.engine.methods.svd.svd_memory, pivot's in
-    shardmerge.engine.methods.pivot.pivot_memory), else its data alone (shardmerge.engine.methods.base.whole_data_bytes: the K (+ base)
-    float32 inputs, their stack, the task vectors, the result and its output-dtype copy).
-    Measured peaks (K = 3, CPU, 500 x 3000 to 1280 x 2048) are 0.43-0.76 of the SVD/pivot estimates
-    (docs/pivot_recipe.md, tests/e2e/test_svd_budget.py).
-    """
-    from shardmerge.engine import methods
-    from shardmerge.engine.methods.base import whole_data_bytes
-
-    spec = methods.get(op)
-    estimate = spec.memory or whole_data_bytes
-    return estimate(tuple(shape), n_inputs, has_base)
 
 
 def _tensor_need(t, chunk_bytes: int) -> tuple[int, bool]:
@@ -51,7 +36,7 @@ def worker_memory_floor(plan: Plan, chunk_bytes: int, svd_batch_bytes: int | Non
     every input chunk in float32, the float32 result and its output-dtype copy; for whole-matrix methods
     `whole_tensor_bytes`), and the tensor that sets it. With batching (`svd_batch_bytes`, see svd_batch_budget)
     a batch needs the sum of its members' estimates plus the outputs of earlier batches still waiting to be
-    written (shardmerge.engine.run.unit.batch_schedule); its first member names it."""
+    written (shardmerge.engine.run.batching.batch_schedule); its first member names it."""
     peak, members, _ = _peak(plan, chunk_bytes, svd_batch_bytes)
     return WORKER_BASE_BYTES + peak, members[0].name if members else ""
 
@@ -83,7 +68,7 @@ def _peak(plan: Plan, chunk_bytes: int, batch_bytes: int | None = None) -> tuple
 def svd_batch_budget(
     plan: Plan, device: str, svd_batch: bool | None, svd_batch_bytes: int | None, memory_per_worker: int | None
 ) -> int | None:
-    """Byte budget of one batched SVD call (shardmerge.engine.run.unit), None when batching is off (`batching_on`).
+    """Byte budget of one batched SVD call (shardmerge.engine.run.batching), None when batching is off (`batching_on`).
 
     An explicit `svd_batch_bytes` is taken as given (check_memory_budget refuses a worker budget that cannot hold
     its batches); otherwise DEFAULT_SVD_BATCH_BYTES, capped by what a worker budget leaves after the process and

@@ -1,5 +1,6 @@
-"""The Ray side of the executor: connect (embedded or cluster), run the merge-worker pool with backpressure,
-replace dead workers and re-queue their units, finalise shards on the workers.
+"""The Ray side of the executor: size and place the merge-worker pool (pure resource functions), run it with
+backpressure, replace dead workers and re-queue their units, finalise shards on the workers. Connecting is
+shardmerge.engine.run.ray_session's; the accounting is the driver's (shardmerge.engine.run.driver), handed in.
 
 Workers are started asynchronously and join the pool when their `ready()` answers, so a worker that cannot be
 placed yet (autoscaling, a lost node's replacement) never blocks the others. A worker that dies (actor crash, node
@@ -9,88 +10,103 @@ MAX_UNIT_ATTEMPTS workers is a poison pill and fails the merge instead of loopin
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
-from pathlib import Path
 
+from shardmerge.engine.run.options import RunOptions
+from shardmerge.engine.run.ray_session import alive_nodes, connect, unwrap
+
+_unwrap = unwrap  # the name older callers import from this module
+
+MAX_INFLIGHT_PER_WORKER = 2  # one running + one queued keeps a worker busy without hoarding units
 MAX_UNIT_ATTEMPTS = 3
 POOL_TIMEOUT_S = float(os.environ.get("SHARDMERGE_POOL_TIMEOUT", "600"))  # no live worker for this long: fail
 _POLL_S = 1.0
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
-    """Attach to a cluster (address or RAY_ADDRESS) or start an embedded local instance. True if we started it.
-    An already initialised Ray (a test's, a notebook's, a job driver's) is reused and left running."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(embedded=False))
-        return True
-    # The embedded instance is private to this merge: Ray's metrics exporter threads (whose crashes at exit printed
-    # SIGSEGV/SIGABRT dumps after successful merges) are off, and its notice that token auth was enabled by default
-    # (auth stays on) is not printed.
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = auth_log.level
-    auth_log.setLevel(logging.ERROR)
-    try:
-        ray.init(
-            address="local",  # a fresh instance: never attach to some other `ray start` cluster on this machine
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            logging_level="WARNING",
-            log_to_driver=True,
-            runtime_env=_runtime_env(embedded=True),
-            _system_config={"enable_metrics_collection": False},
-        )
-    finally:
-        auth_log.setLevel(level)
-    return True
+# ------------------------------------------------------------------------------------------------------------------
+# Resource options (pure functions: unit-tested without a cluster)
+# ------------------------------------------------------------------------------------------------------------------
 
 
-def _runtime_env(*, embedded: bool) -> dict:
-    """What the workers need to import this very `shardmerge`.
-
-    Run from a source checkout that is not installed (`python -m jobs.merge`, e.g. under `ray job submit
-    --working-dir .`), the checkout's package is copied once into a temporary `shardmerge/` folder and shipped as a
-    Ray `py_modules` entry, so workers on nodes without shardmerge installed import the same code. Otherwise the
-    workers import the installed package; an embedded instance also hands them the driver's PYTHONPATH."""
-    import shardmerge
-
-    checkout = getattr(shardmerge, "CHECKOUT", None)
-    if checkout:
-        return {"py_modules": [_stage_checkout(Path(checkout))]}
-    path = os.environ.get("PYTHONPATH", "")
-    return {"env_vars": {"PYTHONPATH": path}} if embedded and path else {}
-
-
-def _stage_checkout(root: Path) -> str:
-    import shutil
-    import tempfile
-
-    dest = Path(tempfile.mkdtemp(prefix="shardmerge-src-")) / "shardmerge"
-    dest.mkdir()
-    shutil.copy2(root / "__init__.py", dest / "__init__.py")
-    for sub in ("engine", "kernels", "jobs"):
-        shutil.copytree(root / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return str(dest)
-
-
-def alive_nodes() -> list[dict]:
-    """Total resources of every live node."""
-    import ray
-
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def resource_options(
+    device: str,
+    *,
+    cpus_per_worker: int = 1,
+    memory_bytes: int | None = None,
+    node_id: str | None = None,
+    spread: bool = True,
+) -> dict:
+    """Ray actor options for one merge worker: one GPU each with --device cuda, else `cpus_per_worker` CPUs;
+    `memory` reserves the per-worker budget so Ray never packs more workers on a node than its memory holds;
+    SPREAD places workers (and therefore the units they pull) across nodes."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu or cuda")
+    if cpus_per_worker < 1:
+        raise ValueError(f"cpus per worker must be >= 1, got {cpus_per_worker}")
+    if memory_bytes is not None and memory_bytes <= 0:
+        raise ValueError(f"--max-memory-per-worker must be positive, got {memory_bytes} bytes")
+    opts: dict = {"num_cpus": cpus_per_worker, "max_restarts": 0, "max_task_retries": 0}
+    if device == "cuda":
+        opts["num_gpus"] = 1
+    if memory_bytes:
+        opts["memory"] = int(memory_bytes)
+    if node_id:
+        opts["scheduling_strategy"] = _node_affinity(node_id)
+    elif spread:
+        opts["scheduling_strategy"] = "SPREAD"
+    return opts
 
 
-def _unwrap(exc):
-    """The user-level exception inside a RayTaskError (ValueError/RuntimeError from the unit, with its message)."""
-    cause = exc.as_instanceof_cause()
-    return cause.cause if getattr(cause, "cause", None) else cause
+def _node_affinity(node_id: str):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+
+
+def default_worker_count(device: str, cluster: dict) -> int:
+    """One worker per GPU of the cluster with --device cuda; otherwise one per CPU slot.
+
+    Streaming merges are memory-bound elementwise work: single-threaded workers side by side beat fewer workers with
+    intra-op threads (measured, 0.1 GB linear: 1 worker x 1 thread 4.2 s vs 1 worker x 2 threads 14.6 s on 2 busy
+    cores; see BENCHMARKS.md)."""
+    if device == "cuda":
+        return max(1, int(cluster.get("GPU", 0)))
+    return max(1, int(cluster.get("CPU", 1)))
+
+
+def worker_cpus(device: str, workers: int, node_cpus: list[float]) -> int:
+    """CPUs per worker: the cluster's CPUs shared evenly, but never more than the largest node has (an actor
+    lives on one node). GPU workers take one CPU each."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 for a Ray pool, got {workers}")
+    if device == "cuda" or not node_cpus:
+        return 1
+    return max(1, min(int(sum(node_cpus)) // workers, int(max(node_cpus))))
+
+
+def capacity(opts: dict, nodes: list[dict]) -> int:
+    """How many workers with these options fit on the given nodes' total resources (per node, then summed)."""
+    need = {"CPU": opts.get("num_cpus", 0), "GPU": opts.get("num_gpus", 0), "memory": opts.get("memory", 0)}
+    fit = 0
+    for res in nodes:
+        per = [int(res.get(k, 0) // v) for k, v in need.items() if v]
+        fit += min(per) if per else 0
+    return fit
+
+
+def placement_problem(opts: dict, nodes: list[dict], workers: int) -> str | None:
+    """None when all `workers` fit now; else a sentence saying what does not fit and why."""
+    fit = capacity(opts, nodes)
+    if fit >= workers:
+        return None
+    asked = {k: opts[k] for k in ("num_cpus", "num_gpus", "memory") if k in opts}
+    have = [{k: v for k, v in n.items() if k in ("CPU", "GPU", "memory")} for n in nodes]
+    return (
+        f"{workers} merge worker(s) asking {asked} each, but the nodes' resources {have} hold {fit}; "
+        "lower --workers or --max-memory-per-worker, or add nodes"
+    )
 
 
 class _Pool:
@@ -164,7 +180,7 @@ class _Pool:
         try:
             info = ray.get(ref)
         except RayTaskError as exc:  # the worker's own check failed (e.g. it cannot see the shared storage)
-            raise _unwrap(exc) from None
+            raise unwrap(exc) from None
         except RayActorError as exc:
             if exc.actor_init_failed:
                 raise RuntimeError(f"a merge worker failed to start: {exc}") from None
@@ -183,7 +199,7 @@ class _Pool:
         try:
             result = ray.get(ref)
         except RayTaskError as exc:  # the method/IO raised: a real error, not a lost worker
-            raise _unwrap(exc) from None
+            raise unwrap(exc) from None
         except RayActorError:
             self._lost(actor, (ref, kind, payload))
             return
@@ -283,36 +299,17 @@ class _Pool:
 
 
 def placement_note(opts: dict, workers: int) -> str | None:
-    from shardmerge.engine.run.executor import placement_problem
-
     return placement_problem(opts, alive_nodes(), workers)
 
 
-def _start_worker(
-    drv,
-    opts: dict,
-    device: str,
-    chunk_bytes: int,
-    allow_nonfinite: bool,
-    fault,
-    threads: int,
-    svd_batch_bytes: int | None = None,
-):
+def _start_worker(drv, actor_opts: dict, run_opts: RunOptions, fault: str | None):
     import ray
 
     from shardmerge.engine.run.worker import MergeWorker
 
     actor_cls = ray.remote(MergeWorker)
-    return actor_cls.options(**opts).remote(
-        str(drv.out),
-        drv.plan.shards,
-        chunk_bytes=chunk_bytes,
-        device=device,
-        threads=threads,
-        allow_nonfinite=allow_nonfinite,
-        fault=fault,
-        inputs=drv.plan.inputs,
-        svd_batch_bytes=svd_batch_bytes,
+    return actor_cls.options(**actor_opts).remote(
+        str(drv.out), drv.plan.shards, run_opts, inputs=drv.plan.inputs, fault=fault
     )
 
 
@@ -330,28 +327,18 @@ def _python_sigterm() -> None:
 
 def run_on_ray(
     drv,
+    opts: RunOptions,
     *,
     workers: int | None,
-    device: str,
-    chunk_bytes: int,
-    allow_nonfinite: bool,
-    fault: str | None,
     address: str | None,
     memory_per_worker: int | None,
-    threads: int | None = None,
-    svd_batch_bytes: int | None = None,
+    fault: str | None = None,
 ) -> dict:
-    """Run the driver's pending units on a Ray worker pool; returns pool statistics for the summary.
-    `svd_batch_bytes`: the batched-SVD budget every worker uses (None: no batching; shardmerge.engine.run.memory.svd_batch_budget)."""
+    """Run the pending units of `drv` (a shardmerge.engine.run.driver.Driver) on a Ray worker pool, every worker
+    with the same `opts`; returns pool
+    statistics for the summary. `fault`: the test hook the executor read from SHARDMERGE_FAULT
+    (shardmerge.engine.run.worker.fault_from_env), handed to every worker started."""
     import ray
-
-    from shardmerge.engine.run.executor import (
-        MAX_INFLIGHT_PER_WORKER,
-        default_worker_count,
-        placement_problem,
-        resource_options,
-        worker_cpus,
-    )
 
     embedded = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     started = connect(address, num_cpus=max(os.cpu_count() or 1, workers or 1) if embedded else None)
@@ -359,25 +346,25 @@ def run_on_ray(
     try:
         nodes = alive_nodes()
         if workers is None:
-            workers = default_worker_count(device, ray.cluster_resources())
-        cpus = worker_cpus(device, workers, [n.get("CPU", 0) for n in nodes])
-        opts = resource_options(device, cpus_per_worker=cpus, memory_bytes=memory_per_worker)
-        problem = placement_problem(opts, nodes, workers)
+            workers = default_worker_count(opts.device, ray.cluster_resources())
+        cpus = worker_cpus(opts.device, workers, [n.get("CPU", 0) for n in nodes])
+        actor_opts = resource_options(opts.device, cpus_per_worker=cpus, memory_bytes=memory_per_worker)
+        problem = placement_problem(actor_opts, nodes, workers)
         if problem and embedded:
             raise ValueError(problem)
         if problem:  # a cluster may grow (autoscaling); the pool starts with whatever fits
             print(f"shardmerge: warning: {problem}; waiting for resources", file=sys.stderr, flush=True)
 
         def spawn():
-            return _start_worker(drv, opts, device, chunk_bytes, allow_nonfinite, fault, threads or 1, svd_batch_bytes)
+            return _start_worker(drv, actor_opts, opts, fault)
 
-        pool = _Pool(drv, spawn, workers=workers, opts=opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
+        pool = _Pool(drv, spawn, workers=workers, opts=actor_opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
         try:
             stats = pool.run()
         except BaseException:
             pool.abort()
             raise
-        stats.update(workers=workers, cpus_per_worker=cpus, threads_per_worker=threads or 1, nodes=len(nodes))
+        stats.update(workers=workers, cpus_per_worker=cpus, threads_per_worker=opts.threads, nodes=len(nodes))
         return stats
     finally:
         if started:

@@ -1,14 +1,10 @@
 """Execute one work unit: stream every output tensor row-chunk by row-chunk through its method into the shard files.
 
 This is the only code that touches tensor data on the write side; Ray workers and the in-process path both call
-`run_unit`, so local and cluster runs share one code path. Memory is bounded by the chunk size, never by the tensor
-(whole-matrix methods: by the matrix, see shardmerge.engine.run.memory.whole_tensor_bytes).
-
-Batching (METHODS.md "SVD methods": on GPU, same-shape matrices across layers and experts are batched): with
-batching on, the unit's whole-matrix tensors of one op, shape, input count and identical params (so per-layer
-gradients never mix) are grouped, in plan order, into batches whose summed memory estimate stays within a byte
-budget; each batch is one `merge_batch` call, computed when its first member is due and held (on CPU, in the
-output dtype) until each member's turn, so every tensor is still written and hashed in plan order.
+`run_unit` with the driver's RunOptions (shardmerge.engine.run.options), so local and cluster runs share one code
+path. Memory is bounded by the chunk size, never by the tensor (whole-matrix methods: by the matrix, see
+shardmerge.engine.run.batching.whole_tensor_bytes). With a batched-SVD budget, same-shape whole matrices are merged
+in the batches that shardmerge.engine.run.batching plans, and still written and hashed in plan order.
 """
 
 from __future__ import annotations
@@ -27,12 +23,10 @@ from shardmerge.engine.io.stores import open_store
 from shardmerge.engine.io.writer import write_unit_report
 from shardmerge.engine.methods.base import Chunk, TensorInfo
 from shardmerge.engine.plan.build import COPY, OutputTensor, WorkUnit
+from shardmerge.engine.run.batching import Batch, plan_batches
+from shardmerge.engine.run.options import RunOptions
 
 _FP32 = 4
-# Byte budget of one batched call when none is given (and no worker memory budget bounds it, shardmerge.engine.run.memory):
-# the summed whole_tensor_bytes of its members. 8 GiB leaves room for the CUDA context and the caching allocator
-# on a 24 GB GPU; a single matrix above it is merged alone, as without batching (not measured on a GPU: none here).
-DEFAULT_SVD_BATCH_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -164,79 +158,13 @@ def _reader(t: OutputTensor, chunk_bytes: int, device: str, check_finite: bool):
     return read_ahead if remote else read
 
 
-def batching_on(device: str, svd_batch: bool | None) -> bool:
-    """Whether a unit's same-shape whole-matrix tensors are merged in batched calls: `svd_batch` when given, else
-    only off the CPU (LAPACK loops over a batch on the CPU, so batching there buys nothing: jobs/bench_svd.py)."""
-    return device != "cpu" if svd_batch is None else bool(svd_batch)
-
-
-def batch_key(t: OutputTensor) -> tuple | None:
-    """Tensors with equal keys may share one batched call; None for a tensor merged on its own (copies, chunk-wise
-    and reporting methods, methods without `merge_batch`, tensors that are not 2-D). The key holds the resolved
-    params, so tensors of layers with different gradient values never share a call."""
-    if t.op == COPY or len(t.shape) != 2:
-        return None
-    spec = methods.get(t.op)
-    if spec.chunkwise or spec.merge_batch is None or getattr(spec, "merge_with_report", None) is not None:
-        return None
-    return (t.op, t.shape, repr(t.params), len(t.inputs), t.base is not None)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Tensors of one unit merged by one `merge_batch` call."""
-
-    members: tuple[int, ...]  # positions in the unit's tensor list, in plan order
-    nbytes: int  # summed shardmerge.engine.run.memory.whole_tensor_bytes of the members
-
-
-def plan_batches(tensors, max_bytes: int) -> list[Batch]:
-    """Group `tensors` (a unit's, in plan order) into batches of two or more with equal `batch_key` and a summed
-    memory estimate <= max_bytes, filled greedily in plan order; ordered by first member. Tensors in no batch are
-    merged alone exactly as without batching (a matrix above the budget is one of them)."""
-    from shardmerge.engine.run.memory import whole_tensor_bytes
-
-    if max_bytes <= 0:
-        raise ValueError(f"SVD batch budget must be positive, got {max_bytes} bytes")
-    done: list[tuple[list[int], int]] = []
-    open_: dict[tuple, tuple[list[int], int]] = {}
-    for i, t in enumerate(tensors):
-        key = batch_key(t)
-        if key is None:
-            continue
-        need = whole_tensor_bytes(t.op, t.shape, len(t.inputs), t.base is not None)
-        members, used = open_.get(key, ([], 0))
-        if members and used + need > max_bytes:
-            done.append((members, used))
-            members, used = [], 0
-        open_[key] = (members + [i], used + need)
-    done.extend(open_.values())
-    return sorted((Batch(tuple(m), b) for m, b in done if len(m) > 1), key=lambda b: b.members[0])
-
-
-def batch_schedule(tensors, max_bytes: int) -> Iterator[tuple[tuple[int, ...], int]]:
-    """How `run_unit` computes `tensors` with batching, in order: (members, held) per computation -- a batch when
-    its first member is due, or one tensor alone -- where `held` is the output bytes of earlier batches still
-    waiting to be written at that moment (shardmerge.engine.run.memory.check_memory_budget adds it to the computation's need)."""
-    first = {b.members[0]: b for b in plan_batches(tensors, max_bytes)}
-    waiting: dict[int, int] = {}
-    for i in range(len(tensors)):
-        if i in waiting:
-            waiting.pop(i)
-            continue
-        yield (first[i].members if i in first else (i,)), sum(waiting.values())
-        if i in first:
-            waiting.update((j, tensors[j].nbytes) for j in first[i].members[1:])
-
-
 class _Batched:
     """A unit's batched results: a batch is computed when its first member is due; its outputs wait (on CPU, in
     the output dtype) until each member's turn to be written."""
 
-    def __init__(self, tensors, max_bytes: int, chunk_bytes: int, device: str, allow_nonfinite: bool):
-        self.tensors, self.chunk_bytes, self.device = tensors, chunk_bytes, device
-        self.allow_nonfinite = allow_nonfinite
-        self.of = {i: b for b in plan_batches(tensors, max_bytes) for i in b.members}
+    def __init__(self, tensors, opts: RunOptions):
+        self.tensors, self.opts = tensors, opts
+        self.of = {i: b for b in plan_batches(tensors, opts.svd_batch_bytes) for i in b.members}
         self.held: dict[int, torch.Tensor] = {}
 
     def has(self, i: int) -> bool:
@@ -250,10 +178,10 @@ class _Batched:
 
     def _compute(self, batch: Batch) -> None:
         ts = [self.tensors[i] for i in batch.members]
-        spec, check = methods.get(ts[0].op), not self.allow_nonfinite
+        spec, check, device = methods.get(ts[0].op), not self.opts.allow_nonfinite, self.opts.device
         wholes = [Chunk(0, t.shape[0], 0) for t in ts]
-        inputs = [[_load(m, c, self.device, check) for m in t.inputs] for t, c in zip(ts, wholes)]
-        bases = [_load(t.base, c, self.device, check) if t.base is not None else None for t, c in zip(ts, wholes)]
+        inputs = [[_load(m, c, device, check) for m in t.inputs] for t, c in zip(ts, wholes)]
+        bases = [_load(t.base, c, device, check) if t.base is not None else None for t, c in zip(ts, wholes)]
         infos = [TensorInfo(t.name, t.shape, t.layer, t.num_layers) for t in ts]
         ys = spec.merge_batch(inputs, bases, infos, **dict(ts[0].params))
         del inputs, bases
@@ -263,27 +191,19 @@ class _Batched:
                 f"{len(ts)} ({ts[0].name!r} .. {ts[-1].name!r}); expected one per tensor"
             )
         for i, t, c, y in zip(batch.members, ts, wholes, ys):
-            _check_result(t, y, c, self.chunk_bytes, self.device, self.allow_nonfinite, None)
+            _check_result(t, y, c, self.opts, None)
             out = y.to(DTYPES[t.dtype][0]).cpu()
             # a view of the batch's result would keep all of it alive while one member waits
             self.held[i] = out.clone() if out._base is not None else out
 
 
-def _check_result(
-    t: OutputTensor,
-    y: torch.Tensor,
-    c: Chunk,
-    chunk_bytes: int,
-    device: str,
-    allow_nonfinite: bool,
-    allowed: bool | None,
-) -> bool | None:
+def _check_result(t: OutputTensor, y: torch.Tensor, c: Chunk, opts: RunOptions, allowed: bool | None) -> bool | None:
     """Refuse a non-finite result from finite inputs (RuntimeError naming the tensor and rows). `allowed` caches,
     per tensor, whether --allow-nonfinite inputs hold NaN/Inf (None: not checked yet); returns it."""
     if all_finite(y):
         return allowed
     if allowed is None:
-        allowed = allow_nonfinite and _inputs_nonfinite(_reader(t, chunk_bytes, device, False))
+        allowed = opts.allow_nonfinite and _inputs_nonfinite(_reader(t, opts.chunk_bytes, opts.device, False))
     if not allowed:
         raise RuntimeError(
             f"merge_method {t.op!r} produced NaN/Inf for tensor {t.name!r} (rows {c.row_start}.."
@@ -293,12 +213,11 @@ def _check_result(
     return allowed
 
 
-def _merge_tensor(
-    t: OutputTensor, chunk_bytes: int, device: str, allow_nonfinite: bool, reports: list | None = None
-) -> Iterator[torch.Tensor]:
+def _merge_tensor(t: OutputTensor, opts: RunOptions, reports: list | None = None) -> Iterator[torch.Tensor]:
     """Yield the output tensor's row chunks, already cast to the output dtype, on CPU. A whole-tensor method with
     a `merge_with_report` (e.g. pivot) also appends its per-tensor report to `reports`."""
     out_dtype = DTYPES[t.dtype][0]
+    chunk_bytes, device, check = opts.chunk_bytes, opts.device, not opts.allow_nonfinite
     if t.op == COPY:
         src = t.inputs[0]
         for c in chunks(t, chunk_bytes):
@@ -308,12 +227,12 @@ def _merge_tensor(
     spec = methods.get(t.op)
     params = dict(t.params)
     info = TensorInfo(t.name, t.shape, t.layer, t.num_layers)
-    read = _reader(t, chunk_bytes, device, not allow_nonfinite)
+    read = _reader(t, chunk_bytes, device, check)
     stats = spec.prepare(read, info=info, **params) if spec.prepare else None
     if not spec.chunkwise:
         whole = Chunk(0, t.shape[0] if t.shape else 1, 0)
-        xs = [_load(m, whole, device, not allow_nonfinite) for m in t.inputs]
-        base = _load(t.base, whole, device, not allow_nonfinite) if t.base is not None else None
+        xs = [_load(m, whole, device, check) for m in t.inputs]
+        base = _load(t.base, whole, device, check) if t.base is not None else None
         parts = [(whole, xs, base)]
     else:
         parts = read()
@@ -325,7 +244,7 @@ def _merge_tensor(
             reports.append(_report_entry(t, spec, rep))
         else:
             y = spec.merge(xs, base, stats=stats, chunk=c, info=info, **params)
-        allowed = _check_result(t, y, c, chunk_bytes, device, allow_nonfinite, allowed)
+        allowed = _check_result(t, y, c, opts, allowed)
         yield y.to(out_dtype).cpu()
 
 
@@ -386,22 +305,18 @@ def run_unit(
     unit: WorkUnit,
     plan_shards,
     out: str,
+    opts: RunOptions,
     *,
-    chunk_bytes: int,
-    device: str = "cpu",
-    allow_nonfinite: bool = False,
     worker: str = "",
     skip_shards: frozenset = frozenset(),
-    svd_batch: bool | None = None,
-    svd_batch_bytes: int | None = None,
 ) -> UnitResult:
     """Merge and write every tensor of `unit` into its shards' temp state through the output's shard store (`out`:
     a directory, URL or store, shardmerge.engine.io.stores); durable (fsync'ed, or uploaded) before returning.
     Tensors in `skip_shards` (already finalised and verified, on resume) are not recomputed. Per-tensor reports of
     reporting methods go to the state dir (shardmerge.engine.io.writer.write_unit_report), the results stay as they were.
-    `svd_batch` (None: on off the CPU, `batching_on`) merges same-shape whole matrices in batched calls of at most
-    `svd_batch_bytes` estimated bytes (None: DEFAULT_SVD_BATCH_BYTES); the bytes written are the same up to float
-    rounding, the write order and hashing are unchanged."""
+    With `opts.svd_batch_bytes` set, same-shape whole matrices are merged in batched calls of at most that many
+    estimated bytes; the bytes written are the same up to float rounding, the write order and hashing are
+    unchanged."""
     t0 = time.perf_counter()
     tune_allocator()
     store = open_store(out)
@@ -410,10 +325,7 @@ def run_unit(
     reports: list[dict] = []
     sink = _Sink()
     todo = [t for t in unit.tensors if plan_shards[t.shard].filename not in skip_shards]
-    batched = None
-    if batching_on(device, svd_batch):
-        budget = DEFAULT_SVD_BATCH_BYTES if svd_batch_bytes is None else svd_batch_bytes
-        batched = _Batched(todo, budget, chunk_bytes, device, allow_nonfinite)
+    batched = _Batched(todo, opts) if opts.batching else None
     try:
         for i, t in enumerate(todo):
             h = hashes.setdefault(t.shard, hashlib.sha256())
@@ -421,11 +333,7 @@ def run_unit(
             if writer is None:
                 writer = writers[t.shard] = store.shard_writer(plan_shards[t.shard], unit.id)
             offset = t.offset
-            parts = (
-                batched.take(i)
-                if batched is not None and batched.has(i)
-                else _merge_tensor(t, chunk_bytes, device, allow_nonfinite, reports)
-            )
+            parts = batched.take(i) if batched is not None and batched.has(i) else _merge_tensor(t, opts, reports)
             label = f"{plan_shards[t.shard].filename} tensor {t.name!r}"
             for y in parts:
                 data = (

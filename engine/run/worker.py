@@ -14,13 +14,24 @@ import time
 from pathlib import Path
 
 from shardmerge.engine.io.stores import is_url, open_store
+from shardmerge.engine.run.options import RunOptions
 from shardmerge.engine.run.unit import UnitResult, run_unit, tune_allocator
 
 _KINDS = ("crash", "crash-after", "sleep")
+FAULT_ENV = "SHARDMERGE_FAULT"
+
+
+def fault_from_env() -> str | None:
+    """The fault-injection spec of this run: the driver's environment variable SHARDMERGE_FAULT (docs/cluster.md
+    "Testing hooks"), parsed here so that a malformed spec fails the merge before anything is written or started.
+    Tests set it; no public signature carries it."""
+    spec = os.environ.get(FAULT_ENV) or None
+    FaultInjector(spec)
+    return spec
 
 
 class FaultInjector:
-    """Test hook, comma-separated rules (also read by `python -m shardmerge.jobs.merge` from env SHARDMERGE_FAULT):
+    """Test hook, comma-separated rules (the driver reads them from env SHARDMERGE_FAULT, `fault_from_env`):
 
     - `crash:<token file>:<k>`: the first worker to reach its k-th unit exits hard (os._exit) before running it,
       once per token file (created atomically), as a crashing process or a lost node would;
@@ -83,29 +94,25 @@ class MergeWorker:
         self,
         out: str,
         shards,
+        opts: RunOptions,
         *,
-        chunk_bytes: int,
-        device: str,
-        threads: int,
-        allow_nonfinite: bool = False,
-        fault: str | None = None,
         inputs: tuple[str, ...] = (),
-        svd_batch_bytes: int | None = None,
+        fault: str | None = None,
     ):
+        """`opts`: the driver's RunOptions, used as given for every unit; `fault`: the driver's fault-injection
+        spec (`fault_from_env`), None outside tests."""
         import torch
 
         from shardmerge.engine import methods
 
         methods.names()  # import every method module now, not inside the first unit
         tune_allocator()
-        torch.set_num_threads(max(1, threads))
-        if device == "cuda":
+        torch.set_num_threads(opts.threads)
+        if opts.device == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError(f"worker on {socket.gethostname()}: --device cuda but no CUDA device is visible")
             torch.cuda.init()
-        self.out, self.shards, self.chunk_bytes = out, shards, chunk_bytes
-        self.device, self.allow_nonfinite, self.inputs = device, allow_nonfinite, tuple(inputs)
-        self.svd_batch_bytes = svd_batch_bytes  # the driver's batched-SVD budget (None: batching off)
+        self.out, self.shards, self.opts, self.inputs = out, shards, opts, tuple(inputs)
         self.fault = FaultInjector(fault)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.count = 0
@@ -145,18 +152,7 @@ class MergeWorker:
     def run(self, unit, skip_shards: frozenset = frozenset()) -> UnitResult:
         self.fault.before_unit(self.count)
         t0 = time.perf_counter()
-        res = run_unit(
-            unit,
-            self.shards,
-            self.out,
-            chunk_bytes=self.chunk_bytes,
-            device=self.device,
-            allow_nonfinite=self.allow_nonfinite,
-            worker=self.name,
-            skip_shards=skip_shards,
-            svd_batch=self.svd_batch_bytes is not None,
-            svd_batch_bytes=self.svd_batch_bytes,
-        )
+        res = run_unit(unit, self.shards, self.out, self.opts, worker=self.name, skip_shards=skip_shards)
         self.busy_s += time.perf_counter() - t0
         self.fault.after_unit(self.count)
         self.count += 1

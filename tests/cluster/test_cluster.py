@@ -81,7 +81,7 @@ def _journal_nodes(out: Path) -> tuple[dict[str, set], int]:
 
 
 @pytest.mark.slow
-def test_units_spread_over_every_node_and_survive_node_loss(cluster, family, tmp_path):
+def test_units_spread_over_every_node_and_survive_node_loss(cluster, family, tmp_path, monkeypatch):
     import ray
 
     from shardmerge.engine.run.executor import execute
@@ -107,7 +107,8 @@ def test_units_spread_over_every_node_and_survive_node_loss(cluster, family, tmp
 
     killer = threading.Thread(target=remove_a_node_once_all_have_worked, daemon=True)
     killer.start()
-    s = execute(plan, out, workers=3, chunk_bytes=4096, progress=False, fault="sleep:1.2", memory_per_worker=BUDGET)
+    monkeypatch.setenv("SHARDMERGE_FAULT", "sleep:1.2")
+    s = execute(plan, out, workers=3, chunk_bytes=4096, progress=False, memory_per_worker=BUDGET)
     killer.join(timeout=5)
     assert removed, "the node was never removed: not every node got a unit"
     assert set(s["units_by_node"]) == set(seen[0])  # units ran on all three nodes

@@ -46,7 +46,6 @@ def test_signal_mid_merge_then_resume(sig, reference, tmp_path, capsys):
     out = tmp_path / "out"
     env = dict(
         os.environ,
-        PYTHONPATH=str(REPO),
         SHARDMERGE_FAULT="sleep:1.5",
         OMP_NUM_THREADS="1",
         RAY_TMPDIR=os.environ.get("RAY_TMPDIR", "/tmp/ray"),

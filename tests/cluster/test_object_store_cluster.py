@@ -62,7 +62,8 @@ def test_two_nodes_without_a_shared_directory_merge_s3_to_s3(tmp_path, monkeypat
                 c.add_node(num_cpus=1, env_vars={"SHARDMERGE_STAGE_DIR": str(d), "SHARDMERGE_CACHE": str(d / "cache")})
             c.wait_for_nodes()
             ray.init(address=c.address, log_to_driver=False)
-            s = execute(plan, "s3://outputs/cluster", workers=2, chunk_bytes=4096, progress=False, fault="sleep:0.3")
+            monkeypatch.setenv("SHARDMERGE_FAULT", "sleep:0.3")  # slow units, so both nodes' workers get some
+            s = execute(plan, "s3://outputs/cluster", workers=2, chunk_bytes=4096, progress=False)
         finally:
             ray.shutdown()
             c.shutdown()

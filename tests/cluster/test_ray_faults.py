@@ -80,14 +80,14 @@ def test_output_identical_for_1_2_4_workers_and_any_chunk_size(ray_local, family
         assert sum(w["units"] for w in s["worker_stats"]) == len(plan.units)
 
 
-def test_workers_killed_mid_merge_output_identical(ray_local, family, tmp_path):
+def test_workers_killed_mid_merge_output_identical(ray_local, family, tmp_path, monkeypatch):
     """One worker exits before its 2nd unit; another exits after writing (fsync) its 3rd unit but before the
     driver hears of it. Both units are re-run elsewhere, counted once, and the bytes do not change."""
     from shardmerge.engine.run.executor import execute
 
     plan = _plan(family["recipe"])
-    fault = f"crash:{tmp_path / 'tok_a'}:2,crash-after:{tmp_path / 'tok_b'}:3"
-    s = execute(plan, tmp_path / "out", workers=2, chunk_bytes=700, progress=False, fault=fault)
+    monkeypatch.setenv("SHARDMERGE_FAULT", f"crash:{tmp_path / 'tok_a'}:2,crash-after:{tmp_path / 'tok_b'}:3")
+    s = execute(plan, tmp_path / "out", workers=2, chunk_bytes=700, progress=False)
     assert (tmp_path / "tok_a").exists() and (tmp_path / "tok_b").exists()  # both crashes happened
     assert s["replaced_workers"] == 2
     assert sum(s["units_by_worker"].values()) == len(plan.units)
@@ -138,7 +138,8 @@ def test_driver_killed_mid_merge_then_resume(ray_local, family, tmp_path):
     from shardmerge.jobs.merge import run_merge
 
     out = tmp_path / "out"
-    env = dict(os.environ, SHARDMERGE_FAULT="sleep:0.4", PYTHONPATH=str(REPO))
+    # the child inherits this process's import path, so it runs the same `shardmerge` as the module's Ray workers
+    env = dict(os.environ, SHARDMERGE_FAULT="sleep:0.4")
     cmd = [
         sys.executable,
         "-m",

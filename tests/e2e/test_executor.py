@@ -1,5 +1,6 @@
 """Executor without Ray: pure resource functions, exactly-once accounting, driver lock, resume (re-verified from the
-journal, refused for another plan), idempotent reruns and finalisation, progress lines, fault-spec parsing."""
+journal, refused for another plan), idempotent reruns and finalisation, progress lines, fault-spec parsing and
+the environment-only fault hook, RunOptions built from execute's arguments."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def reference(family, tmp_path_factory) -> dict[str, bytes]:
 
 
 def test_resource_options_cpu_cuda_memory_and_placement():
-    from shardmerge.engine.run.executor import resource_options
+    from shardmerge.engine.run.ray_pool import resource_options
 
     cpu = resource_options("cpu", cpus_per_worker=3)
     assert cpu == {"num_cpus": 3, "max_restarts": 0, "max_task_retries": 0, "scheduling_strategy": "SPREAD"}
@@ -76,7 +77,7 @@ def test_resource_options_cpu_cuda_memory_and_placement():
 
 
 def test_worker_count_cpus_capacity_and_placement_problem():
-    from shardmerge.engine.run.executor import capacity, default_worker_count, placement_problem, worker_cpus
+    from shardmerge.engine.run.ray_pool import capacity, default_worker_count, placement_problem, worker_cpus
 
     assert default_worker_count("cuda", {"CPU": 64, "GPU": 8}) == 8
     assert default_worker_count("cpu", {"CPU": 7}) == 7
@@ -118,12 +119,13 @@ def test_worker_memory_floor_is_the_largest_tensors_chunk_buffers(family):
 
 
 def test_driver_accounts_every_unit_exactly_once(family, tmp_path):
-    from shardmerge.engine.run.executor import _Driver, open_output
+    from shardmerge.engine.run.driver import Driver
+    from shardmerge.engine.run.executor import open_output
     from shardmerge.engine.run.unit import UnitResult
 
     plan = _plan(family["recipe"])
     state = open_output(plan, tmp_path, resume=False, overwrite=False)
-    drv = _Driver(plan, tmp_path, state, False)
+    drv = Driver(plan, tmp_path, state, False)
     assert sorted(drv.todo) == [u.id for u in plan.units]
     res = UnitResult(0, {}, plan.units[0].nbytes, 0.0, "w")
     drv.unit_finished(res)
@@ -153,7 +155,7 @@ def test_second_driver_on_same_output_is_refused(family, tmp_path):
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal():
-    from shardmerge.engine.run.executor import Progress
+    from shardmerge.engine.run.driver import Progress
 
     buf = io.StringIO()
     p = Progress(4 << 20, 1 << 20, 4, 1, enabled=True, stream=buf, interval=0.0)
@@ -179,6 +181,38 @@ def test_fault_spec_parsing():
     for bad in ("boom:/t:1", "crash:/t:x", "crash:3", "sleep:", "sleep:soon"):
         with pytest.raises(ValueError, match="fault spec"):
             FaultInjector(bad)
+
+
+def test_malformed_fault_spec_fails_before_anything_is_written(family, reference, tmp_path, monkeypatch):
+    """SHARDMERGE_FAULT is read from the environment by the driver of a Ray run and checked before the output
+    directory is touched; the in-process path has no workers to inject into and does not read it."""
+    from shardmerge.engine.run.executor import execute
+
+    plan = _plan(family["recipe"])
+    monkeypatch.setenv("SHARDMERGE_FAULT", "crash:3")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"fault spec 'crash:3': bad number or missing token file"):
+        execute(plan, out, workers=1, progress=False)
+    assert not out.exists()
+    execute(plan, out, workers=0, progress=False)
+    assert _shards(out) == reference
+
+
+def test_run_options_are_resolved_once_from_the_execute_arguments(family):
+    from shardmerge.engine.run.batching import DEFAULT_SVD_BATCH_BYTES
+    from shardmerge.engine.run.executor import run_options
+    from shardmerge.engine.run.options import RunOptions
+
+    plan = _plan(family["recipe"])
+    assert run_options(plan) == RunOptions()
+    assert run_options(plan, device="cuda").svd_batch_bytes == DEFAULT_SVD_BATCH_BYTES  # batching on off the CPU
+    assert run_options(plan, device="cuda", svd_batch=False).svd_batch_bytes is None
+    got = run_options(
+        plan, chunk_bytes=300, allow_nonfinite=True, threads_per_worker=3, svd_batch=True, svd_batch_bytes=99
+    )
+    assert got == RunOptions(chunk_bytes=300, allow_nonfinite=True, threads=3, svd_batch_bytes=99)
+    with pytest.raises(ValueError, match="--threads-per-worker must be a positive integer, got 0"):
+        run_options(plan, threads_per_worker=0)
 
 
 def test_lost_units_go_to_the_front_and_a_unit_that_kills_workers_fails_the_merge():
@@ -208,14 +242,16 @@ def test_lost_units_go_to_the_front_and_a_unit_that_kills_workers_fails_the_merg
 def _crashed_run(plan, out: Path, units: int, finalize: bool = True) -> None:
     """Run the first `units` units in-process, publish the shards they complete, then 'die' (drop the lock)."""
     from shardmerge.engine.io.writer import finalize_shard
-    from shardmerge.engine.run.executor import _Driver, open_output
+    from shardmerge.engine.run.driver import Driver
+    from shardmerge.engine.run.executor import open_output
+    from shardmerge.engine.run.options import RunOptions
     from shardmerge.engine.run.unit import run_unit
 
     state = open_output(plan, out, resume=False, overwrite=False)
-    drv = _Driver(plan, out, state, False)
+    drv = Driver(plan, out, state, False)
     for _ in range(units):
         uid = drv.pending.popleft()
-        res = run_unit(plan.units[uid], plan.shards, str(out), chunk_bytes=1 << 20)
+        res = run_unit(plan.units[uid], plan.shards, str(out), RunOptions(chunk_bytes=1 << 20))
         for shard in drv.unit_finished(res):
             if finalize:
                 drv.shard_finished(shard.filename, *finalize_shard(out, shard))
@@ -224,25 +260,27 @@ def _crashed_run(plan, out: Path, units: int, finalize: bool = True) -> None:
 
 def test_rerun_of_a_unit_and_of_a_finalisation_is_idempotent(family, reference, tmp_path):
     from shardmerge.engine.io.writer import partial_path
-    from shardmerge.engine.run.executor import _Driver, open_output
+    from shardmerge.engine.run.driver import Driver
+    from shardmerge.engine.run.executor import open_output
+    from shardmerge.engine.run.options import RunOptions
     from shardmerge.engine.run.unit import run_unit
     from shardmerge.engine.run.worker import finalize_idempotent
 
     plan = _plan(family["recipe"])
     state = open_output(plan, tmp_path, resume=False, overwrite=False)
-    _Driver(plan, tmp_path, state, False)
+    Driver(plan, tmp_path, state, False)
     unit = plan.units[1]
     shard = plan.shards[next(iter(unit.shards))]
-    first = run_unit(unit, plan.shards, str(tmp_path), chunk_bytes=300)
+    first = run_unit(unit, plan.shards, str(tmp_path), RunOptions(chunk_bytes=300))
     t = unit.tensors[0]
     with open(partial_path(tmp_path, shard.filename), "r+b") as f:  # a dying worker's torn write
         f.seek(t.offset)
         f.write(b"\xff" * min(t.nbytes, 100))
-    again = run_unit(unit, plan.shards, str(tmp_path), chunk_bytes=1 << 20)
+    again = run_unit(unit, plan.shards, str(tmp_path), RunOptions(chunk_bytes=1 << 20))
     assert again.digests == first.digests
     for u in plan.units:
         if u.id != 1 and shard.index in u.shards:
-            run_unit(u, plan.shards, str(tmp_path), chunk_bytes=1 << 20)
+            run_unit(u, plan.shards, str(tmp_path), RunOptions(chunk_bytes=1 << 20))
     sha1 = finalize_idempotent(tmp_path, shard)
     assert finalize_idempotent(tmp_path, shard) == sha1  # the rename already happened: same answer
     assert (tmp_path / shard.filename).read_bytes() == reference[shard.filename]

@@ -115,21 +115,21 @@ def test_bytes_identical_across_chunk_sizes(method, llm_family, tmp_path):
 
 def test_bytes_identical_for_any_unit_order(llm_family, tmp_path):
     """Units run in reverse order (as another worker count/placement would) give the same shards."""
-    from shardmerge.engine.run.executor import _Driver
+    from shardmerge.engine.run.driver import Driver
 
     recipe = write_recipe(tmp_path / "r.yaml", RECIPES["ties"].format(**{k: str(v) for k, v in llm_family.items()}))
     run_merge(recipe, tmp_path / "fwd", workers=0, shard_size="30KB", progress=False)
-    orig = _Driver.__init__
+    orig = Driver.__init__
 
     def reversed_init(self, *a, **kw):
         orig(self, *a, **kw)
         self.pending.reverse()
 
-    _Driver.__init__ = reversed_init
+    Driver.__init__ = reversed_init
     try:
         run_merge(recipe, tmp_path / "rev", workers=0, shard_size="30KB", progress=False)
     finally:
-        _Driver.__init__ = orig
+        Driver.__init__ = orig
     assert _shards(tmp_path / "fwd") == _shards(tmp_path / "rev")
 
 

@@ -230,7 +230,7 @@ def test_executor_saves_the_calibration_for_resume(llava, tmp_path):
 
     plan = build_plan(parse_recipe(recipe(llava["experts"], llava["pairs"])))
     out = tmp_path / "out"
-    execute(plan, out, workers=0, progress=False, fault=None)
+    execute(plan, out, workers=0, progress=False)
     assert (out / ARTIFACT).read_text() == plan.artifacts[0][1]
     assert not state_dir(out).exists()  # finished: the state dir (and its copy) is gone
 
@@ -318,7 +318,7 @@ def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkey
 
     data = recipe(llava["experts"], llava["pairs"])
     driver = plan_calibration(build_plan(parse_recipe(data)))
-    from shardmerge.engine.run.ray_pool import connect
+    from shardmerge.engine.run.ray_session import connect
 
     connect(num_cpus=2)  # as the merge does: a fresh local instance even with a `ray start` cluster on the machine
     try:
@@ -337,7 +337,7 @@ def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkey
     assert remote.fingerprint != driver.fingerprint  # `where` is part of the settings
     for layer, rec in driver.layers.items():
         torch.testing.assert_close(torch.tensor(remote.layers[layer]["gains"]), torch.tensor(rec["gains"]), **GAIN_TOL)
-    import shardmerge.engine.run.ray_pool as rp
+    import shardmerge.engine.run.ray_session as rp
 
     monkeypatch.setattr(rp, "connect", lambda *a, **k: pytest.fail("Ray started off a cluster"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

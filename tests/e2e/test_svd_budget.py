@@ -44,7 +44,7 @@ def test_whole_tensor_estimate_closed_form():
 MEASURE = textwrap.dedent("""
     import json, sys
     import psutil, torch
-    from engine import methods
+    from shardmerge.engine import methods
     op, m, n, K = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 3
     spec = methods.get(op)
     torch.set_num_threads(1)

@@ -23,6 +23,7 @@ from shardmerge.engine.io.checkpoint import TensorMeta
 from shardmerge.engine.methods.base import TensorInfo
 from shardmerge.engine.plan.build import OutputTensor, build_plan
 from shardmerge.engine.recipe.schema import load_recipe
+from shardmerge.engine.run.batching import DEFAULT_SVD_BATCH_BYTES, batch_schedule, batching_on, plan_batches
 from shardmerge.engine.run.executor import (
     WORKER_BASE_BYTES,
     check_memory_budget,
@@ -31,7 +32,7 @@ from shardmerge.engine.run.executor import (
     whole_tensor_bytes,
     worker_memory_floor,
 )
-from shardmerge.engine.run.unit import DEFAULT_SVD_BATCH_BYTES, batch_schedule, batching_on, plan_batches
+from shardmerge.engine.run.options import RunOptions
 
 TOL = {torch.float32: (1e-6, 1e-5)}  # dtype -> (atol, rtol); values are O(1)
 SVD_METHODS = ("tsv", "iso_c", "iso_cts", "cart")
@@ -138,7 +139,7 @@ def _t(name, shape, op="tsv", params=(("alpha", 1.0),), layer=0):
 
 def _w(
     m, n, K=3
-):  # whole_tensor_bytes of a tsv matrix with base, closed form (shardmerge.engine.run.executor docstring)
+):  # whole_tensor_bytes of a tsv matrix with base, closed form (shardmerge.engine.methods.svd.svd_memory)
     return 4 * m * n * (3 * K + 1 + 2) + K * (16 * m * n + 32 * min(m, n) ** 2)
 
 
@@ -316,7 +317,8 @@ def test_batched_unit_skipping_a_finished_shard_writes_the_same_bytes(family, tm
         out.mkdir()
         for s in plan.shards:
             create_partial(out, s)
-        return run_unit(unit, plan.shards, str(out), chunk_bytes=64 << 20, skip_shards=skip, svd_batch=True).digests
+        opts = RunOptions(chunk_bytes=64 << 20, svd_batch_bytes=DEFAULT_SVD_BATCH_BYTES)
+        return run_unit(unit, plan.shards, str(out), opts, skip_shards=skip).digests
 
     full, partial = run(frozenset()), run(frozenset({first}))
     assert first in full and first not in partial
@@ -417,19 +419,19 @@ def test_ray_workers_get_the_drivers_batch_budget(family, tmp_path, monkeypatch)
     plan = _plan(family["cart"], 2)
     seen = {}
 
-    def fake_pool(drv, **kw):
-        seen.update(kw)
+    def fake_pool(drv, opts, **kw):
+        seen["opts"] = opts
         raise RuntimeError("stop after the hand-over")
 
     monkeypatch.setattr(rp, "run_on_ray", fake_pool)
     with pytest.raises(RuntimeError, match="stop after the hand-over"):
         execute(plan, tmp_path / "ray", workers=1, svd_batch=True, svd_batch_bytes=4321, progress=False)
-    assert seen["svd_batch_bytes"] == 4321
+    assert seen["opts"].svd_batch_bytes == 4321
     calls = []
-    monkeypatch.setattr(wk, "run_unit", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(wk, "run_unit", lambda *a, **kw: calls.append(a[3]))
     for budget in (4321, None):
-        w = wk.MergeWorker(
-            str(tmp_path), plan.shards, chunk_bytes=1 << 20, device="cpu", threads=1, svd_batch_bytes=budget
-        )
+        opts = RunOptions(chunk_bytes=1 << 20, device="cpu", threads=1, svd_batch_bytes=budget)
+        w = wk.MergeWorker(str(tmp_path), plan.shards, opts)
         w.run(plan.units[0])
-        assert (calls[-1]["svd_batch"], calls[-1]["svd_batch_bytes"]) == (budget is not None, budget)
+        assert calls[-1] is opts  # the driver's options, unchanged
+        assert (calls[-1].batching, calls[-1].svd_batch_bytes) == (budget is not None, budget)

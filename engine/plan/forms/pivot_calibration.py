@@ -446,7 +446,8 @@ def run_calibration(
         return calibrate(*args)
     import ray
 
-    from shardmerge.engine.run.ray_pool import _unwrap, alive_nodes, connect
+    from shardmerge.engine.run.ray_session import alive_nodes, connect
+    from shardmerge.engine.run.ray_session import unwrap as _unwrap
 
     started = connect(address)
     try:
