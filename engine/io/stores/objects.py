@@ -74,8 +74,14 @@ class S3Client:
     @property
     def client(self):
         if self._client is None or self._pid != os.getpid():
-            import boto3
-            from botocore.config import Config
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise StoreError(
+                    f"s3://{self.bucket}: s3:// inputs and outputs need boto3, which is not installed; "
+                    "pip install 'shardmerge[s3]' (or boto3)"
+                ) from None
 
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             cfg = Config(
