@@ -6,10 +6,16 @@ so the rest of the engine treats it exactly like a real checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from shardmerge.engine.layout import families
 
 TINY_LLM = dict(
     hidden_size=32,
@@ -20,13 +26,21 @@ TINY_LLM = dict(
     vocab_size=128,
     max_position_embeddings=128,
 )
-# Per-family changes to TINY_LLM for `build_llm(family=...)`: GPT-2 names its sizes differently (and stores its
-# linears as Conv1D, (in, out)); Gemma's head_dim is its own key.
+_TINY_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)  # <s>, </s>, <pad> of `write_tokenizer`
+# Tiny-model builder entries of the decoder-only LLM families (config kwargs for `build_llm(family=...)`; a family
+# without one gets TINY_LLM): GPT-2 names its sizes differently (and stores its linears as Conv1D, (in, out));
+# Gemma's and Qwen3's head_dim is their own key (defaults 256 and 128); Phi-3, OLMo 2, Qwen3 and Mistral
+# default to special-token ids outside a 128-token vocabulary.
 TINY_FAMILY = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128),
+    "gemma": dict(TINY_LLM, head_dim=8),
     "gemma2": dict(TINY_LLM, head_dim=8),
     "gemma3_text": dict(TINY_LLM, head_dim=8),
     "granite": dict(TINY_LLM),
+    "mistral": dict(TINY_LLM, **_TINY_IDS),
+    "qwen3": dict(TINY_LLM, head_dim=8, **_TINY_IDS),
+    "phi3": dict(TINY_LLM, **_TINY_IDS),  # fused qkv_proj / gate_up_proj
+    "olmo2": dict(TINY_LLM, **_TINY_IDS),  # q_norm / k_norm over the whole projection, post-norms only
 }
 
 
@@ -88,8 +102,9 @@ def build_llm(
         perturb_(model, perturb_seed if perturb_seed is not None else seed)
     else:
         kw = {**TINY_FAMILY.get(family, TINY_LLM), **overrides}
-        if family == "gpt2" and "num_hidden_layers" in kw:
-            kw["n_layer"] = kw.pop("num_hidden_layers")
+        count_key = families.get(family).layer_count_key if family in families.names() else "num_hidden_layers"
+        if count_key != "num_hidden_layers" and "num_hidden_layers" in kw:
+            kw[count_key] = kw.pop("num_hidden_layers")
         config = AutoConfig.for_model(family, **kw)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -112,9 +127,6 @@ def build_llm(
 # Tiny multimodal LLMs (Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT) and their base LLMs
 # ---------------------------------------------------------------------------------------------------------------
 
-MLLM_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
-# the base LLM each MLLM's language model was initialised from (PlaM mixes the two)
-BASE_LLM_FAMILY = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "llava": "llama", "llava_next": "llama"}
 NAMINGS = ("current", "legacy")
 
 # Byte-level tokenizer: ids 0..255 are bytes, the family's special tokens follow in this order, so any text
@@ -163,13 +175,189 @@ _LLAVA_TEMPLATE = (
 )
 
 
-def _specials(family: str) -> tuple[str, ...]:
-    return _QWEN_SPECIALS if family.startswith("qwen") else _LLAVA_SPECIALS
+@dataclass(frozen=True)
+class TinyTokens:
+    """A tiny byte-level tokenizer style: its special tokens (after the 256 bytes, in this order), the token each
+    config id names, the tokenizer's special-token roles and its chat template."""
+
+    specials: tuple[str, ...]
+    text_ids: tuple[tuple[str, str], ...]  # language-model config key -> token (bos / eos / pad)
+    media_ids: tuple[tuple[str, str], ...]  # MLLM config key -> token (image, video, vision start / end)
+    roles: tuple[tuple[str, str], ...]  # tokenizer role -> token
+    template: str
+
+
+_QWEN_TOKENS = TinyTokens(
+    _QWEN_SPECIALS,
+    (("bos_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>")),
+    (
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+    ),
+    (("eos_token", "<|im_end|>"), ("pad_token", "<|endoftext|>")),
+    _QWEN_TEMPLATE,
+)
+_LLAVA_TOKENS = TinyTokens(
+    _LLAVA_SPECIALS,
+    (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>")),
+    (("image_token_id", "<image>"),),
+    (("unk_token", "<unk>"), ("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>")),
+    _LLAVA_TEMPLATE,
+)
+
+
+def _mrope_section(text: Mapping) -> list[int]:
+    """M-RoPE split of head_dim/2 rotary frequencies into (temporal, height, width), like Qwen's [16, 24, 24]."""
+    half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _qwen2_5_vl_config(text: dict, vision: dict, ids: dict):
+    from transformers import Qwen2_5_VLConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(text)}
+    vision = {**vision, "out_hidden_size": text["hidden_size"]}
+    return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
+
+
+def _qwen3_vl_config(text: dict, vision: dict, ids: dict):
+    from transformers import Qwen3VLConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(text)}
+    rope["mrope_interleaved"] = True
+    vision = {**vision, "out_hidden_size": text["hidden_size"]}
+    return Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
+
+
+def _llava_kwargs(text: dict, vision: dict, ids: dict) -> dict:
+    side = vision["image_size"] // vision["patch_size"]  # one image = side**2 patches = image tokens
+    return dict(text_config={"model_type": "llama", **text}, vision_config=vision, image_seq_length=side**2, **ids)
+
+
+def _llava_config(text: dict, vision: dict, ids: dict):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(**_llava_kwargs(text, vision, ids))
+
+
+def _llava_next_config(text: dict, vision: dict, ids: dict):
+    from transformers import LlavaNextConfig
+
+    s = vision["image_size"]
+    return LlavaNextConfig(
+        image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **_llava_kwargs(text, vision, ids)
+    )
+
+
+# PIL-backed image processors (no torchvision) sized so that one image is a handful of tokens.
+def _qwen2_5_vl_images():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+
+
+def _qwen3_vl_images():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32,
+        max_pixels=64 * 64,
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+
+
+def _llava_images():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+
+
+def _llava_next_images():
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+    )
+
+
+@dataclass(frozen=True)
+class TinyMllm:
+    """The tiny-model builder entry of one MLLM family; its naming, roots and image token are in the family table
+    (`shardmerge.engine.layout.families`)."""
+
+    config: Callable[[dict, dict, dict], Any]  # (text kwargs, vision kwargs, media token ids) -> transformers config
+    vision: Mapping[str, Any]  # vision-tower kwargs of the on-disk tiny model
+    tokens: TinyTokens
+    image_processor: Callable[[], Any]
+    processor: str | None = None  # transformers processor class saved with the model (Qwen's needs torchvision)
+    head_dim: bool = False  # the language model's config carries head_dim (else transformers derives it)
+
+
+_TINY_QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2)
+_TINY_CLIP = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+    projection_dim=32,
+)
+TINY_MLLM: dict[str, TinyMllm] = {
+    "qwen2_5_vl": TinyMllm(
+        _qwen2_5_vl_config,
+        dict(_TINY_QWEN_VISION, patch_size=14, fullatt_block_indexes=[1], window_size=56),
+        _QWEN_TOKENS,
+        _qwen2_5_vl_images,
+    ),
+    "qwen3_vl": TinyMllm(
+        _qwen3_vl_config,
+        dict(_TINY_QWEN_VISION, patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[1]),
+        _QWEN_TOKENS,
+        _qwen3_vl_images,
+        head_dim=True,
+    ),
+    "llava": TinyMllm(_llava_config, _TINY_CLIP, _LLAVA_TOKENS, _llava_images, "LlavaProcessor"),
+    "llava_next": TinyMllm(_llava_next_config, _TINY_CLIP, _LLAVA_TOKENS, _llava_next_images, "LlavaNextProcessor"),
+}
+# the families with a tiny builder, in family-table order
+MLLM_FAMILIES = tuple(f for f in families.names(families.MLLM) if f in TINY_MLLM)
+# the base LLM each MLLM's language model was initialised from (PlaM mixes the two): the table's first
+BASE_LLM_FAMILY = {f: families.get(f).base_llms[0] for f in MLLM_FAMILIES}
+
+
+def _mllm_family(family: str) -> str:
+    """The tiny MLLM family of an MLLM family or of a base-LLM family (the first MLLM built on it)."""
+    if family in TINY_MLLM:
+        return family
+    for f in MLLM_FAMILIES:
+        if family in families.get(f).base_llms:
+            return f
+    raise ValueError(f"no tiny MLLM builder for family {family!r}; expected one of {', '.join(MLLM_FAMILIES)}")
 
 
 def special_token_ids(family: str) -> dict[str, int]:
     """Token -> id of the tiny byte-level tokenizer for an MLLM family or base-LLM family."""
-    return {tok: 256 + i for i, tok in enumerate(_specials(family))}
+    return {tok: 256 + i for i, tok in enumerate(TINY_MLLM[_mllm_family(family)].tokens.specials)}
+
+
+def media_token_ids(family: str) -> dict[str, int]:
+    """The MLLM config's media token ids (image_token_id, ...) of the tiny tokenizer of `family`."""
+    ids = special_token_ids(family)
+    return {key: ids[tok] for key, tok in TINY_MLLM[_mllm_family(family)].tokens.media_ids}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -194,16 +382,10 @@ def write_mm_tokenizer(out: Path, family: str) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = _specials(family)
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    qwen = family.startswith("qwen")
-    roles = (
-        dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        if qwen
-        else dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
-    fast.chat_template = _QWEN_TEMPLATE if qwen else _LLAVA_TEMPLATE
+    style = TINY_MLLM[_mllm_family(family)].tokens
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in style.specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **dict(style.roles))
+    fast.chat_template = style.template
     for s, want in special_token_ids(family).items():
         got = fast.convert_tokens_to_ids(s)
         if got != want:
@@ -215,109 +397,41 @@ def _text_kwargs(family: str, num_layers: int, overrides: dict) -> dict:
     """LM hyper-parameters shared by an MLLM's language model and its base LLM (so PlaM can mix them)."""
     ids = special_token_ids(family)
     kw = {**TINY_MM_TEXT, "num_hidden_layers": num_layers, **overrides}
-    if family.startswith("qwen"):
-        kw.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    else:
-        kw.update(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    kw.update({key: ids[tok] for key, tok in TINY_MLLM[_mllm_family(family)].tokens.text_ids})
     return kw
 
 
-def _mllm_config(family: str, text: dict):
-    """A transformers config for a tiny MLLM of `family` with language-model kwargs `text`."""
-    from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen3VLConfig
-
-    ids = special_token_ids(family)
-    hidden = text["hidden_size"]
-    if family in ("qwen2_5_vl", "qwen3_vl"):
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim/2
-        vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden)
-        tok = dict(
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
-        if family == "qwen2_5_vl":
-            vis.update(patch_size=14, fullatt_block_indexes=[1], window_size=56)
-            text = {k: v for k, v in text.items() if k != "head_dim"}  # Qwen2.5 derives it from hidden/heads
-            return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis, **tok)
-        vis.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[1])
-        rope["mrope_interleaved"] = True
-        return Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis, **tok)
-    if family in ("llava", "llava_next"):
+def mllm_config(family: str, text: dict, vision: Mapping | None = None, ids: Mapping | None = None):
+    """A transformers config for a tiny MLLM of `family` with language-model kwargs `text`, vision-tower kwargs
+    `vision` (default: the on-disk tiny model's) and media token ids `ids` (default: the tiny tokenizer's)."""
+    if family not in TINY_MLLM:
+        raise ValueError(f"unknown MLLM family {family!r}; expected one of {', '.join(MLLM_FAMILIES)}")
+    entry = TINY_MLLM[family]
+    if not entry.head_dim:
         text = {k: v for k, v in text.items() if k != "head_dim"}
-        vis = dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-            projection_dim=32,
-        )
-        common = dict(
-            text_config={"model_type": "llama", **text},
-            vision_config=vis,
-            image_token_id=ids["<image>"],
-            image_seq_length=4,
-        )
-        if family == "llava":
-            return LlavaConfig(**common)
-        return LlavaNextConfig(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]], **common)
-    raise ValueError(f"unknown MLLM family {family!r}; expected one of {', '.join(MLLM_FAMILIES)}")
-
-
-def _image_processor(family: str):
-    """PIL-backed image processors (no torchvision) sized so that one image is a handful of tokens."""
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil(
-            min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
-        )
-    if family == "qwen3_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil(
-            min_pixels=32 * 32,
-            max_pixels=64 * 64,
-            patch_size=16,
-            merge_size=2,
-            temporal_patch_size=2,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        )
-    if family == "llava":
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        return CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    return LlavaNextImageProcessorPil(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
-    )
+    vision = copy.deepcopy(dict(entry.vision if vision is None else vision))
+    return entry.config(text, vision, dict(media_token_ids(family) if ids is None else ids))
 
 
 def _write_processor_files(out: Path, family: str) -> None:
     """Tokenizer, chat template and image-processor config; for LLaVA also processor_config.json (its processor
     works without torchvision). Qwen's processor class needs torchvision (video processor), see `mm_inputs`."""
     write_mm_tokenizer(out, family)
-    image_processor = _image_processor(family)
+    image_processor = TINY_MLLM[family].image_processor()
     image_processor.save_pretrained(str(out))  # preprocessor_config.json, as hub dirs have
-    if family.startswith("qwen"):
+    processor = TINY_MLLM[family].processor
+    if processor is None:
         return
-    from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
+    import transformers
+    from transformers import AutoTokenizer
 
-    cls = LlavaProcessor if family == "llava" else LlavaNextProcessor
+    cls = getattr(transformers, processor)
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     # llava-hf values: the CLS token is one extra vision token that the "default" strategy drops again
     proc = cls(
         image_processor=image_processor,
         tokenizer=tok,
-        patch_size=14,
+        patch_size=TINY_MLLM[family].vision["patch_size"],
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=tok.chat_template,
@@ -334,14 +448,14 @@ def mm_inputs(model_dir: Path | str, messages: list[dict], images: list) -> dict
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    family = config.get("model_type")
-    if family not in ("qwen2_5_vl", "qwen3_vl"):
+    family = families.by_config(config)
+    if family is None or family.image_tokens != "grid":
         proc = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
         text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return dict(proc(text=[text], images=images or None, return_tensors="pt"))
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    pad = "<|image_pad|>"
+    pad = family.image_token
     if text.count(pad) != len(images):
         raise ValueError(f"{model_dir}: the chat has {text.count(pad)} image slots but {len(images)} images")
     out: dict[str, torch.Tensor] = {}
@@ -360,25 +474,10 @@ def mm_inputs(model_dir: Path | str, messages: list[dict], images: list) -> dict
 
 
 def legacy_name(family: str, name: str) -> str:
-    """The hub's historical on-disk name of a tensor whose in-memory (current) transformers name is `name`.
-
-    Qwen3-VL was published with the current names, so its legacy naming is the identity."""
-    if family == "qwen2_5_vl":
-        rules = (("model.language_model.", "model."), ("model.visual.", "visual."))
-    elif family in ("llava", "llava_next"):
-        rules = (
-            ("model.language_model.", "language_model.model."),
-            ("lm_head.", "language_model.lm_head."),
-            ("model.vision_tower.", "vision_tower.vision_model."),
-            ("model.multi_modal_projector.", "multi_modal_projector."),
-            ("model.image_newline", "image_newline"),
-        )
-    else:
-        rules = ()
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return name
+    """The hub's historical on-disk name of a tensor whose in-memory (current) transformers name is `name`, as the
+    family table's namings say. Qwen3-VL was published with the current names, so its legacy naming is the
+    identity."""
+    return families.get(family).rename(name, "current", "legacy")
 
 
 def _parse_size(size: str | int) -> int:
@@ -418,8 +517,8 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], max_shard_siz
 
 
 def _legacy_config(family: str, config: dict) -> dict:
-    """Qwen2.5-VL hub configs keep the language-model fields at the top level (no text_config)."""
-    if family != "qwen2_5_vl":
+    """Some hub configs (Qwen2.5-VL's) keep the language-model fields at the top level (no text_config)."""
+    if not families.get(family).naming("legacy").flat_config:
         return config
     text = {k: v for k, v in config.pop("text_config").items() if k not in ("model_type", "dtype")}
     return {**text, **config}
@@ -483,7 +582,7 @@ def build_mllm(
         model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
         perturb_(model, perturb_seed if perturb_seed is not None else seed)
     else:
-        config = _mllm_config(family, _text_kwargs(family, num_layers, text_overrides))
+        config = mllm_config(family, _text_kwargs(family, num_layers, text_overrides))
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
         _informative_(model, seed)
@@ -542,10 +641,10 @@ def build_base_llm(
             "max_position_embeddings",
         )
         shape = {k: text[k] for k in keys if k in text}
-        if llm_family == "qwen3":
+        if TINY_MLLM[mm_family].head_dim:
             shape["head_dim"] = text.get("head_dim", TINY_MM_TEXT["head_dim"])
     kw = {**_text_kwargs(mm_family, num_layers, {}), **shape, **overrides}
-    if llm_family != "qwen3":
+    if not TINY_MLLM[mm_family].head_dim:
         kw.pop("head_dim", None)
     build_llm(
         out,

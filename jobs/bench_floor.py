@@ -53,16 +53,25 @@ def merge_seconds(recipe: Path, out: Path, workers: int | None, chunk_mb: float,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="shardmerge bench floor", description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.1)
     p.add_argument("--models", type=int, default=3)
     p.add_argument("--methods", default="linear", help=f"comma-separated, from {','.join(METHODS)}")
-    p.add_argument("--workers", type=int, default=None, help="Ray workers for the Ray run (default: engine's)")
+    options.add_workers(p, "as `shardmerge merge` chooses, for the Ray run")
     p.add_argument("--chunk-mb", type=float, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads per Ray worker (default: its CPUs)")
     p.add_argument("--models-dir", default=None)
-    p.add_argument("--json", default=None)
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if set(methods) - set(METHODS):

@@ -181,13 +181,15 @@ def bench_pivot_filter(sizes_mb, k, device, timed, interpret=False) -> list[Row]
     return rows
 
 
-def _parse(argv):
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="python -m shardmerge.jobs.bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--sizes-mb", default=None, help="comma-separated MB per input tensor [CUDA: 16,64,256; CPU: 1,4]")
     p.add_argument("--experts", type=int, default=3, help="K inputs per merge [3]")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input/output dtype [bf16]")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions, median reported [CUDA 20, CPU 3]")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    options.add_device(p)
     p.add_argument(
         "--kernels",
         default="interpolate,pivot_filter",
@@ -199,7 +201,14 @@ def _parse(argv):
         help="CPU only: also time the Triton kernels under TRITON_INTERPRET=1 (checks the benchmark runs; "
         "interpreter times say nothing about GPU speed)",
     )
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def _parse(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.experts < 1:
         p.error(f"--experts must be >= 1, got {args.experts}")

@@ -9,7 +9,7 @@ benchmark prints each worker's peak private memory (sampled RssAnon, see bench_c
 tree's total, and extrapolates the full model's time from the measured per-unit times: LM layers x 80 and vision
 blocks x 32, plus the embeddings/head/merger units, divided by the worker count.
 
-    python -m shardmerge.jobs.bench memory-72b [--models 3] [--layers 1] [--vision-blocks 2] [--method ties] [--workers 2]
+    python -m shardmerge.jobs.bench memory-72b [--models 3] [--layers 1] [--vision-blocks 2] [--method ties] [--workers N]
                                     [--chunk-mb 64] [--shrink 1] [--models-dir DIR] [--json FILE]
 
 `--shrink N` divides every width by N: for trying the benchmark quickly, not for the proof.
@@ -195,18 +195,28 @@ def extrapolate(units: list, layers: int, blocks: int, workers: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="shardmerge bench memory-72b", description=__doc__.split("\n")[0])
     p.add_argument("--models", type=int, default=3, help="checkpoints (base + experts), 2 or 3 (default 3)")
     p.add_argument("--layers", type=int, default=1, help="LM decoder layers per checkpoint (default 1)")
     p.add_argument("--vision-blocks", type=int, default=2)
     p.add_argument("--method", default="ties", choices=("ties", "task_arithmetic", "linear"))
-    p.add_argument("--workers", type=int, default=2)
+    options.add_workers(p, "2")
     p.add_argument("--chunk-mb", type=float, default=64)
     p.add_argument("--shrink", type=int, default=1, help="divide every width by N (development only)")
     p.add_argument("--models-dir", default=None)
-    p.add_argument("--json", default=None)
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    args.workers = 2 if args.workers is None else args.workers
     if args.models < 2:
         p.error("--models must be >= 2")
     machine = print_machine()

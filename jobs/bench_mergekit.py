@@ -183,19 +183,28 @@ def print_row(r: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="shardmerge bench vs-mergekit", description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.1, help="size of each checkpoint in GB (default 1.1)")
     p.add_argument("--models", type=int, default=3, help="checkpoints: a base and K-1 experts (default 3)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     p.add_argument("--repeats", type=int, default=1, help="runs per tool and method (median reported)")
-    p.add_argument("--workers", type=int, default=None, help="shardmerge workers (default: the engine's default)")
+    options.add_workers(p, "as `shardmerge merge` chooses")
     p.add_argument("--chunk-mb", type=float, default=64, help="shardmerge --chunk-mb (default 64)")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per shardmerge worker (default: the CPUs it reserves)"
     )
     p.add_argument("--models-dir", default=None, help="keep generated checkpoints here (default: a temp dir)")
-    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS) - set(MORE_METHODS))

@@ -123,6 +123,8 @@ def _grid(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="python -m shardmerge.jobs.bench probe", description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=fixtures.FAMILIES, default="qwen2_5_vl")
     p.add_argument("--layers", type=int, default=12)
@@ -138,20 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=40, help="text tokens after the image [40]")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    options.add_device(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--no-exact", action="store_true", help="skip the (slow) exact-path reference sweep")
-    p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.hidden % args.heads or (args.hidden // args.heads) % 2:
         print(
             f"bench probe: error: hidden {args.hidden} must split into {args.heads} heads of even size", file=sys.stderr
         )
         return 2
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     result = bench(
         args.family,
         args.layers,

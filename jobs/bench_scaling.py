@@ -6,7 +6,7 @@ instance is started first and shared by all runs, so Ray's own start-up is not t
 starting its worker actors (each imports torch), reported separately as `pool_start_s` (time to the first ready
 worker).
 
-    python -m shardmerge.jobs.bench scaling [--workers 1,2] [--layers 8] [--hidden 384] [--experts 2] [--repeats 1]
+    python -m shardmerge.jobs.bench scaling [--worker-counts 1,2] [--layers 8] [--hidden 384] [--experts 2] [--repeats 1]
                                  [--chunk-mb 4] [--threads T] [--models DIR] [--json out.json]
 """
 
@@ -128,9 +128,12 @@ def report(rows: list[dict]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+
     p = argparse.ArgumentParser(prog="shardmerge bench scaling", description=__doc__.split("\n")[0])
-    p.add_argument("--workers", default="1,2", help="comma-separated worker counts; 0 = in-process (default 1,2)")
+    p.add_argument(
+        "--worker-counts", dest="workers", default="1,2", help="comma-separated worker counts; 0 = in-process [1,2]"
+    )
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--experts", type=int, default=2)
@@ -144,11 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         "worker reserves: all of them for 1 worker)",
     )
     p.add_argument("--models", default=None, help="directory to build/reuse the models in (default: a temp dir)")
-    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     counts = [int(x) for x in args.workers.split(",")]
     if any(c < 0 for c in counts) or args.repeats < 1:
-        raise SystemExit("--workers must be >= 0 and --repeats >= 1")
+        raise SystemExit("--worker-counts must be >= 0 and --repeats >= 1")
     work = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     started = False
     if any(counts):

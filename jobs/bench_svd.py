@@ -155,7 +155,9 @@ def _line(row: dict) -> str:
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
     p = argparse.ArgumentParser(prog="bench svd", description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=0.26, help="fraction of 4096 x 11008 (1.0 = full size)")
     p.add_argument("--rows", type=int, default=None, help="override the row count")
@@ -169,7 +171,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    options.add_device(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -182,7 +184,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run the naive loop in float64 (untimed) and print how far ours and the float32 naive "
         "result are from it (ours_f64, naive_f64): tells approximation error from ill-conditioning",
     )
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument(
+        "--json-out", dest="json", default=None, metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:

@@ -28,13 +28,19 @@ dtype: bfloat16
 """
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="where to put models and outputs (default: a temporary directory)")
-    p.add_argument("--workers", type=int, default=2, help="Ray merge workers (default 2)")
+def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs import options
+
+    p = argparse.ArgumentParser(prog="shardmerge demo", description=__doc__.split("\n")[0])
+    options.add_out(p, "models and outputs; default: a new temporary directory", required=False)
+    options.add_workers(p, "2, so the demo runs on an embedded local Ray")
+    options.add_json(p)
+    options.add_verbosity(p)
+    return p
 
 
 def _step(msg: str) -> float:
-    print(f"[demo] {msg}", flush=True)
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
     return time.perf_counter()
 
 
@@ -135,24 +141,45 @@ def _mllm_part(root: Path, workers: int) -> dict:
     return demo_pipeline(root / "plam", workers=workers)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    from shardmerge.jobs import options
+
+    args = build_parser().parse_args(argv)
+    options.setup_logging(args)
+    workers = options.workers(args, "shardmerge demo")
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shardmerge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
     try:
-        result = run_demo(root, workers=args.workers)
+        result = run_demo(root, workers=2 if workers is None else workers)
     except (ValueError, RuntimeError) as exc:
         print(f"shardmerge demo: error: {exc}", file=sys.stderr)
         return 2
-    print("[demo] done:")
-    print(json.dumps(result, indent=2))
     ok = result["verified"] and result["logits_finite"] and result.get("pivot_verified", True)
-    return 0 if ok and result.get("plam_verified", True) else 1
+    ok = ok and result.get("plam_verified", True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(human_summary(result, ok, time.monotonic() - t0))
+    return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="shardmerge demo", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+def human_summary(r: dict, ok: bool, seconds: float) -> str:
+    lines = [
+        f"[demo] {'done' if ok else 'FAILED'} in {seconds:.1f} s",
+        f"  TIES merge   {r['merged_dir']}: {r['shards']} shards, verified {r['verified']}, loads in transformers "
+        f"({r['dtype']}, finite logits {r['logits_finite']})",
+    ]
+    if "pivot_merged_dir" in r:
+        lines.append(f"  PivotMerge   {r['pivot_merged_dir']}: verified {r['pivot_verified']}")
+    if "plam_merged_dir" in r:
+        layers = r["plam_layers"]
+        lines.append(
+            f"  PlaM         {r['plam_merged_dir']}: layers {layers[0]}..{layers[1]}, verified {r['plam_verified']}; "
+            f"probe plateau c* = {r['probe_plateau_start']} (plot {r['probe_png']})"
+        )
+    lines.append("  next         `shardmerge merge your_recipe.yaml --out DIR` on real models (README: Recipes)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

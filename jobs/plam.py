@@ -23,22 +23,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
+from shardmerge.jobs import options
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardmerge.jobs.probe import add_bench, add_probe_options
+
     p = argparse.ArgumentParser(prog="shardmerge plam", description=__doc__.split("\n")[0])
     p.add_argument("--mllm", required=True, help="the MLLM (dir or hub id)")
     p.add_argument("--base", required=True, help="its base LLM (dir or hub id)")
-    p.add_argument("--bench", required=True, action="append", help="benchmark file or directory (repeatable)")
-    p.add_argument("--out", required=True, help="output directory (probe/, merged/, plam.yaml, plam_summary.json)")
+    add_bench(p)
+    options.add_common(
+        p,
+        out="gets probe/, merged/, plam.yaml, plam_summary.json",
+        workers="1 probe worker; merge workers as `shardmerge merge` sizes them",
+    )
     p.add_argument("--alpha", type=float, default=0.1, help="W = (1-α)·W_mllm + α·W_base [0.1]")
-    p.add_argument("--targets", default="qkvo", help="qkvo | attn | mlp | norms | all [qkvo]")
+    p.add_argument(
+        "--targets",
+        default="qkvo",
+        help=f"tensor group merged: {' | '.join(TARGETS)}, or an exact tensor sub name such as "
+        "self_attn.q_proj.weight [qkvo]",
+    )
     p.add_argument(
         "--layers",
         type=int,
@@ -47,26 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="merge layers S..E (inclusive) instead of the probe's plateau",
     )
-    p.add_argument("--workers", type=int, default=None, help="probe actors and merge workers [auto]")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     p.add_argument("--reprobe", action="store_true", help="probe the merged model too (DIR/probe_merged/)")
-    p.add_argument("--limit", type=int, default=None, help="at most N rows per benchmark file")
-    p.add_argument("--metric", default="accuracy", help="probe curve metric [accuracy]")
-    p.add_argument("--cuts", default="all", help="probe cut layers [all]")
-    p.add_argument("--path", default="fast", help="probe path: fast | exact [fast]")
-    p.add_argument("--shard-size", default="5GB", help="merged shard size [5GB]")
+    add_probe_options(p)
+    p.add_argument("--shard-size", default="5GB", help="max output shard size [5GB]")
     p.add_argument("--weights", default=None, help="MLLM,BASE: unnormalised W = a·W_mllm + b·W_base (+ control)")
-    p.add_argument(
-        "--holdout",
-        type=float,
-        default=0.0,
-        help="fraction of question groups held out for the before/after evaluation [0: none]",
-    )
-    p.add_argument("--seed", type=int, default=0, help="split and bootstrap seed [0]")
     p.add_argument("--max-ci-width", type=int, default=4, help="refuse a c* interval wider than this [4 layers]")
     p.add_argument("--force", action="store_true", help="merge even when the probe is uninformative")
     return p
+
+
+TARGETS = ("qkvo", "attn", "mlp", "norms", "all")  # PlaM's target groups (test_cli checks them against the engine's)
 
 
 def _weights(text: str | None) -> tuple[float, float] | None:
@@ -123,6 +123,13 @@ def _probe(model: str, args, out: Path, workers: int, side: str = "probe", cuts:
     return run_probe(job_from_args(probe_parser().parse_args(argv)))
 
 
+def _model_ref(ref: str) -> str:
+    """A local model directory as an absolute path (so the recipe re-runs from any working directory); a hub id
+    (no such local path) as it was given."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
 def _recipe(args, probe_json: Path, weights: tuple | None = None) -> dict:
     params: dict = {"targets": args.targets}
     if weights:
@@ -132,8 +139,30 @@ def _recipe(args, probe_json: Path, weights: tuple | None = None) -> dict:
     if args.layers:
         params["layers"] = list(args.layers)
     else:
-        params["plateau"] = str(probe_json)
-    return {"merge_method": "plam", "mllm": args.mllm, "base_llm": args.base, "parameters": params}
+        params["plateau"] = str(Path(probe_json).resolve())
+    return {
+        "merge_method": "plam",
+        "mllm": _model_ref(args.mllm),
+        "base_llm": _model_ref(args.base),
+        "parameters": params,
+    }
+
+
+def merged_layers(recipe: Path) -> list[int]:
+    """The decoder layers the PlaM plan of `recipe` merges (from the plan itself, not from the arguments)."""
+    from shardmerge.engine.plan.build import build_plan
+    from shardmerge.engine.recipe.schema import load_recipe
+
+    return sorted({t.layer for t in build_plan(load_recipe(recipe), source=str(recipe)).tensors() if t.op == "plam"})
+
+
+def layer_range(layers: list[int]) -> list[int] | None:
+    """[first, last] of a contiguous run of layers (what PlaM merges); None when there are none."""
+    if not layers:
+        return None
+    if layers != list(range(layers[0], layers[-1] + 1)):
+        raise RuntimeError(f"the PlaM plan merges layers {layers}, which are not one contiguous range")
+    return [layers[0], layers[-1]]
 
 
 def _check_probe(args, probe: dict, out: Path) -> list[str]:
@@ -152,26 +181,31 @@ def _check_probe(args, probe: dict, out: Path) -> list[str]:
     return reasons
 
 
-def _merge(args, out: Path, name: str, weights: tuple | None) -> dict:
+def _merge(args, out: Path, name: str, weights: tuple | None, progress: bool = True) -> dict:
+    import yaml
+
+    from shardmerge.engine.phases import phase
     from shardmerge.jobs.merge import run_merge
 
-    recipe = out / f"{'plam' if name == 'merged' else name}.yaml"
+    recipe = (out / f"{'plam' if name == 'merged' else name}.yaml").resolve()
     recipe.write_text(yaml.safe_dump(_recipe(args, out / "probe" / "probe.json", weights), sort_keys=False))
-    device = "cuda" if args.device == "cuda" else "cpu"
+    phase(f"merging ({name})", str(recipe))
     merge = run_merge(
         recipe,
         out / name,
-        workers=args.workers,
-        device=device,
+        workers=options.workers(args, "shardmerge plam"),
+        device=args.device,
         address=args.address,
         shard_size=args.shard_size,
         overwrite=True,
+        progress=progress,
     )
     return {
         "recipe": str(recipe),
-        "dir": str(out / name),
+        "dir": str((out / name).resolve()),
         "verified": merge.get("verified", False),
         "shards": merge["shards"],
+        "layers": layer_range(merged_layers(recipe)),
     }
 
 
@@ -197,26 +231,43 @@ def _evaluate(args, out: Path, workers: int, models: dict) -> dict:
     return result
 
 
-def run_plam(args: argparse.Namespace) -> dict:
-    """Run every stage; returns the summary also written to DIR/plam_summary.json."""
-    from shardmerge.engine.run.ray_session import connect
+def run_plam(args: argparse.Namespace, progress: bool = True) -> dict:
+    """Run every stage; returns the summary also written to DIR/plam_summary.json. `summary["layers"]` is the
+    [first, last] decoder layer the merge changed (read from the plan it ran); `summary["plateau"]` says where the
+    plateau was (c* and its interval) and whether it chose those layers or --layers did."""
+    from shardmerge.engine.phases import phase
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     weights = _weights(args.weights)
-    workers = args.workers if args.workers is not None else 1
-    started = connect(args.address)
+    workers = options.workers(args, "shardmerge plam")
+    workers = 1 if workers is None else workers
+    started = False
+    if workers != 0:
+        from shardmerge.engine.run.ray_session import connect
+
+        started = connect(args.address)
     try:
+        phase("probing", f"{args.mllm} on {len(args.bench)} benchmark source(s), {max(1, workers)} worker(s)")
         probe = _probe(args.mllm, args, out / "probe", workers)
         forced = _check_probe(args, probe, out)
-        merged = _merge(args, out, "merged", weights)
+        merged = _merge(args, out, "merged", weights, progress)
+        ci = probe.get("plateau_start_ci")
         summary = {
+            "layers": merged["layers"],
+            "layers_from": "--layers" if args.layers else "the probe's plateau (c* .. last layer)",
+            "plateau": {
+                "start": probe.get("plateau_start"),
+                "interval": list(ci) if ci else None,
+                "probe": str(out / "probe" / "probe.json"),
+            },
             "plateau_start": probe.get("plateau_start"),
-            "plateau_start_ci": probe.get("plateau_start_ci"),
+            "plateau_start_ci": ci,
             "stages": probe.get("stages"),
             "probe_warnings": probe.get("warnings"),
             "forced_past": forced,
-            "layers": list(args.layers) if args.layers else None,
+            "targets": args.targets,
+            "alpha": None if weights else args.alpha,
             "recipe": merged["recipe"],
             "merged": merged["dir"],
             "verified": merged["verified"],
@@ -227,11 +278,14 @@ def run_plam(args: argparse.Namespace) -> dict:
         }
         models = {"mllm": args.mllm, "merged": merged["dir"]}
         if weights:
-            control = _merge(args, out, "control", (weights[0] + weights[1], 0.0))
+            control = _merge(args, out, "control", (weights[0] + weights[1], 0.0), progress)
             summary["control"] = {**control, "scale": weights[0] + weights[1]}
             models["control"] = control["dir"]
+        if args.holdout:
+            phase("evaluating", f"{', '.join(models)} on the held-out side")
         summary["evaluation"] = _evaluate(args, out, workers, models) if args.holdout else None
         if args.reprobe:
+            phase("re-probing", str(out / "merged"))
             again = _probe(str(out / "merged"), args, out / "probe_merged", workers)
             summary["reprobe_plateau_start"] = again.get("plateau_start")
             summary["reprobe_png"] = str(out / "probe_merged" / "probe.png")
@@ -241,8 +295,39 @@ def run_plam(args: argparse.Namespace) -> dict:
             import ray
 
             ray.shutdown()
+    summary["summary_file"] = str(out / "plam_summary.json")
     (out / "plam_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def human_summary(s: dict, seconds: float) -> str:
+    from shardmerge.engine.phases import duration
+
+    p = s["plateau"]
+    where = f"c* = {p['start']}" if p["start"] is not None else "no plateau found"
+    if p["interval"]:
+        where += f", interval {p['interval'][0]}..{p['interval'][1]}"
+    layers = f"{s['layers'][0]}..{s['layers'][1]}" if s["layers"] else "none"
+    coef = f"alpha {s['alpha']}" if s["alpha"] is not None else f"weights {s['weights'][0]}, {s['weights'][1]}"
+    lines = [
+        f"merged     {s['merged']}",
+        f"layers     {layers} ({s['targets']}, {coef}), chosen by {s['layers_from']}",
+        f"plateau    {where} (from {p['probe']}; plot {s['probe_png']})",
+        f"shards     {s['shards']}; verified {'yes' if s['verified'] else 'no'}",
+        f"time       {duration(seconds)}",
+    ]
+    lines += [f"warning    {w}" for w in s.get("probe_warnings") or []]
+    lines += [f"forced     past: {r}" for r in s.get("forced_past") or []]
+    if s.get("evaluation"):
+        gains = ", ".join(f"{k} {v:+.4f}" for k, v in s["evaluation"]["gain"].items())
+        lines.append(f"held out   gain over the MLLM: {gains}")
+    if s.get("reprobe_plateau_start") is not None or "reprobe_png" in s:
+        lines.append(f"re-probe   c* = {s.get('reprobe_plateau_start')} ({s['reprobe_png']})")
+    lines += [
+        f"recipe     {s['recipe']} (absolute paths: `shardmerge merge {s['recipe']} --out DIR` re-runs it anywhere)",
+        f"summary    {s['summary_file']} (JSON; --json prints it here instead)",
+    ]
+    return "\n".join(lines)
 
 
 def demo_pipeline(root: Path, workers: int = 2) -> dict:
@@ -290,16 +375,39 @@ def demo_pipeline(root: Path, workers: int = 2) -> dict:
     }
 
 
+def rerun_command(args: argparse.Namespace) -> str:
+    """The command line that runs this job again (its merges restart; the finished probe is redone too)."""
+    from shardmerge.jobs.interrupts import rerun_command as rerun
+
+    head = ["shardmerge", "plam", "--mllm", args.mllm, "--base", args.base, "--out", str(args.out)]
+    return rerun(build_parser(), args, head, skip=("mllm", "base", "out"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import time
+
+    from shardmerge.jobs.interrupts import run_interruptible
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run_plam(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"shardmerge plam: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    options.setup_logging(args)
+    progress = not (args.no_progress or args.quiet)
+
+    def body() -> int:
+        from shardmerge.engine.phases import Phases, reporting
+
+        t0 = time.monotonic()
+        with reporting(Phases("shardmerge plam", enabled=progress)):
+            try:
+                summary = run_plam(args, progress)
+            except (ValueError, RuntimeError, OSError) as exc:
+                print(f"shardmerge plam: error: {exc}", file=sys.stderr)
+                return 2
+        print(json.dumps(summary, indent=2) if args.json else human_summary(summary, time.monotonic() - t0))
+        return 0
+
+    return run_interruptible(
+        "shardmerge plam", body, out=args.out, what="job (it starts over)", command=lambda: rerun_command(args)
+    )
 
 
 if __name__ == "__main__":

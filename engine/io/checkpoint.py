@@ -13,102 +13,22 @@ import math
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-}
-TORCH_TO_CODE = {v[0]: k for k, v in DTYPES.items()}
-NAME_TO_CODE = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "fp32": "F32",
-    "fp16": "F16",
-    "bf16": "BF16",
-    "half": "F16",
-    "float": "F32",
-}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+from shardmerge.engine.io.dtypes import DTYPES as DTYPES
+from shardmerge.engine.io.dtypes import FLOAT_CODES as FLOAT_CODES
+from shardmerge.engine.io.dtypes import NAME_TO_CODE as NAME_TO_CODE
+from shardmerge.engine.io.dtypes import TORCH_TO_CODE as TORCH_TO_CODE
+from shardmerge.engine.io.dtypes import TensorMeta as TensorMeta
+from shardmerge.engine.io.paths import check_confined as check_confined
+from shardmerge.engine.io.paths import confine
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension (possible when another one is 0) cannot be read
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Where one tensor lives: file, absolute byte range [begin, end), dtype code and shape."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
-
-    @property
-    def rows(self) -> int:
-        """Rows along dim 0 (a 0-d tensor is one row)."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _confine(root: Path, rel: str, what: str) -> Path:
-    """Resolve `rel` inside `root` (symlinks followed); anything escaping the model dir is refused."""
-    if os.path.isabs(rel):
-        raise ValueError(f"{what}: file name {rel!r} is an absolute path; only files inside {root} are allowed")
-    path = (root / rel).resolve()
-    allowed = [root.resolve()]
-    if root.parent.name == "snapshots":  # HF cache: snapshot files are symlinks into the repo's blobs/
-        allowed.append((root.parent.parent / "blobs").resolve())
-    if not any(path.is_relative_to(a) for a in allowed):
-        raise ValueError(f"{what}: file {rel!r} resolves to {path}, outside the model directory {root}")
-    return path
-
-
-def check_confined(root: Path, names: Iterable[str]) -> None:
-    """Each existing file of `names` in `root` resolves inside it (or the HF cache's blobs): copying a symlink that
-    points elsewhere into the output would leak an arbitrary file."""
-    for name in names:
-        if os.path.lexists(root / name) and not (root / name).exists():
-            raise ValueError(
-                f"{root / name}: a broken symlink or a symlink loop; fix or remove it (this file would "
-                "be copied into the output)"
-            )
-        if (root / name).exists():
-            _confine(root, name, str(root))
 
 
 def parse_safetensors_header(path: Path | str) -> dict[str, TensorMeta]:
@@ -232,7 +152,7 @@ class Checkpoint:
             return {}
         if not link.exists():
             load_json_file(link, "config.json")  # raises: a broken symlink or a symlink loop
-        path = _confine(self.root, "config.json", str(self.root))  # a symlink may not pull in files from elsewhere
+        path = confine(self.root, "config.json", str(self.root))  # a symlink may not pull in files from elsewhere
         return load_config(path)
 
     def meta(self, name: str) -> TensorMeta:
@@ -323,10 +243,10 @@ def open_checkpoint(ref: str) -> Checkpoint:
         tensors = _from_index(root, index)
         return Checkpoint(str(ref), root, tensors, _unlisted_shards(root, index, tensors))
     if (root / SINGLE_NAME).exists():
-        return Checkpoint(str(ref), root, parse_safetensors_header(_confine(root, SINGLE_NAME, str(root))))
+        return Checkpoint(str(ref), root, parse_safetensors_header(confine(root, SINGLE_NAME, str(root))))
     singles = sorted(root.glob("*.safetensors"))
     if len(singles) == 1:
-        return Checkpoint(str(ref), root, parse_safetensors_header(_confine(root, singles[0].name, str(root))))
+        return Checkpoint(str(ref), root, parse_safetensors_header(confine(root, singles[0].name, str(root))))
     from shardmerge.engine.io.legacy_bin import open_bin_tensors
 
     bins = open_bin_tensors(root)
@@ -346,7 +266,7 @@ def _from_index(root: Path, index: Path) -> dict[str, TensorMeta]:
     for fname in sorted(set(weight_map.values())):
         if not isinstance(fname, str):
             raise ValueError(f"{index}: weight_map value {fname!r} is not a file name")
-        path = _confine(root, fname, str(index))
+        path = confine(root, fname, str(index))
         if not path.exists():
             first = next(n for n, f in weight_map.items() if f == fname)
             raise ValueError(f"{index}: names shard {fname!r} (for tensor {first!r}), which does not exist in {root}")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from shardmerge.engine.io.checkpoint import TORCH_TO_CODE, TensorMeta, _confine
+from shardmerge.engine.io.dtypes import TORCH_TO_CODE, TensorMeta
+from shardmerge.engine.io.paths import confine
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,7 +47,7 @@ def open_bin_tensors(root: Path) -> dict[str, TensorMeta]:
         files = [p.name for p in sorted(root.glob("pytorch_model*.bin"))]
     metas: dict[str, TensorMeta] = {}
     for fname in files:
-        path = _confine(root, fname, str(root))  # inside the model dir (or the HF cache's blobs/)
+        path = confine(root, fname, str(root))  # inside the model dir (or the HF cache's blobs/)
         if not path.exists():
             raise ValueError(f"{root}: legacy shard {fname!r} is missing")
         for name, t in _load(str(path)).items():

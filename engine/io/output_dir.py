@@ -23,6 +23,9 @@ from shardmerge.engine.io.stores import ShardStore, is_url, open_store
 from shardmerge.engine.io.writer import COPIED_FILES, INDEX, MANIFEST, STATE_DIR, Journal
 
 log = logging.getLogger("shardmerge.output")
+# The run summary `shardmerge merge` writes beside the shards after the manifest: part of the merge's output (so
+# --overwrite removes it), not of what verify checks (its times differ from run to run).
+SUMMARY = "shardmerge_summary.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # what engines that did not list their files in the manifest wrote beside the shards
 _LEGACY_NAMES = frozenset({INDEX, "README.md", "config.json", "chat_template.jinja", *COPIED_FILES})
@@ -128,7 +131,7 @@ def owned_files(out) -> set[str]:
     raw = store.read_bytes(MANIFEST)
     doc = _parse_json(raw) if raw is not None else None
     if isinstance(doc, dict):
-        owned |= {MANIFEST}
+        owned |= {MANIFEST, SUMMARY}
         shards = doc.get("shards") if isinstance(doc.get("shards"), list) else []
         owned |= _plain(e.get("file") for e in shards if isinstance(e, dict))
         owned |= _plain(doc.get("files") if isinstance(doc.get("files"), list) else [])
@@ -155,7 +158,7 @@ def _owned_local(out: Path) -> set[str]:
     if manifest.is_file() and not manifest.is_symlink():
         doc = _read_json(manifest)
         if isinstance(doc, dict):
-            owned |= {MANIFEST}
+            owned |= {MANIFEST, SUMMARY}
             shards = doc.get("shards") if isinstance(doc.get("shards"), list) else []
             owned |= _plain(e.get("file") for e in shards if isinstance(e, dict))
             files = doc.get("files")

@@ -1,7 +1,8 @@
 """Which tensor of a checkpoint is what: language-model decoder layer i (and which sub-module), embeddings, final
 norm, lm_head, vision-tower block j, projector layer l, for Qwen2.5-VL / Qwen2-VL, Qwen3-VL, LLaVA-1.5 / NeXT
 (llava-hf legacy and current on-disk names), original LLaVA (`model.mm_projector.*`) and plain decoder LLMs
-(Qwen2.5, Qwen3, Llama / Vicuna, Mistral: `model.layers.i.*`).
+(Qwen2.5, Qwen3, Llama / Vicuna, Mistral: `model.layers.i.*`). The name roots and family facts come from the
+family table, `layout.families`.
 
 Pure: names and the config dict only, no tensor data. The planner groups work units by `role(name).layer`, applies
 recipe `modules:` by `role(name).module`, and PlaM pairs MLLM language-model tensors with base-LLM tensors through
@@ -15,64 +16,33 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from shardmerge.engine.layout import families
+
 MODULES = ("language_model", "vision_tower", "projector", "other")
 UNKNOWN_POLICIES = ("error", "other")
 
-MLLM_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_original")
+# Every family fact (roots, layer containers, model types, base LLMs) comes from the family table.
+MLLM_FAMILIES = families.names(families.MLLM)
 # base-LLM families (config model_type) each MLLM family's language model may be paired with
-BASE_FAMILIES = {
-    "qwen2_5_vl": ("qwen2",),
-    "qwen3_vl": ("qwen3",),
-    "llava": ("llama", "mistral"),
-    "llava_next": ("llama", "mistral"),
-    "llava_original": ("llama", "mistral"),
-}
-# decoder-only LLM families known by name (any other LLM still plans through the generic rules)
-_LLM_TYPES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "granite",
-    "phi3",
-    "olmo2",
-    "gpt2",
-)
+BASE_FAMILIES = {name: families.get(name).base_llms for name in MLLM_FAMILIES}
 # config keys holding the language model's decoder-layer count (text_config's first, for an MLLM)
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
-_MODEL_TYPES = {
-    "qwen2_vl": "qwen2_5_vl",  # same tensor names as Qwen2.5-VL
-    "qwen2_5_vl": "qwen2_5_vl",
-    "qwen3_vl": "qwen3_vl",
-    "llava": "llava",
-    "llava_next": "llava_next",
-    "llava_llama": "llava_original",
-    "llava_mistral": "llava_original",
-}
-_ORIGINAL_LLAVA_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
+LAYER_COUNT_KEYS = families.LAYER_COUNT_KEYS
 
-# Name roots, most specific first (the first matching root wins). One table serves every family: the roots do not
-# collide once ordered by specificity (e.g. Qwen2.5-VL legacy `model.layers.*` vs current `model.language_model.*`).
-_HEAD_ROOTS = ("language_model.lm_head.", "lm_head.")
-_PROJECTOR_ROOTS = ("model.multi_modal_projector.", "multi_modal_projector.", "model.mm_projector.")
-_NEWLINE_NAMES = ("model.image_newline", "image_newline")  # LLaVA-NeXT's learned row separator
-_VISION_ROOTS = (
-    "model.vision_tower.vision_tower.vision_model.",  # original LLaVA with an unfrozen CLIP tower
-    "model.vision_tower.vision_model.",
-    "vision_tower.vision_model.",
-    "model.vision_tower.",
-    "vision_tower.",
-    "model.visual.",
-    "visual.",
-)
-_QWEN_MERGERS = ("merger.", "deepstack_merger_list.")  # Qwen-VL's projector lives inside the vision module
-_LM_ROOTS = ("model.language_model.", "language_model.model.", "model.", "transformer.")  # GPT-2: transformer.h.i
+# Name roots, most specific first (the first matching root wins), merged over every naming of every family.
+_HEAD_ROOTS = families.HEAD_ROOTS
+_PROJECTOR_ROOTS = families.PROJECTOR_ROOTS
+_NEWLINE_NAMES = families.NEWLINE_NAMES  # LLaVA-NeXT's learned row separator
+_VISION_ROOTS = families.VISION_ROOTS
+_PROJECTOR_IN_VISION = families.PROJECTOR_IN_VISION  # Qwen-VL's projector lives inside the vision module
+_LM_ROOTS = families.LM_ROOTS
 
-_LM_LAYER = re.compile(r"^(?:layers|h)\.(\d+)\.(.+)$")
-_VISION_BLOCK = re.compile(r"^(?:blocks|encoder\.layers|layers)\.(\d+)\.(.+)$")
+
+def _alternatives(items) -> str:
+    return "|".join(re.escape(i) for i in items)
+
+
+_LM_LAYER = re.compile(rf"^(?:{_alternatives(families.LM_LAYER_CONTAINERS)})\.(\d+)\.(.+)$")
+_VISION_BLOCK = re.compile(rf"^(?:{_alternatives(families.VISION_BLOCK_CONTAINERS)})\.(\d+)\.(.+)$")
 _SEQ_LINEAR = re.compile(r"(?:^|\.)(\d+)\.(?:weight|bias)$")  # nn.Sequential(Linear, GELU, Linear, ...)
 _NAMED_LINEAR = re.compile(r"(?:^|\.)linear_(?:fc)?(\d+)\.(?:weight|bias)$")  # linear_1 / linear_fc1
 
@@ -93,9 +63,9 @@ def _lm_role(rest: str) -> TensorRole | None:
     m = _LM_LAYER.match(rest)
     if m:
         return TensorRole("language_model", "layer", int(m.group(1)), m.group(2))
-    if rest.startswith(("embed_tokens.", "wte.", "wpe.")):  # GPT-2: token and position embeddings
+    if rest.startswith(families.EMBED_NAMES):
         return TensorRole("language_model", "embed", None, rest)
-    if rest.startswith(("norm.", "ln_f.")):
+    if rest.startswith(families.FINAL_NORM_NAMES):
         return TensorRole("language_model", "final_norm", None, rest)
     return None
 
@@ -113,7 +83,7 @@ def _projector_role(rest: str) -> TensorRole:
 
 
 def _vision_role(rest: str) -> TensorRole:
-    if rest.startswith(_QWEN_MERGERS):
+    if rest.startswith(_PROJECTOR_IN_VISION):
         return _projector_role(rest)
     m = _VISION_BLOCK.match(rest)
     if m:
@@ -147,22 +117,8 @@ def _text_config(config: Mapping) -> Mapping:
 def detect_family(config: Mapping, names: Sequence[str]) -> str:
     """Family from config.json (model_type, architectures); from the tensor names when the config says nothing
     we know. LLMs are reported by their model_type (llama, qwen2, ...); unknown LLMs as "llm"."""
-    mtype = config.get("model_type")
-    archs = tuple(config.get("architectures") or ())
-    if any(a in _ORIGINAL_LLAVA_ARCHS for a in archs) or "mm_projector_type" in config:
-        return "llava_original"
-    if mtype in _MODEL_TYPES:
-        return _MODEL_TYPES[mtype]
-    if mtype in _LLM_TYPES:
-        return mtype
-    joined = "\n".join(names)
-    if "mm_projector." in joined:
-        return "llava_original"
-    if "multi_modal_projector." in joined:
-        return "llava_next" if "image_newline" in joined else "llava"
-    if re.search(r"(?m)^(model\.)?visual\.", joined):
-        return "qwen3_vl" if "deepstack_merger_list." in joined else "qwen2_5_vl"
-    return "llm"
+    found = families.by_config(config) or families.by_names(names)
+    return found.name if found is not None else "llm"
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ can write their tensors into the shard files independently and the output is ide
 chunk size or placement. Architecture, tensor-set, shape and dtype mismatches are planning errors naming the model
 and tensor; nothing is skipped silently.
 
-Tensor roles come from shardmerge.engine.layout.roles: work units are one per LM decoder layer / vision block (plus embeddings,
-head, vision stem, projector), and a recipe's `modules:` entry applies to the tensors of the layout module it names
-(`passthrough` = copy verbatim from its source model). PlaM recipes are planned by shardmerge.engine.plan.forms.plam, PivotMerge
-recipes (`merge_method: pivot`) by shardmerge.engine.plan.forms.pivot.
+The recipe's form (shardmerge.engine.plan.forms: standard `models:`, `slices:`, PlaM, PivotMerge) turns it into
+typed plan items (shardmerge.engine.plan.model.PlanItem) in output order; this module lays them out into shards,
+groups them into work units (one per LM decoder layer / vision block, plus embeddings, head, vision stem,
+projector: shardmerge.engine.plan.grouping) and hashes the result.
 """
 
 from __future__ import annotations
@@ -18,116 +18,28 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import shardmerge
 from shardmerge.engine import methods
-from shardmerge.engine.io.checkpoint import (
-    DTYPES,
-    FLOAT_CODES,
-    Checkpoint,
-    TensorMeta,
-    check_confined,
-    files_identity,
-    open_checkpoint,
-)
+from shardmerge.engine.io.checkpoint import Checkpoint, files_identity, open_checkpoint
 from shardmerge.engine.io.gather import gather_identity
-from shardmerge.engine.io.lora import open_model
+from shardmerge.engine.io.paths import check_confined
 from shardmerge.engine.io.writer import COPIED_FILES
-from shardmerge.engine.layout.roles import Layout, TensorRole, classify
-from shardmerge.engine.recipe.checks import (
-    PASSTHROUGH,
-    input_models,
-    module_key,
-    module_settings,
-    passthrough_source,
-    resolve_params,
-)
-from shardmerge.engine.recipe.schema import ModuleRecipe, Recipe
+from shardmerge.engine.plan.forms import Form, form_of
+from shardmerge.engine.plan.grouping import group_key
+from shardmerge.engine.plan.model import COPY as COPY
+from shardmerge.engine.plan.model import FLOAT8_CODES as FLOAT8_CODES
+from shardmerge.engine.plan.model import OutputTensor as OutputTensor
+from shardmerge.engine.plan.model import Plan as Plan
+from shardmerge.engine.plan.model import PlanItem as PlanItem
+from shardmerge.engine.plan.model import ShardSpec as ShardSpec
+from shardmerge.engine.plan.model import WorkUnit as WorkUnit
+from shardmerge.engine.plan.vocab import tokenizer_outputs
+from shardmerge.engine.recipe.model import Recipe
 
 log = logging.getLogger("shardmerge.plan")
-
-COPY = "copy"  # op for tensors taken verbatim from one input
-FLOAT8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})  # quantized weights: their scales live in other tensors
-_NUMBERED = re.compile(r"^(.*?)\.(layers|blocks|h)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: str  # output dtype code
-    shape: tuple[int, ...]
-    op: str  # COPY or a registered method name
-    inputs: tuple[TensorMeta, ...]  # method inputs in order (COPY: the one source)
-    base: TensorMeta | None
-    params: tuple[tuple[str, Any], ...]
-    layer: int | None
-    num_layers: int
-    shard: int
-    offset: int  # absolute byte offset of the data in the shard file
-
-    @property
-    def nbytes(self) -> int:
-        n = DTYPES[self.dtype][1]
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def in_bytes(self) -> int:
-        return sum(m.nbytes for m in self.inputs) + (self.base.nbytes if self.base else 0)
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    id: int
-    key: str  # human-readable group, e.g. "model.layers.3" or "embed"
-    tensors: tuple[OutputTensor, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def shards(self) -> frozenset[int]:
-        return frozenset(t.shard for t in self.tensors)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    index: int
-    filename: str
-    header: bytes  # 8-byte length prefix + JSON header, padded
-    size: int  # total file size
-    tensors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Plan:
-    recipe: Recipe
-    units: tuple[WorkUnit, ...]
-    shards: tuple[ShardSpec, ...]
-    config_source: str  # model dir whose config.json is copied
-    tokenizer_source: str  # model dir whose tokenizer/processor files are copied
-    out_dtype: str | None
-    plan_hash: str
-    inputs: tuple[str, ...] = field(default=())  # model dirs read
-    notes: tuple[str, ...] = field(default=())  # findings that are not errors (e.g. PlaM vocabulary differences)
-    # (file name, text) written into the output dir beside the reports and into the state dir at the start of a
-    # run, so --resume can reuse them (e.g. PivotMerge's calibration gains, shardmerge.engine.plan.forms.pivot_calibration)
-    artifacts: tuple[tuple[str, str], ...] = field(default=())
-    # (dotted config.json key, value) set in the output's config.json: the vocabulary size of a built tokenizer,
-    # a slices merge's layer count and layer types (shardmerge.engine.plan.forms.slices)
-    config_updates: tuple[tuple[str, Any], ...] = field(default=())
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(u.nbytes for u in self.units)
-
-    def tensors(self) -> list[OutputTensor]:
-        return [t for u in self.units for t in u.tensors]
 
 
 def parse_size(text: str | int) -> int:
@@ -160,280 +72,33 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def _regex_layers(names) -> int:
-    idx = [int(m.group(3)) for n in names if (m := _NUMBERED.match(n)) and m.group(2) == "layers"]
-    return max(idx) + 1 if idx else 0
-
-
-def layout_of(ckpt: Checkpoint) -> Layout:
-    """Roles of a checkpoint's tensors (shardmerge.engine.layout.roles); names the layout does not know get module "other" and
-    are grouped by the generic numbered-block rule, so LLMs of any family still plan."""
-    return Layout.from_config(ckpt.config, ckpt.tensors, source=ckpt.ref, unknown="other")
-
-
-def num_layers_of(ckpt: Checkpoint) -> int:
-    """Language-model decoder layers: config (text_config first), cross-checked with the names by the layout."""
-    return layout_of(ckpt).num_layers or _regex_layers(ckpt.tensors)
-
-
-def _numbered_group(name: str) -> tuple:
-    """Grouping of names without a known role: numbered blocks (`.layers.i.`, `.blocks.i.`, `.h.i.`), embeddings
-    and head alone, the rest together."""
-    m = _NUMBERED.match(name)
-    if m:
-        return (1, m.group(1) + "." + m.group(2), int(m.group(3)))
-    if "embed_tokens" in name or name.endswith(("wte.weight", "word_embeddings.weight")):
-        return (0, "embed", 0)
-    if name.endswith("lm_head.weight"):
-        return (3, "lm_head", 0)
-    return (2, "other", 0)
-
-
-def _block_root(name: str, role: TensorRole) -> str:
-    """`model.language_model.layers` for `model.language_model.layers.3.mlp.up_proj.weight`."""
-    return name[: len(name) - len(role.sub) - 1].rsplit(".", 1)[0]
-
-
-_ROLE_GROUPS = {
-    "embed": (0, "embed", 0),
-    "final_norm": (2, "other", 0),
-    "lm_head": (3, "lm_head", 0),
-    "vision_other": (4, "vision_tower", 0),
-    "projector_layer": (6, "projector", 0),
-    "projector_other": (6, "projector", 0),
-}
-
-
-def group_key(name: str) -> tuple:
-    """Work-unit grouping (and output order) by layout role: embeddings, one unit per LM decoder layer, final norm
-    and unknown tensors ("other"), lm_head, the vision tower's non-block tensors, one unit per vision block, the
-    projector. For plain LLMs this is the order and grouping the engine has always written."""
-    role = classify(name)
-    if role is None or role.module == "other":
-        return _numbered_group(name)
-    if role.kind in ("layer", "vision_block"):
-        return (1 if role.kind == "layer" else 5, _block_root(name, role), role.layer)
-    return _ROLE_GROUPS[role.kind]
-
-
-def lm_layer(name: str) -> int | None:
-    """The language-model decoder layer of a tensor, None for everything else (vision blocks included)."""
-    role = classify(name)
-    if role is None or role.module == "other":
-        m = _NUMBERED.match(name)
-        return int(m.group(3)) if m and m.group(2) == "layers" and "visual" not in m.group(1) else None
-    return role.layer if role.kind == "layer" else None
-
-
-class _Planner:
-    """Plans a merge of models that share one architecture: every tensor of the reference model, through the
-    recipe's method or, for MLLMs, the method of the `modules:` entry its layout module names."""
-
-    def __init__(self, recipe: Recipe, source: str):
-        self.recipe = recipe
-        self.source = source
-        self.spec = methods.get(recipe.merge_method)
-        refs = list(dict.fromkeys(recipe.model_refs + ([recipe.base_model] if recipe.base_model else [])))
-        self.ckpts: dict[str, Checkpoint] = {r: open_model(r) for r in refs}
-        self.reference = recipe.mllm or recipe.base_model or recipe.model_refs[0]
-        self.layout = layout_of(self.ckpts[self.reference])
-        for r, c in self.ckpts.items():  # every input's config must agree with its own tensors (layer count)
-            if r != self.reference:
-                layout_of(c)
-        self.num_layers = self.layout.num_layers or _regex_layers(self.layout.names)
-        self.modules: dict[str, ModuleRecipe] = {module_key(k): m for k, m in recipe.modules.items()}
-        self._block_counts = _block_counts(self.layout)
-        self.vocab, self.vocab_names = None, frozenset()  # set by plan_vocabulary (shardmerge.engine.plan.vocab)
-
-    def check_architectures(self) -> None:
-        ref_cfg = self.ckpts[self.reference].config
-        ref_arch = ref_cfg.get("architectures")
-        for r, c in self.ckpts.items():
-            arch = c.config.get("architectures")
-            if self.recipe.merge_method != "plam" and arch and ref_arch and arch != ref_arch:
-                raise ValueError(
-                    f"{self.source}: model {r} has architectures {arch}, but {self.reference} has {ref_arch}; "
-                    "models of different architectures cannot be merged tensor by tensor"
-                )
-
-    def inputs_for(self, name: str, spec=None) -> tuple[tuple[TensorMeta, ...], TensorMeta | None]:
-        spec = spec or self.spec
-        ref_meta = self.ckpts[self.reference].tensors[name]
-        metas = []
-        for r in input_models(self.recipe, spec) + ([self.recipe.base_model] if self.recipe.base_model else []):
-            metas.append(self._same_meta(r, name, ref_meta))
-        base = metas.pop() if self.recipe.base_model else None
-        if spec.base_is_input:  # linear-style: a listed base is one more input, an unlisted one is unused
-            base = None
-        return tuple(metas), base
-
-    def vocab_inputs(self, inputs: tuple, base: TensorMeta | None, spec) -> tuple[tuple, TensorMeta | None]:
-        """A vocabulary tensor's inputs (and base) in the output vocabulary's row order (shardmerge.engine.plan.vocab)."""
-        refs = input_models(self.recipe, spec) + ([self.recipe.base_model] if base is not None else [])
-        g = self._gather(dict(zip(refs, list(inputs) + ([base] if base is not None else []))))
-        return tuple(g[r] for r in refs[: len(inputs)]), (g[refs[-1]] if base is not None else None)
-
-    def _gather(self, metas: dict) -> dict:
-        from shardmerge.engine.plan.vocab import gather_inputs
-
-        tok = self.recipe.tokenizer
-        return gather_inputs(
-            self.vocab,
-            list(metas),
-            metas,
-            self.recipe.base_model,
-            tok.tokens if tok else {},
-            tok.pad_to_multiple_of if tok else None,
-            self.vocab.vocabs,
-            self.source,
-        )
-
-    def _same_meta(self, ref: str, name: str, ref_meta: TensorMeta) -> TensorMeta:
-        """`name` in model `ref`, which must match the reference model's shape and dtype."""
-        m = self.ckpts[ref].tensors.get(name)
-        if m is None:
-            raise ValueError(f"{self.source}: model {ref} has no tensor {name!r} (present in {self.reference})")
-        if self.vocab is not None and name in self.vocab_names:
-            ref_meta = m  # different vocabulary sizes are aligned by the row gather
-        if m.shape != ref_meta.shape:
-            raise ValueError(
-                f"{self.source}: tensor {name!r}: shape {list(m.shape)} in model {ref} differs from "
-                f"{list(ref_meta.shape)} in {self.reference}"
-            )
-        if m.dtype != ref_meta.dtype:
-            raise ValueError(
-                f"{self.source}: tensor {name!r}: dtype {m.dtype} in model {ref} differs from "
-                f"{ref_meta.dtype} in {self.reference}"
-            )
-        return m
-
-    def check_tensor_sets(self) -> None:
-        ref_names = set(self.ckpts[self.reference].tensors)
-        for r, c in self.ckpts.items():
-            extra = sorted(set(c.tensors) - ref_names)
-            if extra:
-                raise ValueError(
-                    f"{self.source}: model {r} has tensor(s) {extra[:5]} that {self.reference} lacks; "
-                    "the models do not share one architecture"
-                )
-
-    def tokenizer_kind(self) -> str | None:
-        """The recipe's tokenizer source (`tokenizer.source` or `tokenizer_source`), None without either."""
-        return self.recipe.tokenizer.source if self.recipe.tokenizer is not None else self.recipe.tokenizer_source
-
-    def plan_vocabulary(self) -> None:
-        """With a tokenizer setting, the output vocabulary and each input's row order (shardmerge.engine.plan.vocab); without
-        one, the inputs must share a vocabulary size."""
-        from shardmerge.engine.plan.vocab import plan_vocabulary
-
-        kind = self.tokenizer_kind()
-        src = None if kind in (None, "base", "union") else self._tokenizer_ckpt(kind)
-        self.vocab, self.vocab_names = plan_vocabulary(
-            self.recipe, kind, self.ckpts, self.reference, src, group_key, self.source
-        )
-
-    def _tokenizer_ckpt(self, ref: str) -> Checkpoint:
-        return self.ckpts[ref] if ref in self.ckpts else open_model(ref)
-
-    def check_modules_used(self) -> None:
-        """A `modules:` entry whose module has no tensor in the reference model would be silently ignored."""
-        present = {self.layout.role(n).module for n in self.layout.names}
-        for key, name in ((module_key(k), k) for k in self.recipe.modules):
-            if key not in present:
-                raise ValueError(
-                    f"{self.source}: modules.{name}: model {self.reference} ({self.layout.family}) "
-                    f"has no {key} tensors; its modules are {', '.join(sorted(present))}"
-                )
-
-    def _t(self, role: TensorRole, layer: int | None) -> float:
-        """Gradient position: LM layer / (L-1); vision blocks and projector layers across their own module."""
-        if layer is not None:
-            return layer / (self.num_layers - 1) if self.num_layers > 1 else 0.0
-        n = self._block_counts.get(role.kind, 0)
-        return role.layer / (n - 1) if role.layer is not None and n > 1 else 0.0
-
-    def tensor(self, name: str, num_layers: int) -> dict:
-        ref_meta = self.ckpts[self.reference].tensors[name]
-        role = self.layout.role(name)
-        layer = lm_layer(name)
-        out_dtype = self.recipe.output_dtype_code or ref_meta.dtype
-        common = dict(name=name, shape=ref_meta.shape, layer=layer, num_layers=num_layers)
-        module = self.modules.get(role.module)
-        if ref_meta.dtype in FLOAT8_CODES and (module is None or module.merge_method != PASSTHROUGH):
-            raise ValueError(
-                f"{self.source}: tensor {name!r} ({ref_meta.file}): dtype {ref_meta.dtype} is a quantized 8-bit "
-                "float format that merge methods cannot combine (its scales live in other tensors); dequantize "
-                "the models first, or copy this module verbatim with `merge_method: passthrough`"
-            )
-        if ref_meta.dtype not in FLOAT_CODES:
-            return dict(common, dtype=ref_meta.dtype, op=COPY, inputs=(ref_meta,), base=None, params=())
-        if module is not None and module.merge_method == PASSTHROUGH:
-            src_ref = passthrough_source(self.recipe, module)
-            src = self._same_meta(src_ref, name, ref_meta)
-            if self.vocab is not None and name in self.vocab_names:  # copied in the output's vocabulary order
-                src = self._gather({src_ref: src})[src_ref]
-                common["shape"] = src.shape
-            return dict(common, dtype=out_dtype, op=COPY, inputs=(src,), base=None, params=())
-        spec = methods.get(module.merge_method) if module is not None else self.spec
-        settings = module_settings(self.recipe, module) if module is not None else None
-        inputs, base = self.inputs_for(name, spec)
-        if self.vocab is not None and name in self.vocab_names:
-            inputs, base = self.vocab_inputs(inputs, base, spec)
-            common["shape"] = inputs[0].shape
-        params = resolve_params(self.recipe, spec, name, self._t(role, layer), settings)
-        return dict(
-            common, dtype=out_dtype, op=spec.name, inputs=inputs, base=base, params=tuple(sorted(params.items()))
-        )
-
-
-def _block_counts(layout: Layout) -> dict[str, int]:
-    """Number of vision blocks and projector layers (the span of a per-layer gradient inside those modules)."""
-    seen: dict[str, set] = {}
-    for n in layout.names:
-        r = layout.role(n)
-        if r.kind in ("vision_block", "projector_layer") and r.layer is not None:
-            seen.setdefault(r.kind, set()).add(r.layer)
-    return {k: max(v) + 1 for k, v in seen.items()}
-
-
-def _nbytes(it: dict) -> int:
-    return DTYPES[it["dtype"]][1] * _prod(it["shape"])
-
-
-def _layout_shards(groups: list[list[dict]], shard_size: int) -> list[list[dict]]:
+def _layout_shards(groups: list[list[PlanItem]], shard_size: int) -> list[list[PlanItem]]:
     """Pack whole work units into shards of at most shard_size; only a unit larger than a shard is split (by
     tensor). Keeping units inside one shard lets a finished shard be published without waiting on other units."""
-    shards: list[list[dict]] = [[]]
+    shards: list[list[PlanItem]] = [[]]
     used = 0
     for group in groups:
-        size = sum(_nbytes(it) for it in group)
+        size = sum(it.nbytes for it in group)
         if shards[-1] and used + size > shard_size:
             shards.append([])
             used = 0
         for it in group:
-            if shards[-1] and used + _nbytes(it) > shard_size:
+            if shards[-1] and used + it.nbytes > shard_size:
                 shards.append([])
                 used = 0
             shards[-1].append(it)
-            used += _nbytes(it)
+            used += it.nbytes
     return shards
 
 
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _header(items: list[dict]) -> tuple[bytes, list[int]]:
+def _header(items: list[PlanItem]) -> tuple[bytes, list[int]]:
     """safetensors header bytes (length prefix + JSON padded to 8 bytes) and each tensor's absolute data offset."""
     hdr: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     rel = []
     for it in items:
-        n = DTYPES[it["dtype"]][1] * _prod(it["shape"])
-        hdr[it["name"]] = {"dtype": it["dtype"], "shape": list(it["shape"]), "data_offsets": [pos, pos + n]}
+        n = it.nbytes
+        hdr[it.name] = {"dtype": it.dtype, "shape": list(it.shape), "data_offsets": [pos, pos + n]}
         rel.append(pos)
         pos += n
     body = json.dumps(hdr, separators=(",", ":")).encode()
@@ -468,36 +133,19 @@ def build_plan(
     if isinstance(svd_batch_layers, bool) or not isinstance(svd_batch_layers, int) or svd_batch_layers < 1:
         raise ValueError(f"{source}: --svd-batch-layers must be an integer >= 1, got {svd_batch_layers!r}")
     shard_size = parse_size(shard_size)
-    if recipe.merge_method == "plam":
-        from shardmerge.engine.plan.forms.plam import plam_items
-
-        planner, items, num_layers = plam_items(recipe, source)
-    elif recipe.slices:
-        from shardmerge.engine.plan.forms.slices import slice_items
-
-        planner, items, num_layers = slice_items(recipe, source)
-    elif recipe.merge_method in ("pivot", "pivotmerge"):
-        from shardmerge.engine.plan.forms.pivot import pivot_items
-
-        planner, items, num_layers = pivot_items(recipe, source, state=state, address=address)
-    else:
-        planner = _Planner(recipe, source)
-        planner.check_architectures()
-        planner.check_tensor_sets()
-        planner.check_modules_used()
-        planner.plan_vocabulary()
-        num_layers = planner.num_layers
-        names = sorted(planner.ckpts[planner.reference].tensors, key=lambda n: (group_key(n), n))
-        items = [planner.tensor(n, num_layers) for n in names]
+    form = form_of(recipe)
+    planner, items, num_layers = form.items(recipe, source, state=state, address=address)
     if not items:
         raise ValueError(f"{source}: model {planner.reference} has no tensors to merge")
-    return _assemble(recipe, planner, items, shard_size, svd_batch_layers)
+    return _assemble(recipe, form, planner, items, shard_size, svd_batch_layers)
 
 
-def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layers_per_unit: int = 1) -> Plan:
-    groups: list[list[dict]] = []
+def _assemble(
+    recipe: Recipe, form: Form, planner, items: list[PlanItem], shard_size: int, layers_per_unit: int = 1
+) -> Plan:
+    groups: list[list[PlanItem]] = []
     for it in items:
-        if groups and group_key(groups[-1][0]["name"]) == group_key(it["name"]):
+        if groups and group_key(groups[-1][0].name) == group_key(it.name):
             groups[-1].append(it)
         else:
             groups.append([it])
@@ -506,19 +154,17 @@ def _assemble(recipe: Recipe, planner, items: list[dict], shard_size: int, layer
     shards, outs = [], {}
     for i, members in enumerate(packed):
         head, offsets = _header(members)
-        size = len(head) + sum(_nbytes(it) for it in members)
+        size = len(head) + sum(it.nbytes for it in members)
         shards.append(
-            ShardSpec(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", head, size, tuple(it["name"] for it in members))
+            ShardSpec(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", head, size, tuple(it.name for it in members))
         )
         for it, off in zip(members, offsets):
-            outs[it["name"]] = OutputTensor(**it, shard=i, offset=off)
+            outs[it.name] = OutputTensor.place(it, i, off)
     units = _join_layers(groups, layers_per_unit)
-    work = tuple(WorkUnit(i, _joined_label(g), tuple(outs[it["name"]] for it in g)) for i, g in enumerate(units))
-    tok_dir = _tokenizer_dir(recipe, planner)
+    work = tuple(WorkUnit(i, _joined_label(g), tuple(outs[it.name] for it in g)) for i, g in enumerate(units))
+    tok_dir = _tokenizer_dir(recipe, form, planner)
     check_confined(planner.ckpts[planner.reference].root, ["config.json"])  # copied into the output
     check_confined(Path(tok_dir), COPIED_FILES)
-    from shardmerge.engine.plan.vocab import tokenizer_outputs
-
     artifacts, updates = tokenizer_outputs(recipe, planner, getattr(planner, "source", "<recipe>"))
     phash = _plan_hash(recipe, work, shards, planner.ckpts, joined=len(units) != len(groups))
     if artifacts or updates:  # what the inputs' file identities do not cover: the built tokenizer's files
@@ -553,9 +199,9 @@ def input_notes(ckpts: dict[str, Checkpoint]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _tokenizer_dir(recipe: Recipe, planner) -> str:
+def _tokenizer_dir(recipe: Recipe, form: Form, planner) -> str:
     """The model dir whose tokenizer/processor files the output gets (a built tokenizer's files replace them)."""
-    if not isinstance(planner, _Planner):
+    if not form.vocabulary:
         if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
             raise ValueError(
                 f"{getattr(planner, 'source', '<recipe>')}: tokenizer: merge_method "
@@ -566,27 +212,27 @@ def _tokenizer_dir(recipe: Recipe, planner) -> str:
         return str(planner.ckpts[planner.reference].root if tok in (None, "base") else open_checkpoint(tok).root)
     tok = planner.tokenizer_kind()
     return str(
-        planner.ckpts[planner.reference].root if tok in (None, "base", "union") else planner._tokenizer_ckpt(tok).root
+        planner.ckpts[planner.reference].root if tok in (None, "base", "union") else planner.tokenizer_ckpt(tok).root
     )
 
 
-def _batchable(it: dict) -> bool:
+def _batchable(it: PlanItem) -> bool:
     """Whether a planned tensor is a 2-D matrix of a whole-matrix method with a batched entry (shardmerge.engine.run.unit)."""
-    if it["op"] == COPY or len(it["shape"]) != 2:
+    if it.op == COPY or len(it.shape) != 2:
         return False
-    spec = methods.get(it["op"])
+    spec = methods.get(it.op)
     return not spec.chunkwise and spec.merge_batch is not None
 
 
-def _join_layers(groups: list[list[dict]], n: int) -> list[list[dict]]:
+def _join_layers(groups: list[list[PlanItem]], n: int) -> list[list[PlanItem]]:
     """Work units from the layout groups: up to `n` consecutive decoder-layer (vision-block) groups of one block
     stack that hold batchable matrices become one unit; every other group stays a unit of its own. The shard
     layout is made from the groups before this, so it, the tensor order and the output bytes do not depend on n;
     a unit spanning two shards is fine (a shard is finalised once every unit touching it is done)."""
-    units: list[list[dict]] = []
+    units: list[list[PlanItem]] = []
     run, run_len = None, 0
     for g in groups:
-        key = group_key(g[0]["name"])
+        key = group_key(g[0].name)
         joinable = n > 1 and key[0] in (1, 5) and any(_batchable(it) for it in g)
         if joinable and units and run == key[:2] and run_len < n:
             units[-1] = units[-1] + g
@@ -597,10 +243,10 @@ def _join_layers(groups: list[list[dict]], n: int) -> list[list[dict]]:
     return units
 
 
-def _joined_label(g: list[dict]) -> str:
+def _joined_label(g: list[PlanItem]) -> str:
     """`model.layers.4` for one layer, `model.layers.4-7` for a unit of joined layers."""
-    first, last = _unit_label(g[0]["name"]), group_key(g[-1]["name"])
-    return first if group_key(g[0]["name"]) == last else f"{first}-{last[2]}"
+    first, last = _unit_label(g[0].name), group_key(g[-1].name)
+    return first if group_key(g[0].name) == last else f"{first}-{last[2]}"
 
 
 def _unit_label(name: str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from shardmerge.engine.layout import families
 from shardmerge.engine.probe import attention
 
 
@@ -32,13 +33,16 @@ def _text_config(config):
 
 
 def image_token_id(config) -> int:
-    """The id of the image placeholder token that the vision features replace (Qwen-VL and LLaVA spellings)."""
-    for name in ("image_token_id", "image_token_index"):
+    """The id of the image placeholder token that the vision features replace, under the config keys the family
+    table lists (the model's own family's first)."""
+    family = families.by_config({"model_type": getattr(config, "model_type", None)})
+    keys = tuple(dict.fromkeys((family.image_token_keys if family else ()) + families.IMAGE_TOKEN_KEYS))
+    for name in keys:
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
     raise ValueError(
-        f"model config {type(config).__name__} has no image_token_id / image_token_index; "
+        f"model config {type(config).__name__} has no {' / '.join(keys)}; "
         "the probe needs the image placeholder token id (is this a multimodal model?)"
     )
 

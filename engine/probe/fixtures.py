@@ -13,8 +13,23 @@ from pathlib import Path
 
 import torch
 
+from shardmerge.engine import tiny_models
+from shardmerge.engine.layout import families
+
 IMAGE, VIDEO, V_START, V_END = 150, 151, 152, 153  # special ids of the in-memory models (vocab 160)
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
+# the families whose image tokens `tiny_inputs` lays out: a patch grid (Qwen-VL) or a fixed count (LLaVA)
+FAMILIES = tuple(f for f in tiny_models.MLLM_FAMILIES if families.get(f).image_tokens in ("grid", "fixed"))
+# vision-tower sizes of the in-memory models, applied to each key the family's tiny builder sets
+_VISION = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    patch_size=4,
+    window_size=16,
+    num_hidden_layers=1,
+    projection_dim=16,
+    deepstack_visual_indexes=[0, 1],
+)
 
 
 def _text(num_layers: int, hidden: int, heads: int, **extra) -> dict:
@@ -33,63 +48,19 @@ def _text(num_layers: int, hidden: int, heads: int, **extra) -> dict:
     )
 
 
-def _mrope_section(head_dim: int) -> list[int]:
-    """M-RoPE split of head_dim/2 rotary frequencies into (temporal, height, width), like Qwen's [16, 24, 24]."""
-    half = head_dim // 2
-    t = max(1, half // 4)
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
 def tiny_config(family: str, num_layers: int = 3, *, hidden: int = 32, heads: int = 4, llava_side: int = 4):
-    """A transformers config of a tiny MLLM (default hidden 32, head_dim 8, vocab 160).
+    """A transformers config of a tiny MLLM (default hidden 32, head_dim 8, vocab 160), built by the family's
+    tiny-model builder entry with these sizes.
 
     LLaVA images are 4*llava_side pixels square -> llava_side**2 image tokens; Qwen's come from the input grid."""
-    from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen3VLConfig
-
-    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden // heads)}
-    vis = dict(
-        depth=2,
-        hidden_size=16,
-        intermediate_size=32,
-        num_heads=2,
-        out_hidden_size=hidden,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    if family == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(
-            text_config=_text(num_layers, hidden, heads, rope_parameters=rope),
-            vision_config={**vis, "fullatt_block_indexes": [1], "window_size": 16},
-            **ids,
-        )
-    if family == "qwen3_vl":
-        return Qwen3VLConfig(
-            text_config=_text(
-                num_layers, hidden, heads, head_dim=hidden // heads, rope_parameters={**rope, "mrope_interleaved": True}
-            ),
-            vision_config={**vis, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]},
-            **ids,
-        )
-    if family == "llava":
-        return LlavaConfig(
-            text_config={"model_type": "llama", **_text(num_layers, hidden, heads)},
-            vision_config=dict(
-                model_type="clip_vision_model",
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=4 * llava_side,
-                patch_size=4,
-                projection_dim=16,
-            ),
-            image_token_id=IMAGE,
-            image_seq_length=llava_side**2,
-        )
-    raise ValueError(f"unknown in-memory probe family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown in-memory probe family {family!r}; expected one of {', '.join(FAMILIES)}")
+    vision = dict(tiny_models.TINY_MLLM[family].vision)
+    vision.update({k: v for k, v in _VISION.items() if k in vision})
+    if "image_size" in vision:
+        vision["image_size"] = 4 * llava_side
+    ids = {k: _IDS[k] for k in tiny_models.media_token_ids(family)}
+    return tiny_models.mllm_config(family, _text(num_layers, hidden, heads, head_dim=hidden // heads), vision, ids)
 
 
 def tiny_model(family: str, num_layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32, **shape):
@@ -115,7 +86,7 @@ def tiny_inputs(
     gen = torch.Generator().manual_seed(seed)
     pre = torch.randint(3, 140, (before,), generator=gen)
     post = torch.randint(3, 140, (after,), generator=gen)
-    if family == "llava":
+    if families.get(family).image_tokens == "fixed":
         ids = torch.cat([pre, torch.full((llava_side**2,), IMAGE), post])[None]
         pix = torch.randn(1, 3, 4 * llava_side, 4 * llava_side, generator=gen)
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)

@@ -196,10 +196,10 @@ def run_probe(job: ProbeJob) -> dict:
         raise RuntimeError(f"every sample was a bad row ({len(bad)}); first reasons: {bad[:3]}")
     pq.write_table(table, out / "probe.parquet")
     pooled, per = analyse(table, job)
-    plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric)
+    plots.plot_curve(out / "probe.png", pooled, per, metric=job.metric, model=job.worker.model)
     summary = _summary(job, device, table, bad, pooled, per, time.perf_counter() - t0)
     if job.worker.attention:
-        summary["attention"] = _write_focus(out, results, job.worker.attention_sample)
+        summary["attention"] = _write_focus(out, results, job.worker.attention_sample, model=job.worker.model)
     for warning in [pooled.warning] + [p.warning for p in per.values()]:
         if warning:
             log.warning("probe: %s", warning)
@@ -242,7 +242,7 @@ def _summary(job, device, table, bad, pooled, per, seconds) -> dict:
     }
 
 
-def _write_focus(out: Path, results: list[ShardResult], wanted: str | None) -> dict:
+def _write_focus(out: Path, results: list[ShardResult], wanted: str | None, model: str | None = None) -> dict:
     """focus.parquet (per sample x layer), per-benchmark mean mass/entropy per layer, and one heat map."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -269,7 +269,17 @@ def _write_focus(out: Path, results: list[ShardResult], wanted: str | None) -> d
     else:
         h = min(heats, key=lambda x: (x["benchmark"], x["row"]))
         png = out / f"focus_{_safe(h['id'])}.png"
-        plots.plot_focus(png, h["image"], h["per_token"], h["grid"], h["mass"], h["entropy"], sample=h["id"])
+        plots.plot_focus(
+            png,
+            h["image"],
+            h["per_token"],
+            h["grid"],
+            h["mass"],
+            h["entropy"],
+            sample=h["id"],
+            model=model,
+            benchmark=h["benchmark"],
+        )
         info["heatmap"] = {"sample": h["id"], "benchmark": h["benchmark"], "file": png.name, "grid": list(h["grid"])}
     (out / "focus.json").write_text(json.dumps(info, indent=2))
     return info

@@ -10,7 +10,8 @@ from typing import Any
 
 from shardmerge.engine import methods
 from shardmerge.engine.methods.base import MethodSpec
-from shardmerge.engine.recipe.schema import Condition, ModuleRecipe, PairWeights, Recipe
+from shardmerge.engine.plan.forms import form_for_method, form_of
+from shardmerge.engine.recipe.model import Condition, ModuleRecipe, Recipe
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -35,15 +36,15 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     return setting
 
 
-def _leaf_values(setting: Any) -> list[Any]:
+def leaf_values(setting: Any) -> list[Any]:
     if isinstance(setting, Condition):
-        return _leaf_values(setting.value)
+        return leaf_values(setting.value)
     if isinstance(setting, list):
-        return [v for s in setting for v in _leaf_values(s)]
+        return [v for s in setting for v in leaf_values(s)]
     return [setting]
 
 
-def _check_settings(
+def check_settings(
     spec: MethodSpec, settings: dict, where: str, per_model_only: bool, n_models: int | None = None
 ) -> None:
     """Every key is a parameter the spec declares (per-model ones only, under models[].parameters) and every
@@ -55,17 +56,20 @@ def _check_settings(
                 f"{where}.{key}: unknown parameter for merge_method {spec.name!r}; "
                 f"known: {', '.join(sorted(known)) or '(none)'}"
             )
-        for v in _leaf_values(setting):
+        for v in leaf_values(setting):
             known[key].check(v, f"{where}.{key}", n_models)
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
-    """Method exists, models are given in the form it needs, every parameter is known and well-typed."""
-    if recipe.slices:
-        from shardmerge.engine.plan.forms.slices import check_slices_recipe
+    """The checks of the recipe's form (shardmerge.engine.plan.forms: standard, slices, PlaM, PivotMerge), which
+    build on the ones below: method exists, models are given in the form it needs, every parameter is known and
+    well-typed."""
+    form_of(recipe).check(recipe, source)
 
-        check_slices_recipe(recipe, source)
-        return
+
+def check_method(recipe: Recipe, source: str, *, calibration: bool = False) -> MethodSpec:
+    """What every `merge_method:` form checks first: the method exists, the chat template and tokenizer settings
+    are well-formed, and `calibration:` is given only to a form that reads it. Returns the method's spec."""
     try:
         spec = methods.get(recipe.merge_method)
     except ValueError as exc:
@@ -79,23 +83,26 @@ def check_recipe(recipe: Recipe, source: str) -> None:
             f"{source}: tokenizer_source: give either tokenizer_source or a tokenizer: section "
             "(its `source:` key), not both"
         )
-    if recipe.calibration is not None and spec.name != "pivot":
+    if recipe.calibration is not None and not calibration:
         raise ValueError(f"{source}: calibration: only used by merge_method pivot (contribution: data); remove it")
-    if recipe.merge_method == "plam":
-        check_plam_recipe(recipe, source)
-        return
+    return spec
+
+
+def check_models_recipe(recipe: Recipe, source: str, spec: MethodSpec) -> None:
+    """The `models:` form (with `modules:`): models given, a base where the method needs one, the model count,
+    every top-level, per-model and module parameter known and well-typed, required parameters present."""
     if not recipe.models:
         raise ValueError(f"{source}: models: at least one model is required")
-    if spec.needs_base and not recipe.base_model and recipe.merge_method != "pivot":
+    if spec.needs_base and not recipe.base_model:
         raise ValueError(f"{source}: base_model: merge_method {spec.name!r} needs a base_model")
     _check_model_count(recipe, spec, f"{source}: models")
     n = len(input_models(recipe, spec))
-    _check_settings(spec, recipe.parameters, f"{source}: parameters", per_model_only=False, n_models=n)
+    check_settings(spec, recipe.parameters, f"{source}: parameters", per_model_only=False, n_models=n)
     module_specs = check_modules(recipe, source)
     for i, m in enumerate(recipe.models):
         for key, setting in m.parameters.items():  # a per-model key may serve a module's method only
             owner = next((s for s in [spec, *module_specs] if key in s.per_model_params), spec)
-            _check_settings(
+            check_settings(
                 owner,
                 {key: setting},
                 f"{source}: models[{i}].parameters",
@@ -171,14 +178,14 @@ def check_modules(recipe: Recipe, source: str) -> list[MethodSpec]:
             mspec = methods.get(mod.merge_method)
         except ValueError as exc:
             raise ValueError(f"{where}.merge_method: {exc}") from None
-        if mspec.name in ("plam", "pivot"):
+        if own_form(mspec.name) is not None:
             raise ValueError(
                 f"{where}.merge_method: {mspec.name!r} has its own recipe form and cannot be a module's method"
             )
         if mspec.needs_base and not recipe.base_model:
             raise ValueError(f"{where}.merge_method: {mspec.name!r} needs a base_model")
         _check_model_count(recipe, mspec, f"{where}.merge_method")
-        _check_settings(
+        check_settings(
             mspec,
             mod.parameters,
             f"{where}.parameters",
@@ -192,6 +199,12 @@ def check_modules(recipe: Recipe, source: str) -> list[MethodSpec]:
     return specs
 
 
+def own_form(method: str) -> str | None:
+    """The recipe form a merge method exists as (PlaM, PivotMerge), None for a method any form can use."""
+    form = form_for_method(method)
+    return form.name if form is not None else None
+
+
 def module_settings(recipe: Recipe, module: ModuleRecipe) -> dict:
     """A module's parameter settings: its own, falling back to the top-level `parameters` key by key."""
     return {**recipe.parameters, **module.parameters}
@@ -200,8 +213,6 @@ def module_settings(recipe: Recipe, module: ModuleRecipe) -> dict:
 def input_models(recipe: Recipe, spec: MethodSpec) -> list[str]:
     """The non-base inputs a method receives as `tensors`, in recipe order."""
     refs = recipe.model_refs
-    if recipe.merge_method == "plam":
-        return refs
     if spec.base_is_input or not recipe.base_model:
         return refs
     return [r for r in refs if r != recipe.base_model]
@@ -234,91 +245,3 @@ def resolve_params(
             vals.append(val)
         out[key] = tuple(vals)
     return out
-
-
-# --------------------------------------------------------------------------------------------- plam
-PLAM_PARAMS = ("layers", "plateau", "alpha", "weights", "weights_mllm", "weights_base", "targets")
-
-
-def check_plam_recipe(recipe: Recipe, source: str) -> None:
-    """The PlaM form: `mllm` + `base_llm` (no models/base_model/modules), a layer range given once (`layers:
-    [first, last]` or `plateau: probe.json`), one coefficient form (alpha, or weights {mllm, base}) and targets."""
-    if not (recipe.mllm and recipe.base_llm):
-        raise ValueError(f"{source}: merge_method plam needs both `mllm:` and `base_llm:`")
-    for key in ("models", "base_model", "modules"):
-        if getattr(recipe, key):
-            raise ValueError(
-                f"{source}: {key}: not used by merge_method plam (it mixes `mllm:` with `base_llm:` "
-                "and copies everything it does not target from the MLLM); remove it"
-            )
-    params = recipe.parameters
-    where = f"{source}: parameters"
-    unknown = sorted(set(params) - set(PLAM_PARAMS))
-    if unknown:
-        raise ValueError(
-            f"{where}.{unknown[0]}: unknown parameter for merge_method 'plam'; known: {', '.join(PLAM_PARAMS)}"
-        )
-    if ("layers" in params) == ("plateau" in params):
-        raise ValueError(
-            f"{where}: plam needs exactly one of `layers: [first, last]` and `plateau: probe.json` "
-            f"(got {'both' if 'layers' in params else 'neither'})"
-        )
-    if "layers" in params:
-        plam_layer_bounds(params["layers"], f"{where}.layers")
-    elif not isinstance(params["plateau"], str):
-        raise ValueError(f"{where}.plateau: expected the path of a probe.json, got {params['plateau']!r}")
-    _check_plam_coefficients(params, where)
-    if "targets" in params:
-        plam_targets(params["targets"], f"{where}.targets")
-
-
-def plam_layer_bounds(setting: Any, where: str) -> tuple[int, int]:
-    """`layers: [first, last]`, an inclusive range of decoder layers (upper bound checked against the model)."""
-    ok = (
-        isinstance(setting, list)
-        and len(setting) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in setting)
-    )
-    if not ok:
-        raise ValueError(f"{where}: expected [first, last] (two layer indices, inclusive), got {setting!r}")
-    first, last = setting
-    if not 0 <= first <= last:
-        raise ValueError(f"{where}: expected 0 <= first <= last, got {setting!r}")
-    return first, last
-
-
-def plam_targets(setting: Any, where: str):
-    """The TargetSet of a `targets:` setting (qkvo | attn | mlp | norms | all, or a list of those / sub names)."""
-    from shardmerge.engine.layout.roles import targets_for
-
-    if isinstance(setting, list) and not all(isinstance(v, str) for v in setting):
-        raise ValueError(f"{where}: expected target names, got {setting!r}")
-    if not isinstance(setting, (str, list)):
-        raise ValueError(f"{where}: expected a target name or a list of them, got {setting!r}")
-    try:
-        return targets_for(setting)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-
-
-def _check_plam_coefficients(params: dict, where: str) -> None:
-    pair = "weights" in params or "weights_mllm" in params or "weights_base" in params
-    if pair and "alpha" in params:
-        raise ValueError(
-            f"{where}: give alpha (W = (1-alpha) W_mllm + alpha W_base) or weights {{mllm, base}}, not both"
-        )
-    if "weights" in params and ("weights_mllm" in params or "weights_base" in params):
-        raise ValueError(f"{where}.weights: give weights {{mllm, base}} or weights_mllm/weights_base, not both")
-    if "weights" in params and not isinstance(params["weights"], PairWeights):
-        raise ValueError(f"{where}.weights: expected {{mllm: <number>, base: <number>}}, got {params['weights']!r}")
-    if ("weights_mllm" in params) != ("weights_base" in params):
-        raise ValueError(f"{where}: weights_mllm and weights_base go together")
-    spec = methods.get("plam")
-    for key in ("alpha", "weights_mllm", "weights_base"):
-        if key in params:
-            for v in _leaf_values(params[key]):
-                spec.param(key).check(v, f"{where}.{key}")
-    if "weights" in params:
-        for side in ("mllm", "base"):
-            for v in _leaf_values(getattr(params["weights"], side)):
-                spec.param(f"weights_{side}").check(v, f"{where}.weights.{side}")

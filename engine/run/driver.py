@@ -39,8 +39,12 @@ def _unit_done(plan: Plan, state: RunState, uid: int) -> bool:
 
 class Progress:
     """The driver's one progress display (bytes and units, plus live workers/nodes on Ray). A tqdm bar on a
-    terminal; on a pipe or log file (`ray job logs`, CI) a plain line at start, every `interval` seconds and at
-    the end, because carriage-return redraws are unreadable there."""
+    terminal; on a pipe or log file (`ray job logs`, CI) a plain line when merging begins, every `interval` seconds
+    and at the end, because carriage-return redraws are unreadable there.
+
+    Rates and the ETA count only the bytes merged by this run, from the moment merging began (`begin()`: after Ray
+    and the first worker are up), so a resumed run does not credit itself with the units an earlier run did, and a
+    run that waited for Ray does not report that wait as slow merging."""
 
     def __init__(
         self,
@@ -52,18 +56,34 @@ class Progress:
         enabled: bool,
         stream=None,
         interval: float = 10.0,
+        clock=time.monotonic,
     ):
         self.total_bytes, self.bytes, self.total_units, self.units = total_bytes, done_bytes, total_units, done_units
+        self.done0, self.units0 = done_bytes, done_units
         self.stream = stream or sys.stderr
-        self.enabled, self.interval, self.pool = enabled, interval, ""
-        self.t0 = self.last = time.monotonic()
+        self.enabled, self.interval, self.pool, self.clock = enabled, interval, "", clock
+        self.t0 = self.last = clock()
+        self.begun = False
+        self.t_end = None
         self.bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
+
+    def begin(self) -> None:
+        """Merging starts now (idempotent): the phase line, the clock of the rate, the bar."""
+        if self.begun:
+            return
+        from shardmerge.engine.phases import phase, size
+
+        self.begun = True
+        self.t0 = self.last = self.clock()
+        todo = self.total_units - self.units0
+        kept = f"; {self.units0} already done ({size(self.done0)}), kept" if self.units0 else ""
+        phase("merging", f"{todo} work units, {size(self.total_bytes - self.done0)}{kept}")
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_bytes,
-                initial=done_bytes,
+                total=self.total_bytes,
+                initial=self.bytes,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
@@ -74,12 +94,34 @@ class Progress:
             )
         self._emit(force=True)
 
+    def merged(self) -> int:
+        """Bytes merged by this run."""
+        return self.bytes - self.done0
+
+    def seconds(self) -> float:
+        """Merging time so far (from begin() to close(), once closed)."""
+        if not self.begun:
+            return 0.0
+        return (self.t_end if self.t_end is not None else self.clock()) - self.t0
+
+    def eta(self) -> str:
+        from shardmerge.engine.phases import duration
+
+        done, left = self.merged(), self.total_bytes - self.bytes
+        if left <= 0:
+            return "0.0 s"
+        if done <= 0 or self.seconds() <= 0:
+            return "?"
+        return duration(left * self.seconds() / done)
+
     def line(self) -> str:
+        from shardmerge.engine.phases import duration, rate
+
         pct = 100.0 * self.bytes / self.total_bytes if self.total_bytes else 100.0
-        rate = (self.bytes / 2**20) / max(1e-9, time.monotonic() - self.t0)
         return (
             f"merge: {pct:5.1f}% {self.bytes / 2**20:.2f}/{self.total_bytes / 2**20:.2f} MiB, units "
-            f"{self.units}/{self.total_units}{self.pool}, {rate:.2f} MiB/s, {time.monotonic() - self.t0:.1f} s"
+            f"{self.units}/{self.total_units}{self.pool}, {rate(self.merged(), self.seconds())}, "
+            f"{duration(self.seconds())}, ETA {self.eta()}"
         )
 
     def _emit(self, force: bool = False) -> None:
@@ -88,12 +130,13 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"units {self.units}/{self.total_units}{self.pool}", refresh=False)
             return
-        now = time.monotonic()
+        now = self.clock()
         if force or now - self.last >= self.interval:
             self.last = now
             print(self.line(), file=self.stream, flush=True)
 
     def update(self, nbytes: int, units: int = 1) -> None:
+        self.begin()
         self.bytes += nbytes
         self.units += units
         if self.bar is not None:
@@ -103,9 +146,12 @@ class Progress:
     def workers(self, alive: int, nodes: int, replaced: int) -> None:
         """Ray-aware part of the display: live workers, the nodes they run on, workers replaced so far."""
         self.pool = f", workers {alive} on {nodes} node(s)" + (f", {replaced} replaced" if replaced else "")
-        self._emit()
+        if self.begun:
+            self._emit()
 
     def close(self) -> None:
+        self.begin()
+        self.t_end = self.clock()
         if self.bar is not None:
             self._emit()
             self.bar.close()
@@ -187,4 +233,7 @@ class Driver:
         unpublished = [s.filename for s in self.plan.shards if s.filename not in self.state.shards]
         if unpublished:
             raise RuntimeError(f"shards {unpublished[:5]} were never finalised; the merge is incomplete")
+        from shardmerge.engine.phases import phase
+
+        phase("writing metadata", "index, config, tokenizer, model card, manifest")
         write_metadata(self.plan, self.store, self.state.shards)

@@ -158,6 +158,7 @@ def _resume_state(plan: Plan, store: ShardStore) -> RunState:
 def run_in_process(drv: Driver, opts: RunOptions) -> None:
     """Run the pending units here, one after the other, with the driver's options (`opts.threads` is left to the
     caller: this process's torch setting is not changed)."""
+    drv.bar.begin()
     for shard in drv.ready_shards():  # resume: all of a shard's units were done before the crash
         drv.shard_finished(shard.filename, *drv.store.publish(shard))
     while drv.pending:
@@ -254,6 +255,7 @@ def execute(
             )
             summary.update(pool)
         drv.finish()
+        summary.update(bytes_run=drv.bar.merged(), merge_seconds=drv.bar.seconds())
     except WriteFailed as exc:  # disk full: the half-written temp file is not trusted; free its space
         if exc.path:
             Path(exc.path).unlink(missing_ok=True)

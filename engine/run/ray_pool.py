@@ -190,6 +190,7 @@ class _Pool:
         self.live[actor] = {"load": 0, "info": info}
         if self.stats["pool_start_s"] is None:
             self.stats["pool_start_s"] = time.perf_counter() - self.t0
+            self.drv.bar.begin()  # the first worker is up: merging starts, and so does the rate's clock
         self._show()
 
     def _on_result(self, ref, kind: str, payload, actor) -> None:
@@ -340,6 +341,8 @@ def run_on_ray(
     (shardmerge.engine.run.worker.fault_from_env), handed to every worker started."""
     import ray
 
+    from shardmerge.engine.phases import phase
+
     embedded = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     started = connect(address, num_cpus=max(os.cpu_count() or 1, workers or 1) if embedded else None)
     _python_sigterm()
@@ -358,6 +361,7 @@ def run_on_ray(
         def spawn():
             return _start_worker(drv, actor_opts, opts, fault)
 
+        phase("starting workers", f"{workers} on {len(nodes)} node(s), {opts.device}")
         pool = _Pool(drv, spawn, workers=workers, opts=actor_opts, max_inflight=MAX_INFLIGHT_PER_WORKER)
         try:
             stats = pool.run()

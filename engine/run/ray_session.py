@@ -3,11 +3,12 @@ ship this very `shardmerge` to the workers, list live nodes, and unwrap a task's
 
 The merge's worker pool (shardmerge.engine.run.ray_pool) and everything else that runs Ray work (PivotMerge
 calibration, the probe, the PlaM job) connect through `connect`, so they behave alike. A leaf module: it imports
-only Ray, lazily.
+only Ray (lazily) and the phase-line reporter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -20,7 +21,44 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keep_sigterm_handler():
+        try:
+            return _connect(address, num_cpus)
+        except (ValueError, RuntimeError, ConnectionError):
+            raise
+        except (
+            Exception
+        ) as exc:  # Ray raises a bare Exception when its node does not come up (e.g. an overloaded machine)
+            raise RuntimeError(f"could not start or reach Ray ({address or 'embedded'}): {exc}") from exc
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces the driver's SIGTERM handler with its own `sys.exit(15)`; a SystemExit raised while the
+    driver waits in `ray.wait`/`ray.get` comes out of Ray's native code as SystemExit(1), so a command's own
+    handler (the CLI's: stop cleanly, say how to resume, exit 143) is put back once Ray is connected."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
+    import ray
+
+    from shardmerge.engine.phases import phase
+
     address = address or os.environ.get("RAY_ADDRESS")
+    phase(
+        "starting Ray",
+        f"connecting to {address}" if address else f"a private local instance, {num_cpus or os.cpu_count()} CPUs",
+    )
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=_runtime_env(embedded=False))
         return True

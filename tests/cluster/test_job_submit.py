@@ -147,6 +147,7 @@ def test_ray_job_submit_runs_the_merge(head, family, tmp_path):
         "40KB",
         "--chunk-mb",
         "0.01",
+        "--json",
     ]
     env = _env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` = this interpreter
@@ -160,7 +161,8 @@ def test_ray_job_submit_runs_the_merge(head, family, tmp_path):
     logs = client.get_job_logs(sub_id)
     assert client.get_job_status(sub_id) == JobStatus.SUCCEEDED, logs[-3000:]
     assert "units 0/" in logs and "merge: 100.0%" in logs, logs[-3000:]  # progress lines in `ray job logs`
-    summary = json.loads(next(ln for ln in logs.splitlines() if ln.startswith("{")))
+    assert "] starting workers" in logs and "] writing metadata" in logs, logs[-3000:]  # phase lines too
+    summary = json.JSONDecoder().raw_decode(logs, logs.index("\n{\n") + 1)[0]  # --json: the JSON summary
     assert summary["verified"] is True and summary["workers"] == 2 and summary["units_run"] == summary["units"]
     assert verify_dir(out) == []
     assert {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")} == family["ref"]

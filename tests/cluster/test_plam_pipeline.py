@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     return root, mllm, base, bench
 
 
-def _plam(*extra, root, mllm, base, bench, out):
+def _plam(*extra, root, mllm, base, bench, out, cwd=None):
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     return subprocess.run(
         [
@@ -51,6 +51,7 @@ def _plam(*extra, root, mllm, base, bench, out):
         text=True,
         timeout=600,
         env=env,
+        cwd=cwd,
     )
 
 
@@ -80,6 +81,33 @@ def test_plam_pipeline_end_to_end(setup):
     changed = sorted(n for n in orig if not torch.equal(orig[n], merged[n]))
     assert changed and all(".layers.2." in n or ".layers.3." in n for n in changed), changed[:5]
     assert all(any(p in n for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)
+
+
+def test_summary_names_the_layers_and_the_recipe_reruns_from_elsewhere(setup, tmp_path, monkeypatch):
+    """Run with paths relative to the working directory: the summary names the merged layers (from the plan) and
+    the plateau, and plam.yaml holds absolute paths, so `shardmerge merge plam.yaml` re-runs it from another
+    directory, byte-identically."""
+    root, mllm, base, bench = setup
+    rel = {k: os.path.relpath(v, root) for k, v in (("mllm", mllm), ("base", base), ("bench", bench))}
+    r = _plam("--layers", "1", "2", "--force", "--json", root=root, out="rel_run", cwd=root, **rel)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)  # --json: the summary alone on stdout
+    assert summary["layers"] == [1, 2] and summary["layers_from"] == "--layers"
+    assert set(summary["plateau"]) == {"start", "interval", "probe"} and os.path.isabs(summary["plateau"]["probe"])
+    assert "Traceback" not in r.stderr and "] probing" in r.stderr and "] merging (merged)" in r.stderr
+    out = root / "rel_run"
+    assert json.loads((out / "plam_summary.json").read_text())["layers"] == [1, 2]
+    import yaml
+
+    recipe = yaml.safe_load((out / "plam.yaml").read_text())
+    assert recipe["mllm"] == str(mllm.resolve()) and recipe["base_llm"] == str(base.resolve())
+    from shardmerge.jobs.merge import main as merge_main
+
+    monkeypatch.chdir(tmp_path)  # somewhere else entirely
+    assert merge_main([str(out / "plam.yaml"), "--out", "again", "--workers", "0", "--shard-size", "200KB", "-q"]) == 0
+    shards = sorted(p.name for p in (out / "merged").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "again").glob("*.safetensors"))
+    assert all((out / "merged" / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in shards)
 
 
 def test_no_plateau_is_an_error_naming_the_fix(setup):

@@ -359,7 +359,7 @@ def test_scaling_benchmark_report_and_in_process_run(tmp_path, capsys):
     assert (
         main(
             [
-                "--workers",
+                "--worker-counts",
                 "0,0",
                 "--layers",
                 "1",
@@ -369,7 +369,7 @@ def test_scaling_benchmark_report_and_in_process_run(tmp_path, capsys):
                 "1",
                 "--models",
                 str(tmp_path / "m"),
-                "--json",
+                "--json-out",
                 str(out),
             ]
         )

@@ -1,7 +1,8 @@
-"""Decoder-only LLM families beyond Llama/Qwen: GPT-2 (Conv1D linears, `transformer.h.i`, position embeddings,
-tied head), Gemma-2, Gemma-3 text (q_norm / k_norm, tied head) and Granite. Each merges with mergekit's methods
-equal to mergekit 0.1.5, as a `slices:` frankenmerge, loads in transformers and generates; every method plans
-every tensor of them."""
+"""Decoder-only LLM families beyond Llama: GPT-2 (Conv1D linears, `transformer.h.i`, position embeddings, tied
+head), Gemma-2, Gemma-3 text (q_norm / k_norm, tied head), Granite, Phi-3 (fused qkv_proj / gate_up_proj), OLMo 2
+(q_norm / k_norm over the whole projection, post-norms only), Qwen3 (q_norm / k_norm) and Mistral. Each merges
+with mergekit's methods (linear, ties, slerp) equal to mergekit 0.1.5, as a `slices:` frankenmerge, verifies,
+loads in transformers and generates; every method plans every tensor of them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from shardmerge.engine import methods
 from tests.e2e.test_slices import assert_match, load_dir, mergekit_merge, ours
 
-FAMILIES = ["gpt2", "gemma2", "gemma3_text", "granite"]
+FAMILIES = ["gpt2", "gemma2", "gemma3_text", "granite", "phi3", "olmo2", "qwen3", "mistral"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -35,6 +36,11 @@ def _recipes(m: dict[str, Path]) -> dict[str, dict]:
         {"model": e2, "parameters": {"weight": [0.2, 0.9], "density": 0.8}},
     ]
     return {
+        "linear": {
+            "merge_method": "linear",
+            "models": [{"model": e1, "parameters": {"weight": 0.3}}, {"model": e2, "parameters": {"weight": 0.7}}],
+            "dtype": "float32",
+        },
         "ties": {"merge_method": "ties", "base_model": b, "models": models, "dtype": "float32"},
         "slerp": {
             "merge_method": "slerp",
@@ -58,13 +64,16 @@ def _layer_key(cfg: dict) -> int:
     return cfg.get("num_hidden_layers", cfg.get("n_layer"))
 
 
-@pytest.mark.parametrize("case", ["ties", "slerp", "frankenmerge"])
+@pytest.mark.parametrize("case", ["linear", "ties", "slerp", "frankenmerge"])
 def test_family_merges_match_mergekit_and_generate(family, case, tmp_path):
     from transformers import AutoModelForCausalLM
+
+    from shardmerge.engine.verify import verify_dir
 
     fam, m = family
     recipe = _recipes(m)[case]
     mine = ours(recipe, tmp_path)
+    assert verify_dir(tmp_path / "sm") == []
     inputs = load_dir(m["base"])
     if case != "frankenmerge":  # every input tensor is written
         assert set(mine) == set(inputs), f"{fam}: output tensors differ from the input's"

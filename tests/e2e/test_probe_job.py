@@ -228,7 +228,7 @@ def test_bench_probe_smoke_and_predicted_ratio(tmp_path, capsys):
             "1",
             "--device",
             "cpu",
-            "--json",
+            "--json-out",
             str(out),
         ]
     )

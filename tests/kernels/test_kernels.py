@@ -417,7 +417,7 @@ def test_bench_kernels_runs_and_reports(tmp_path, capsys):
                 "fp16",
                 "--device",
                 "cpu",
-                "--json",
+                "--json-out",
                 str(out),
             ]
         )

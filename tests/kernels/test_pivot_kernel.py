@@ -270,7 +270,7 @@ def test_bench_pivot_filter_runs(tmp_path, capsys):
         "2",
         "--device",
         DEV,
-        "--json",
+        "--json-out",
         str(out),
     ] + ([] if HAS_CUDA else ["--interpret"])
     assert bench_kernels.main(argv) == 0

@@ -29,20 +29,22 @@ from shardmerge.engine import methods
 from shardmerge.engine.io.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint, read_rows
 from shardmerge.engine.layout.roles import Layout
 from shardmerge.engine.methods.pivot import PivotParams
+from shardmerge.engine.plan.forms import Form, register
 from shardmerge.engine.plan.forms.pivot_calibration import ARTIFACT, Calibration, fingerprint, run_calibration
-from shardmerge.engine.recipe.checks import resolve_params
-from shardmerge.engine.recipe.schema import Recipe
+from shardmerge.engine.plan.grouping import group_key, layout_of
+from shardmerge.engine.plan.model import COPY, PlanItem
+from shardmerge.engine.recipe.checks import check_method, check_models_recipe, resolve_params
+from shardmerge.engine.recipe.model import Recipe
 
 log = logging.getLogger("shardmerge.pivot")
 
-PIVOT_METHODS = ("pivot", "pivotmerge")  # the recipe form's name and its alias from before the rename
 COMPARE_BYTES = 16 << 20  # rows compared per read in the backbone check (per model)
 MIN_INIT_COSINE = 0.2  # experts' projector weights less similar than this (cosine) do not share an initialisation
 
 
 @dataclass
 class PivotPlanner:
-    """What shardmerge.engine.plan.build._assemble needs: the opened checkpoints, the reference (the backbone source, whose config
+    """What the plan builder (shardmerge.engine.plan.build) needs: the opened checkpoints, the reference (the backbone source, whose config
     and tokenizer/processor files the output gets) and notes that are not errors."""
 
     ckpts: dict[str, Checkpoint]
@@ -260,12 +262,10 @@ def _projector_counts(layout: Layout) -> int:
 
 def pivot_items(
     recipe: Recipe, source: str, *, state: Path | None = None, address: str | None = None
-) -> tuple[PivotPlanner, list[dict], int]:
+) -> tuple[PivotPlanner, list[PlanItem], int]:
     """(planner, plan items in output order, language-model layer count) for a PivotMerge recipe; `state`: the
     state dir of an output being resumed (a calibration saved there is reused when it matches); `address`: the Ray
     cluster the merge runs on (a calibration may run there, shardmerge.engine.plan.forms.pivot_calibration.run_calibration)."""
-    from shardmerge.engine.plan.build import COPY, group_key, layout_of
-
     mode, pivot_ref = pivot_source(recipe, source)
     experts = list(dict.fromkeys(recipe.model_refs))
     refs = experts + ([pivot_ref] if pivot_ref and pivot_ref not in experts else [])
@@ -313,7 +313,7 @@ def pivot_items(
         dtype = (recipe.output_dtype_code or meta.dtype) if meta.dtype in FLOAT_CODES else meta.dtype
         common = dict(name=n, shape=meta.shape, dtype=dtype, layer=None, num_layers=L)
         if n not in proj:
-            items.append(dict(common, op=COPY, inputs=(meta,), base=None, params=()))
+            items.append(PlanItem(**common, op=COPY, inputs=(meta,), base=None, params=()))
             continue
         role = layout.role(n)
         t = role.layer / (n_proj - 1) if role.layer is not None and n_proj > 1 else 0.0
@@ -322,8 +322,8 @@ def pivot_items(
         if trailing:
             params["weight_inputs"] = len(trailing)
         items.append(
-            dict(
-                common,
+            PlanItem(
+                **common,
                 op=spec.name,
                 inputs=tuple(ckpts[r].tensors[n] for r in experts) + trailing,
                 base=ckpts[pivot_ref].tensors[n] if pivot_ref else None,
@@ -377,3 +377,11 @@ def _calibration(
             return found
     log.info("pivot: calibrating on %s (up to %d pairs)", cal.path, cal.max_pairs)
     return run_calibration(cal, str(ckpts[reference].root), ckpts, experts, pivot_ref, projector, fp, address=address)
+
+
+def check_pivot(recipe: Recipe, source: str) -> None:
+    """The `models:` form's checks; `calibration:` (contribution: data) is read by this form only."""
+    check_models_recipe(recipe, source, check_method(recipe, source, calibration=True))
+
+
+register(Form("pivot", check=check_pivot, items=pivot_items, methods=("pivot",)))

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from shardmerge.engine.io.checkpoint import Checkpoint, files_identity, read_rows
+from shardmerge.engine.layout import families
 from shardmerge.engine.layout.roles import classify
 from shardmerge.engine.recipe.schema import CalibrationRecipe
 
@@ -47,7 +48,6 @@ log = logging.getLogger("shardmerge.pivot")
 
 FORMAT = "shardmerge-pivot-calibration/1"
 ARTIFACT = "pivot_calibration.json"  # written into the output dir (and the state dir, for --resume)
-_ROOT_SUFFIXES = ("multi_modal_projector", "visual.merger", "mm_projector")
 IMAGE_COLUMNS = ("image", "image_bytes", "img")
 CAPTION_COLUMNS = ("caption", "text", "captions", "sentence")
 
@@ -226,18 +226,14 @@ def load_parts(model_dir: str, device: str):
 
 def projector_roots(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Modules whose output is projected image features: the projector, Qwen-VL's merger, Qwen3-VL's deepstack
-    mergers (name -> module)."""
+    mergers (name -> module), as the family table's projector_modules / deepstack_modules name them."""
+    patterns = families.PROJECTOR_MODULES + families.DEEPSTACK_MODULES
     roots = {}
     for name, mod in model.named_modules():
-        parts = name.split(".")
-        deepstack = len(parts) >= 2 and parts[-2] == "deepstack_merger_list"
-        if name.endswith(_ROOT_SUFFIXES) or deepstack:
+        if any(families.module_matches(name, p) for p in patterns):
             roots[name] = mod
     if not roots:
-        raise ValueError(
-            f"{type(model).__name__}: no projector module found (looked for {_ROOT_SUFFIXES} and "
-            "deepstack_merger_list.<i>)"
-        )
+        raise ValueError(f"{type(model).__name__}: no projector module found (looked for {patterns})")
     return roots
 
 
@@ -359,7 +355,7 @@ def _features(model, roots, lay: _Layers, experts_w, pixels, cap: _Capture):
 
 
 def _is_deepstack(root: str | None) -> bool:
-    return root is not None and "deepstack_merger_list." in root
+    return root is not None and any(families.module_matches(root, p) for p in families.DEEPSTACK_MODULES)
 
 
 def pair_scores(features: torch.Tensor, captions: torch.Tensor, score: str) -> torch.Tensor:

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardmerge.engine import methods
 from shardmerge.engine.io.checkpoint import FLOAT_CODES, Checkpoint, open_checkpoint
-from shardmerge.engine.layout.roles import Layout, LmPairing, TargetSet, check_lm_pairs
+from shardmerge.engine.layout.roles import Layout, LmPairing, TargetSet, check_lm_pairs, targets_for
 from shardmerge.engine.methods.plam import AUTO
-from shardmerge.engine.plan.build import COPY, group_key
-from shardmerge.engine.recipe.checks import evaluate_setting, plam_layer_bounds, plam_targets
-from shardmerge.engine.recipe.schema import PairWeights, Recipe
+from shardmerge.engine.plan.forms import Form, register
+from shardmerge.engine.plan.grouping import group_key
+from shardmerge.engine.plan.model import COPY, PlanItem
+from shardmerge.engine.recipe.checks import check_method, evaluate_setting, leaf_values
+from shardmerge.engine.recipe.model import PairWeights, Recipe
 
 log = logging.getLogger("shardmerge.plam")
 
@@ -49,7 +52,7 @@ class PlamSelection:
 
 @dataclass
 class PlamPlanner:
-    """What shardmerge.engine.plan.build._assemble needs from a planner: the opened checkpoints, the reference (the MLLM, whose
+    """What the plan builder (shardmerge.engine.plan.build) needs from a planner: the opened checkpoints, the reference (the MLLM, whose
     config and tokenizer/processor files the output gets) and notes that are not errors."""
 
     ckpts: dict[str, Checkpoint]
@@ -57,6 +60,91 @@ class PlamPlanner:
     selection: PlamSelection
     pairing: LmPairing
     notes: tuple[str, ...] = ()
+
+
+PLAM_PARAMS = ("layers", "plateau", "alpha", "weights", "weights_mllm", "weights_base", "targets")
+
+
+def check_plam_recipe(recipe: Recipe, source: str) -> None:
+    """The PlaM form: `mllm` + `base_llm` (no models/base_model/modules), a layer range given once (`layers:
+    [first, last]` or `plateau: probe.json`), one coefficient form (alpha, or weights {mllm, base}) and targets."""
+    if not (recipe.mllm and recipe.base_llm):
+        raise ValueError(f"{source}: merge_method plam needs both `mllm:` and `base_llm:`")
+    for key in ("models", "base_model", "modules"):
+        if getattr(recipe, key):
+            raise ValueError(
+                f"{source}: {key}: not used by merge_method plam (it mixes `mllm:` with `base_llm:` "
+                "and copies everything it does not target from the MLLM); remove it"
+            )
+    params = recipe.parameters
+    where = f"{source}: parameters"
+    unknown = sorted(set(params) - set(PLAM_PARAMS))
+    if unknown:
+        raise ValueError(
+            f"{where}.{unknown[0]}: unknown parameter for merge_method 'plam'; known: {', '.join(PLAM_PARAMS)}"
+        )
+    if ("layers" in params) == ("plateau" in params):
+        raise ValueError(
+            f"{where}: plam needs exactly one of `layers: [first, last]` and `plateau: probe.json` "
+            f"(got {'both' if 'layers' in params else 'neither'})"
+        )
+    if "layers" in params:
+        plam_layer_bounds(params["layers"], f"{where}.layers")
+    elif not isinstance(params["plateau"], str):
+        raise ValueError(f"{where}.plateau: expected the path of a probe.json, got {params['plateau']!r}")
+    _check_plam_coefficients(params, where)
+    if "targets" in params:
+        plam_targets(params["targets"], f"{where}.targets")
+
+
+def plam_layer_bounds(setting: Any, where: str) -> tuple[int, int]:
+    """`layers: [first, last]`, an inclusive range of decoder layers (upper bound checked against the model)."""
+    ok = (
+        isinstance(setting, list)
+        and len(setting) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in setting)
+    )
+    if not ok:
+        raise ValueError(f"{where}: expected [first, last] (two layer indices, inclusive), got {setting!r}")
+    first, last = setting
+    if not 0 <= first <= last:
+        raise ValueError(f"{where}: expected 0 <= first <= last, got {setting!r}")
+    return first, last
+
+
+def plam_targets(setting: Any, where: str):
+    """The TargetSet of a `targets:` setting (qkvo | attn | mlp | norms | all, or a list of those / sub names)."""
+    if isinstance(setting, list) and not all(isinstance(v, str) for v in setting):
+        raise ValueError(f"{where}: expected target names, got {setting!r}")
+    if not isinstance(setting, (str, list)):
+        raise ValueError(f"{where}: expected a target name or a list of them, got {setting!r}")
+    try:
+        return targets_for(setting)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_plam_coefficients(params: dict, where: str) -> None:
+    pair = "weights" in params or "weights_mllm" in params or "weights_base" in params
+    if pair and "alpha" in params:
+        raise ValueError(
+            f"{where}: give alpha (W = (1-alpha) W_mllm + alpha W_base) or weights {{mllm, base}}, not both"
+        )
+    if "weights" in params and ("weights_mllm" in params or "weights_base" in params):
+        raise ValueError(f"{where}.weights: give weights {{mllm, base}} or weights_mllm/weights_base, not both")
+    if "weights" in params and not isinstance(params["weights"], PairWeights):
+        raise ValueError(f"{where}.weights: expected {{mllm: <number>, base: <number>}}, got {params['weights']!r}")
+    if ("weights_mllm" in params) != ("weights_base" in params):
+        raise ValueError(f"{where}: weights_mllm and weights_base go together")
+    spec = methods.get("plam")
+    for key in ("alpha", "weights_mllm", "weights_base"):
+        if key in params:
+            for v in leaf_values(params[key]):
+                spec.param(key).check(v, f"{where}.{key}")
+    if "weights" in params:
+        for side in ("mllm", "base"):
+            for v in leaf_values(getattr(params["weights"], side)):
+                spec.param(f"weights_{side}").check(v, f"{where}.weights.{side}")
 
 
 def plateau_start(path: str, num_layers: int, where: str) -> int:
@@ -93,7 +181,7 @@ def plateau_start(path: str, num_layers: int, where: str) -> int:
 
 
 def selection(recipe: Recipe, num_layers: int, source: str) -> PlamSelection:
-    """Layers and targets of a PlaM recipe (recipe_checks has already validated the forms)."""
+    """Layers and targets of a PlaM recipe (check_plam_recipe has already validated the forms)."""
     params = recipe.parameters
     where = f"{source}: parameters"
     targets = plam_targets(params.get("targets", DEFAULT_TARGETS), f"{where}.targets")
@@ -161,20 +249,20 @@ def _item(
     base_name: str | None,
     layer: int | None,
     num_layers: int,
-) -> dict:
+) -> PlanItem:
     """One plan item: the plam op for a targeted tensor, a verbatim copy from the MLLM for the rest."""
     meta = mllm.tensors[name]
     floating = meta.dtype in FLOAT_CODES
     dtype = (recipe.output_dtype_code or meta.dtype) if floating else meta.dtype
     common = dict(name=name, shape=meta.shape, dtype=dtype, base=None, layer=layer, num_layers=num_layers)
     if base_name is None:
-        return dict(common, op=COPY, inputs=(meta,), params=())
+        return PlanItem(**common, op=COPY, inputs=(meta,), params=())
     t = layer / (num_layers - 1) if layer is not None and num_layers > 1 else 0.0
     params = coefficient_params(recipe.parameters, name, t)
-    return dict(common, op="plam", inputs=(meta, base.tensors[base_name]), params=tuple(sorted(params.items())))
+    return PlanItem(**common, op="plam", inputs=(meta, base.tensors[base_name]), params=tuple(sorted(params.items())))
 
 
-def plam_items(recipe: Recipe, source: str) -> tuple[PlamPlanner, list[dict], int]:
+def plam_items(recipe: Recipe, source: str, **_) -> tuple[PlamPlanner, list[PlanItem], int]:
     """(planner, plan items in output order, language-model layer count) for a PlaM recipe, from headers only.
     Every pairing problem is a ValueError naming both models before any tensor data is read."""
     mllm, base = open_checkpoint(recipe.mllm), open_checkpoint(recipe.base_llm)
@@ -197,3 +285,11 @@ def plam_items(recipe: Recipe, source: str) -> tuple[PlamPlanner, list[dict], in
         items.append(_item(recipe, n, mllm, base, paired.get(n), layer, L))
     planner = PlamPlanner({recipe.mllm: mllm, recipe.base_llm: base}, recipe.mllm, sel, pairing, tuple(notes))
     return planner, items, L
+
+
+def check_plam(recipe: Recipe, source: str) -> None:
+    check_method(recipe, source)
+    check_plam_recipe(recipe, source)
+
+
+register(Form("plam", check=check_plam, items=plam_items, methods=("plam",)))

@@ -29,11 +29,13 @@ from shardmerge.engine import methods
 from shardmerge.engine.io.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint
 from shardmerge.engine.layout.roles import LAYER_COUNT_KEYS, Layout
 from shardmerge.engine.methods.base import _same
-from shardmerge.engine.recipe.checks import _check_settings, evaluate_setting
-from shardmerge.engine.recipe.schema import OutputSlice, Recipe
+from shardmerge.engine.plan.forms import Form, form_for_method, register
+from shardmerge.engine.plan.grouping import NUMBERED_BLOCK, block_root, group_key, layout_of
+from shardmerge.engine.plan.model import COPY, FLOAT8_CODES, PlanItem
+from shardmerge.engine.recipe.checks import check_settings, evaluate_setting
+from shardmerge.engine.recipe.model import OutputSlice, Recipe
 
 PASSTHROUGH = "passthrough"
-COPY = "copy"
 
 
 def _spec(recipe: Recipe):
@@ -79,7 +81,7 @@ def check_slices_recipe(recipe: Recipe, source: str) -> None:
                 f"{source}: {key}: a recipe gives either `slices:` or `{key}:`, not both "
                 "(mergekit: exactly one of models, slices or modules)"
             )
-    if spec is not None and spec.name in ("plam", "pivot"):
+    if spec is not None and form_for_method(spec.name) is not None:
         raise ValueError(f"{source}: slices: merge_method {spec.name!r} has its own recipe form; use `models:`")
     if spec is None and recipe.parameters:
         raise ValueError(
@@ -129,10 +131,10 @@ def _check_slice(recipe: Recipe, spec, sl: OutputSlice, where: str) -> None:
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
         want = f"{spec.min_models}" + (f"..{spec.max_models}" if spec.max_models != spec.min_models else "")
         raise ValueError(f"{where}.sources: merge_method {spec.name!r} takes {want} input model(s), got {n}")
-    _check_settings(spec, recipe.parameters, f"{where[: where.index(':')]}: parameters", False, n)
-    _check_settings(spec, sl.parameters, f"{where}.parameters", False, n)
+    check_settings(spec, recipe.parameters, f"{where[: where.index(':')]}: parameters", False, n)
+    check_settings(spec, sl.parameters, f"{where}.parameters", False, n)
     for j, src in enumerate(sl.sources):
-        _check_settings(spec, src.parameters, f"{where}.sources[{j}].parameters", False, n)
+        check_settings(spec, src.parameters, f"{where}.sources[{j}].parameters", False, n)
     for p in spec.params:
         if p.required and not p.per_model and p.name not in sl.parameters and p.name not in recipe.parameters:
             raise ValueError(f"{where}.parameters.{p.name}: required by merge_method {spec.name!r}")
@@ -177,7 +179,7 @@ def resolve_slice_params(
 
 @dataclass
 class SlicePlanner:
-    """What shardmerge.engine.plan.build's assembly reads from a planner, plus the output config's changes."""
+    """What the plan builder (shardmerge.engine.plan.build) reads from a planner, plus the output config's changes."""
 
     ckpts: dict[str, Checkpoint]
     reference: str
@@ -189,13 +191,11 @@ class SlicePlanner:
 
 def _layer_parts(layout: Layout, name: str) -> tuple[str, int, str] | None:
     """(block root, layer, sub) of a language-model decoder-layer tensor, None for every other tensor."""
-    from shardmerge.engine.plan.build import _NUMBERED, _block_root
-
     role = layout.role(name)
     if role.kind == "layer":
-        return _block_root(name, role), role.layer, role.sub
+        return block_root(name, role), role.layer, role.sub
     if role.module == "other":
-        m = _NUMBERED.match(name)
+        m = NUMBERED_BLOCK.match(name)
         if m and m.group(2) == "layers" and "visual" not in m.group(1):
             return f"{m.group(1)}.layers", int(m.group(3)), name[m.end() :]
     return None
@@ -226,8 +226,6 @@ def _layer_count_key(config: dict) -> tuple[str, ...]:
 
 class _SliceBuilder:
     def __init__(self, recipe: Recipe, source: str):
-        from shardmerge.engine.plan.build import layout_of
-
         self.recipe, self.source, self.spec = recipe, source, _spec(recipe)
         refs = list(dict.fromkeys(recipe.model_refs + ([recipe.base_model] if recipe.base_model else [])))
         self.ckpts = {r: open_checkpoint(r) for r in refs}
@@ -235,7 +233,7 @@ class _SliceBuilder:
         self.layouts = {r: layout_of(c) for r, c in self.ckpts.items()}
         self.layers = {r: _layers_of(lay) for r, lay in self.layouts.items()}
         self.total = sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in recipe.slices)
-        self.items: list[dict] = []
+        self.items: list[PlanItem] = []
         arch = self.ckpts[self.reference].config.get("architectures")
         for r, c in self.ckpts.items():
             if arch and c.config.get("architectures") and c.config.get("architectures") != arch:
@@ -257,15 +255,13 @@ class _SliceBuilder:
 
     def item(
         self, out_name: str, metas: list[TensorMeta], sl: OutputSlice | None, layer: int | None, t: float, where: str
-    ) -> dict:
+    ) -> PlanItem:
         """One planned output tensor from the slice's sources (`metas` in source order; `sl` None = copy)."""
-        from shardmerge.engine.plan.build import FLOAT8_CODES
-
         first = metas[0]
-        common = dict(name=out_name, shape=first.shape, layer=layer, num_layers=self.total, base=None)
+        common = dict(name=out_name, shape=first.shape, layer=layer, num_layers=self.total)
         out_dtype = self.recipe.output_dtype_code or first.dtype
         if first.dtype not in FLOAT_CODES:
-            return dict(common, dtype=first.dtype, op=COPY, inputs=(first,), params=())
+            return PlanItem(**common, dtype=first.dtype, op=COPY, inputs=(first,), base=None, params=())
         copy = sl is None or self.spec is None
         if first.dtype in FLOAT8_CODES and not (copy or _is_passthrough(self.recipe, self.spec)):
             raise ValueError(
@@ -273,16 +269,16 @@ class _SliceBuilder:
                 "quantized 8-bit float format that merge methods cannot combine; dequantize first"
             )
         if copy:
-            return dict(common, dtype=out_dtype, op=COPY, inputs=(first,), params=())
+            return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), base=None, params=())
         inputs, base_at = _slice_inputs(self.recipe, self.spec, sl)
         params = resolve_slice_params(self.recipe, self.spec, sl, out_name, [m.name for m in metas], inputs, t)
         if _is_passthrough(self.recipe, self.spec) and all(  # no `scale` etc. given: a verbatim copy
             all(_same(v, p.default) for v in (params[p.name] if p.per_model else (params[p.name],)))
             for p in self.spec.params
         ):
-            return dict(common, dtype=out_dtype, op=COPY, inputs=(first,), params=())
-        return dict(
-            common,
+            return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), base=None, params=())
+        return PlanItem(
+            **common,
             dtype=out_dtype,
             op=self.spec.name,
             inputs=tuple(metas[i] for i in inputs),
@@ -336,8 +332,6 @@ class _SliceBuilder:
     def plan_rest(self) -> None:
         """Tensors outside the decoder layers: embeddings etc. over the first slice, norm/head over the last; an
         MLLM's vision tower and projector copied from the reference model."""
-        from shardmerge.engine.plan.build import group_key
-
         ref_lay = self.layouts[self.reference]
         rest = [n for n in ref_lay.names if _layer_parts(ref_lay, n) is None]
         for r, lay in self.layouts.items():
@@ -369,13 +363,16 @@ class _SliceBuilder:
         return tuple(updates)
 
 
-def slice_items(recipe: Recipe, source: str) -> tuple[SlicePlanner, list[dict], int]:
+def slice_items(recipe: Recipe, source: str, **_) -> tuple[SlicePlanner, list[PlanItem], int]:
     """(planner, plan items in output order, output layer count) of a `slices:` recipe, from headers only."""
-    from shardmerge.engine.plan.build import group_key
-
     b = _SliceBuilder(recipe, source)
     types = b.plan_layers()
     b.plan_rest()
-    items = sorted(b.items, key=lambda it: (group_key(it["name"]), it["name"]))
+    items = sorted(b.items, key=lambda it: (group_key(it.name), it.name))
     planner = SlicePlanner(b.ckpts, b.reference, b.config_updates(types), layouts=b.layouts)
     return planner, items, b.total
+
+
+register(
+    Form("slices", check=check_slices_recipe, items=slice_items, matches=lambda recipe: bool(recipe.slices), order=0)
+)
