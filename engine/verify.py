@@ -1,4 +1,5 @@
-"""Re-check a finished output dir: manifest ↔ shard files (size, sha256) ↔ shard headers ↔ index ↔ plan counts.
+"""Re-check a finished output (a directory or an s3:// prefix): manifest ↔ shard files (size, sha256) ↔ shard
+headers ↔ index ↔ plan counts.
 
 Returns every problem found, first one first; `shardmerge verify` exits non-zero naming the first.
 """
@@ -8,47 +9,67 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shardmerge.engine.io.checkpoint import parse_safetensors_header
-from shardmerge.engine.io.writer import INDEX, MANIFEST, STATE_DIR, sha256_file
+from shardmerge.engine.io.checkpoint import parse_header_from
+from shardmerge.engine.io.stores import is_url, open_store
+from shardmerge.engine.io.writer import INDEX, MANIFEST, STATE_DIR
 
 
-def _load_json(path: Path, what: str, problems: list[str]):
-    if not path.exists():
-        problems.append(f"{path}: {what} is missing")
+class _Shown(str):
+    """A location in messages: `out / name` works for a directory and for an object-store URL alike."""
+
+    def __truediv__(self, name: str) -> _Shown:
+        return _Shown(f"{self.rstrip('/')}/{name}")
+
+
+def _load_json(store, out, name: str, what: str, problems: list[str]):
+    raw = store.read_bytes(name)
+    if raw is None:
+        problems.append(f"{out / name}: {what} is missing")
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        problems.append(f"{path}: {what} is not valid JSON ({exc})")
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{out / name}: {what} is not valid JSON ({exc})")
         return None
 
 
 def verify_dir(out: Path | str, *, hashes: bool = True) -> list[str]:
-    out = Path(out)
+    """Every problem of the output at `out` (a directory or an s3:// URL), first one first."""
+    if is_url(out):
+        store = open_store(str(out))
+        try:
+            store.prepare()
+        except RuntimeError as exc:
+            return [str(exc)]
+        out = _Shown(store.url)
+    else:
+        out = Path(out)
+        if not out.is_dir():
+            return [f"{out}: not a directory"]
+        store = open_store(out)
     problems: list[str] = []
-    if not out.is_dir():
-        return [f"{out}: not a directory"]
-    if (out / STATE_DIR).exists():
+    if store.state_exists():
         problems.append(f"{out / STATE_DIR}: an unfinished merge's state is present (run merge with --resume)")
-    manifest = _load_json(out / MANIFEST, "manifest (the merge did not finish)", problems)
-    index = _load_json(out / INDEX, "index", problems)
+    manifest = _load_json(store, out, MANIFEST, "manifest (the merge did not finish)", problems)
+    index = _load_json(store, out, INDEX, "index", problems)
     if manifest is None or index is None:
         return problems
     headers: dict[str, dict] = {}
     for entry in manifest.get("shards", []):
         path = out / entry["file"]
-        if not path.exists():
+        size = store.size(entry["file"])
+        if size is None:
             problems.append(f"{path}: shard listed in the manifest is missing")
             continue
-        size = path.stat().st_size
         if size != entry["size"]:
             problems.append(f"{path}: size {size} differs from the manifest's {entry['size']}")
             continue
-        if hashes and sha256_file(path) != entry["sha256"]:
+        if hashes and store.sha256(entry["file"]) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (the file was modified or corrupted)")
             continue
         try:
-            headers[entry["file"]] = parse_safetensors_header(path)
+            name = entry["file"]
+            headers[name] = parse_header_from(str(path), size, lambda b, e, n=name: store.read_range(n, b, e))
         except ValueError as exc:
             problems.append(str(exc))
             continue

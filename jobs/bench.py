@@ -9,6 +9,7 @@ one run. Each lives in jobs/bench_<name>.py with `main(argv)`; results and comma
   kernels      Triton kernels: GB/s, ratio to device copy, speedup over eager torch
   svd          SVD merge methods vs a per-matrix torch.linalg.svd loop
   pivot        PivotMerge vs the baselines on projector experts trained here (held-out retrieval, log-likelihood)
+  object-store read throughput from a local S3 server vs local disk; reader memory vs its chunk buffer
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ BENCHES = {
     "kernels": "shardmerge.jobs.bench_kernels",
     "svd": "shardmerge.jobs.bench_svd",
     "pivot": "shardmerge.jobs.bench_pivot",
+    "object-store": "shardmerge.jobs.bench_object_store",
 }
 
 

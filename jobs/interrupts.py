@@ -34,7 +34,7 @@ def on_sigterm(signum, frame):
 
 def interrupted_line(prog: str, name: str, out: str | Path, what: str, command: str) -> str:
     return (
-        f"{prog}: interrupted by {name}; the unfinished {what} in {Path(out).resolve()} is kept. "
+        f"{prog}: interrupted by {name}; the unfinished {what} in {out if '://' in str(out) else Path(out).resolve()} is kept. "
         f"Continue it with: {command}"
     )
 

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (mergekit-compatible subset; see README)")
     options.add_common(
         p,
-        out="Hugging Face layout; also gets shardmerge_summary.json beside it",
+        out="Hugging Face layout, a directory or s3://bucket/prefix; also gets shardmerge_summary.json beside it",
         workers="one per GPU with cuda, else one single-threaded worker per CPU; without a cluster, a CPU merge "
         "of at most 512 MB runs in this process",
     )
@@ -129,6 +129,7 @@ def _run_merge(
 
     t0 = time.monotonic()
     phase("planning", f"{recipe_path} (loading the engine and reading the inputs' headers)")
+    from shardmerge.engine.io.stores import is_url
     from shardmerge.engine.io.writer import state_dir
     from shardmerge.engine.plan.build import SVD_BATCH_LAYERS, build_plan, parse_size
     from shardmerge.engine.recipe.schema import load_recipe, with_random_seed
@@ -144,7 +145,7 @@ def _run_merge(
         recipe,
         shard_size=shard_size,
         source=str(recipe_path),
-        state=state_dir(Path(out)) if resume else None,
+        state=state_dir(Path(out)) if resume and not is_url(out) else None,  # no cached calibration from a bucket
         address=address,
         svd_batch_layers=SVD_BATCH_LAYERS[device] if svd_batch_layers is None else svd_batch_layers,
     )
@@ -170,7 +171,7 @@ def _run_merge(
         memory_per_worker=parse_size(max_memory_per_worker) if max_memory_per_worker else None,
     )
     summary.update(
-        out=str(Path(out).resolve()),
+        out=str(out) if is_url(out) else str(Path(out).resolve()),
         method=recipe.merge_method,
         models=list(plan.inputs),
         device=device,
@@ -285,10 +286,17 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
         print(f"shardmerge merge: error: {exc}", file=sys.stderr)
         return 2
     from shardmerge.engine.io.output_dir import SUMMARY
+    from shardmerge.engine.io.stores import is_url, open_store
 
-    path = Path(args.out) / SUMMARY
-    summary["summary_file"] = str(path.resolve())
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    if is_url(args.out):  # beside the merge in the bucket
+        store = open_store(args.out)
+        store.write_atomic(SUMMARY, text.encode())
+        summary["summary_file"] = f"{store.url}/{SUMMARY}"
+    else:
+        path = Path(args.out) / SUMMARY
+        summary["summary_file"] = str(path.resolve())
+        path.write_text(text)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k not in HIDDEN}, indent=2, sort_keys=True))
     else:

@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from shardmerge.jobs import options
 
     p = argparse.ArgumentParser(prog="shardmerge verify", description=__doc__.split("\n")[0])
-    p.add_argument("dir", help="a shardmerge output directory")
+    p.add_argument("dir", help="a shardmerge output directory or object-store prefix (s3://bucket/prefix)")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 re-hash (sizes and headers only)")
     options.add_json(p)
     options.add_verbosity(p)

@@ -32,20 +32,37 @@ SINGLE_NAME = "model.safetensors"
 
 
 def parse_safetensors_header(path: Path | str) -> dict[str, TensorMeta]:
-    """Validated per-tensor metadata of one safetensors file, read from its header only."""
+    """Validated per-tensor metadata of one safetensors file, read from its header only; `path` a local file or
+    an object-store/hub URL (read with ranged GETs, shardmerge.engine.io.remote)."""
+    if "://" in str(path):
+        from shardmerge.engine.io.remote import remote_file
+
+        f = remote_file(str(path))
+        return parse_header_from(str(path), f.size, f.read)
     path = Path(path)
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path}: not a safetensors file (only {size} bytes; the 8-byte header length is missing)")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > MAX_HEADER_BYTES or hlen + 8 > size:
-            raise ValueError(
-                f"{path}: safetensors header length {hlen} is impossible for a file of {size} bytes "
-                f"(limit {MAX_HEADER_BYTES}); the file is truncated or not safetensors"
-            )
-        header_bytes = f.read(hlen)
+    with open(path, "rb") as fh:
+
+        def read(begin: int, end: int) -> bytes:
+            fh.seek(begin)
+            return fh.read(end - begin)
+
+        return parse_header_from(path, size, read)
+
+
+def parse_header_from(path, size: int, read) -> dict[str, TensorMeta]:
+    """parse_safetensors_header for a file of `size` bytes whose bytes [begin, end) `read(begin, end)` returns
+    (a local file, a ranged GET); `path` names it in messages and in the metadata."""
+    raw = read(0, min(8, size))
+    if len(raw) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {size} bytes; the 8-byte header length is missing)")
+    (hlen,) = struct.unpack("<Q", raw)
+    if hlen > MAX_HEADER_BYTES or hlen + 8 > size:
+        raise ValueError(
+            f"{path}: safetensors header length {hlen} is impossible for a file of {size} bytes "
+            f"(limit {MAX_HEADER_BYTES}); the file is truncated or not safetensors"
+        )
+    header_bytes = read(8, 8 + hlen)
     try:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -150,7 +167,14 @@ class Checkpoint:
 
 
 def resolve_model_dir(ref: str) -> Path:
-    """A local directory, or a hub id resolved through the local Hugging Face cache (HF_HUB_OFFLINE honoured)."""
+    """A local directory, or a hub id resolved through the local Hugging Face cache (HF_HUB_OFFLINE honoured); for
+    an object-store or hub URL, the local cache dir of its small files (shardmerge.engine.io.remote)."""
+    from shardmerge.engine.io.stores.objects import is_url
+
+    if is_url(ref):
+        from shardmerge.engine.io.remote import mirror_small_files
+
+        return mirror_small_files(str(ref))[0]
     path = Path(ref).expanduser()
     if os.path.isdir(path):  # os.path: False for a name too long or unreadable, where Path raises OSError
         return path.resolve()
@@ -205,7 +229,14 @@ def _from_hub_cache(ref: str, repo: str, revision: str | None) -> Path:
 
 
 def open_checkpoint(ref: str) -> Checkpoint:
-    """Open a model dir or hub id: sharded or single-file safetensors, or (legacy) pytorch_model*.bin."""
+    """Open a model dir, hub id or object-store/hub URL: sharded or single-file safetensors, or (legacy)
+    pytorch_model*.bin (local only)."""
+    from shardmerge.engine.io.stores.objects import is_url
+
+    if is_url(ref):
+        from shardmerge.engine.io.remote import open_remote_checkpoint
+
+        return open_remote_checkpoint(str(ref))
     root = resolve_model_dir(str(ref))
     index = root / INDEX_NAME
     if os.path.lexists(index):
@@ -302,8 +333,14 @@ def read_rows(meta: TensorMeta, row_start: int, row_stop: int) -> torch.Tensor:
     torch_dtype, itemsize = DTYPES[meta.dtype]
     row_bytes = meta.row_numel * itemsize
     nbytes = (row_stop - row_start) * row_bytes
-    buf = bytearray(nbytes)
-    if nbytes:
+    if nbytes and "://" in meta.file:  # an object-store or hub file: one ranged GET
+        from shardmerge.engine.io.remote import remote_file
+
+        begin = meta.begin + row_start * row_bytes
+        buf = bytearray(remote_file(meta.file).read(begin, begin + nbytes))
+    else:
+        buf = bytearray(nbytes)
+    if nbytes and "://" not in meta.file:
         fd = _open_fd(meta.file)
         got = os.preadv(fd, [buf], meta.begin + row_start * row_bytes)
         if got != nbytes:
@@ -343,5 +380,14 @@ def files_identity(ckpts) -> bytes:
     calibration's fingerprint) takes as the inputs' identity without reading their data."""
     files = {m.file for c in ckpts for m in c.tensors.values()}
     files |= {f for c in ckpts for f in getattr(c, "extra_files", ())}  # e.g. a LoRA adapter's config
-    stats = {f: os.stat(f) for f in sorted(files)}
-    return "".join(f"{f}:{st.st_size}:{st.st_mtime_ns}\n" for f, st in stats.items()).encode()
+    lines = []
+    for f in sorted(files):
+        if "://" in f:  # an object's size and ETag (its content's identity; no mtime to trust)
+            from shardmerge.engine.io.remote import remote_file
+
+            r = remote_file(f)
+            lines.append(f"{f}:{r.size}:{r.etag}\n")
+        else:
+            st = os.stat(f)
+            lines.append(f"{f}:{st.st_size}:{st.st_mtime_ns}\n")
+    return "".join(lines).encode()

@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from shardmerge.engine.io.stores import ShardStore, is_url, open_store
 from shardmerge.engine.io.writer import COPIED_FILES, INDEX, MANIFEST, STATE_DIR, Journal
 
 log = logging.getLogger("shardmerge.output")
@@ -32,14 +32,44 @@ _LEGACY_NAMES = frozenset({INDEX, "README.md", "config.json", "chat_template.jin
 
 
 def _input_dirs(plan) -> dict[Path, str]:
-    """Every directory the plan reads from (resolved) -> the model dir it belongs to (for messages)."""
+    """Every local directory the plan reads from (resolved) -> the model dir it belongs to (for messages)."""
     dirs: dict[Path, str] = {}
     for root in (*plan.inputs, plan.config_source, plan.tokenizer_source):
-        dirs.setdefault(Path(root).resolve(), str(root))
+        if not is_url(root):
+            dirs.setdefault(Path(root).resolve(), str(root))
     for t in plan.tensors():
         for m in (*t.inputs, *([t.base] if t.base is not None else [])):
-            dirs.setdefault(Path(m.file).resolve().parent, str(Path(m.file).parent))
+            if not is_url(m.file):
+                dirs.setdefault(Path(m.file).resolve().parent, str(Path(m.file).parent))
     return dirs
+
+
+def _input_urls(plan) -> set[str]:
+    """Every object-store prefix the plan reads from (its inputs' URLs and their files' parents)."""
+    urls = {str(r).rstrip("/") for r in plan.inputs if is_url(r)}
+    for t in plan.tensors():
+        for m in (*t.inputs, *([t.base] if t.base is not None else [])):
+            if is_url(m.file):
+                urls.add(m.file.rsplit("/", 1)[0])
+    return urls
+
+
+def _check_url_out(plan, url: str) -> None:
+    for d in sorted(_input_urls(plan)):
+        rel = (
+            "is"
+            if url == d
+            else "lies inside"
+            if url.startswith(d + "/")
+            else "contains"
+            if d.startswith(url + "/")
+            else ""
+        )
+        if rel:
+            raise ValueError(
+                f"--out {url} {rel} the input location {d}; writing the merge there could destroy an input. "
+                "Choose a --out outside every input model prefix"
+            )
 
 
 def _recipe_files(plan, extra: Iterable) -> list[tuple[str, Path]]:
@@ -55,9 +85,14 @@ def _recipe_files(plan, extra: Iterable) -> list[tuple[str, Path]]:
     return [(what, Path(p).resolve()) for what, p in cands if p and os.path.isfile(p)]
 
 
-def check_not_an_input(plan, out: Path, files: Iterable = ()) -> None:
+def check_not_an_input(plan, out, files: Iterable = ()) -> None:
     """Refuse an output dir that is, contains or lies inside an input's directory, or that holds a file the recipe
-    reads (`files`: the recipe file itself); ValueError naming the input."""
+    reads (`files`: the recipe file itself); ValueError naming the input. `out` a path or shard store; an
+    object-store output is compared with the inputs' object-store prefixes."""
+    if isinstance(out, ShardStore):
+        if not out.local:
+            return _check_url_out(plan, out.url)
+        out = out.root
     out = Path(out).resolve()
     for d, shown in _input_dirs(plan).items():
         if out == d:
@@ -86,8 +121,38 @@ def _plain(names: Iterable) -> set[str]:
     return {n for n in names if isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")}
 
 
-def owned_files(out: Path) -> set[str]:
-    """Names in `out` that an earlier shardmerge run wrote (its manifest's and journal's lists)."""
+def owned_files(out) -> set[str]:
+    """Names in `out` (a path or shard store) that an earlier shardmerge run wrote (its manifest's and journal's
+    lists)."""
+    store = open_store(out)
+    if store.local:
+        return _owned_local(Path(store.root))
+    owned: set[str] = set()
+    raw = store.read_bytes(MANIFEST)
+    doc = _parse_json(raw) if raw is not None else None
+    if isinstance(doc, dict):
+        owned |= {MANIFEST, SUMMARY}
+        shards = doc.get("shards") if isinstance(doc.get("shards"), list) else []
+        owned |= _plain(e.get("file") for e in shards if isinstance(e, dict))
+        owned |= _plain(doc.get("files") if isinstance(doc.get("files"), list) else [])
+    if store.state_exists():
+        owned.add(STATE_DIR)
+        recs = store.journal_records()
+        for r in recs:
+            owned |= _plain([r.get("shard")]) | _plain(r.get("metadata") or [])
+        if recs:
+            owned |= {n for n in store.listdir() if SHARD_NAME.fullmatch(n)}
+    return owned
+
+
+def _parse_json(raw: bytes) -> object | None:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _owned_local(out: Path) -> set[str]:
     owned: set[str] = set()
     manifest = out / MANIFEST
     if manifest.is_file() and not manifest.is_symlink():
@@ -122,31 +187,28 @@ def _read_json(path: Path) -> object | None:
         return None
 
 
-def remove_previous(out: Path) -> list[str]:
+def remove_previous(out) -> list[str]:
     """`--overwrite`: delete what an earlier run owns and return the names removed (logged). Anything else in the
-    directory is a ValueError naming it, raised before anything is deleted."""
-    owned = owned_files(out)
-    present = sorted(p.name for p in out.iterdir())
+    directory (or object-store prefix) is a ValueError naming it, raised before anything is deleted."""
+    store = open_store(out)
+    owned = owned_files(store)
+    present = store.listdir()
     foreign = [n for n in present if n not in owned]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ValueError(
-            f"output directory {out} holds files that no earlier shardmerge merge wrote ({shown}); "
+            f"output directory {store.url} holds files that no earlier shardmerge merge wrote ({shown}); "
             "--overwrite only removes the files a previous merge's manifest or journal lists. Choose "
             "an empty --out or remove them yourself"
         )
     removed = [n for n in present if n in owned]
     for name in removed:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        store.remove(name)
     if removed:
         log.info(
             "--overwrite: removed %d file(s) of the previous merge in %s: %s",
             len(removed),
-            out,
+            store.url,
             ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""),
         )
     return removed

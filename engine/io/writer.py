@@ -227,51 +227,57 @@ def model_card(plan) -> str:
     )
 
 
-def _unit_report_path(out: Path, unit_id: int) -> Path:
-    return state_dir(out) / REPORTS_DIR / f"unit-{unit_id:06d}.json"
+def _unit_report_name(unit_id: int) -> str:
+    return f"{STATE_DIR}/{REPORTS_DIR}/unit-{unit_id:06d}.json"
 
 
-def write_unit_report(out: Path, unit_id: int, entries: list[dict]) -> None:
+def _store(out):
+    from shardmerge.engine.io.stores import open_store
+
+    return open_store(out)
+
+
+def write_unit_report(out, unit_id: int, entries: list[dict]) -> None:
     """A work unit's per-tensor method reports (JSON-able dicts with a "report" and a "tensor" key), written
-    atomically by the worker; a re-run unit overwrites its file with the same content."""
-    path = _unit_report_path(Path(out), unit_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(entries, sort_keys=True, allow_nan=False).encode())
+    atomically by the worker; a re-run unit overwrites its file with the same content. `out`: a directory, URL
+    or shard store (shardmerge.engine.io.stores)."""
+    _store(out).write_atomic(_unit_report_name(unit_id), json.dumps(entries, sort_keys=True, allow_nan=False).encode())
 
 
 def _report_line(entry: dict) -> str:
     return f"{entry['report']}: {entry['tensor']}: {entry.get('summary') or entry.get('kind', '')}"
 
 
-def _old_report(path: Path, plan_hash: str) -> list[dict]:
+def _old_report(store, name: str, plan_hash: str) -> list[dict]:
     """The entries of a report file left by an earlier run of the same plan (none for another plan or damage)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = store.read_bytes(name)
+        doc = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError):
         return []
     if not isinstance(doc, dict) or doc.get("plan_hash") != plan_hash:
         return []
     return [e for e in doc.get("tensors", []) if isinstance(e, dict)]
 
 
-def write_reports(plan, out: Path) -> list[str]:
+def write_reports(plan, out) -> list[str]:
     """Gather the units' reports into `<report>_report.json` per report name (entries in output order), log a
     line per entry, and return the files written. A report file already in `out` keeps the entries of tensors
     not re-run (resume of a finished merge only re-runs the units whose shards no longer match)."""
-    out = Path(out)
+    store = _store(out)
     gathered: dict[str, dict[str, dict]] = {}
     for unit in plan.units:
-        path = _unit_report_path(out, unit.id)
-        if path.exists():
-            for e in json.loads(path.read_text()):
+        raw = store.read_bytes(_unit_report_name(unit.id))
+        if raw is not None:
+            for e in json.loads(raw):
                 gathered.setdefault(e["report"], {})[e["tensor"]] = e
     order = {t.name: i for i, t in enumerate(plan.tensors())}
     written = []
     if gathered:  # journaled before they exist, so --overwrite of a run cut short here knows them
-        Journal(out).append({"metadata": [f"{name}_report.json" for name in sorted(gathered)]})
+        store.journal_append({"metadata": [f"{name}_report.json" for name in sorted(gathered)]})
     for name, entries in sorted(gathered.items()):
-        dst = out / f"{name}_report.json"
-        old = _old_report(dst, plan.plan_hash)
+        dst = f"{name}_report.json"
+        old = _old_report(store, dst, plan.plan_hash)
         entries = {**{e["tensor"]: e for e in old if e.get("tensor") in order}, **entries}
         rows = sorted(entries.values(), key=lambda e: order.get(e["tensor"], len(order)))
         for e in rows:
@@ -284,8 +290,8 @@ def write_reports(plan, out: Path) -> list[str]:
             "models": list(plan.recipe.model_refs),
             "tensors": rows,
         }
-        atomic_write(dst, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
-        written.append(dst.name)
+        store.write_atomic(dst, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
+        written.append(dst)
     return written
 
 
@@ -299,18 +305,18 @@ def metadata_files(plan) -> list[str]:
     return sorted(names)
 
 
-def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) -> None:
+def write_metadata(plan, out, shard_hashes: dict[str, tuple[str, int]]) -> None:
     """Index, config, tokenizer/processor files, model card, method reports, then the manifest (last: it marks
-    completion)."""
-    out = Path(out)
+    completion); `out` a directory, URL or shard store (shardmerge.engine.io.stores)."""
+    store = _store(out)
     files = metadata_files(plan)
-    Journal(out).append({"metadata": files})  # so --overwrite knows them even if this step is cut short
+    store.journal_append({"metadata": files})  # so --overwrite knows them even if this step is cut short
     weight_map = {t.name: plan.shards[t.shard].filename for t in plan.tensors()}
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    store.write_atomic(INDEX, (json.dumps(index, indent=2) + "\n").encode())
     cfg = Path(plan.config_source) / "config.json"
     if cfg.exists():
-        atomic_write(out / "config.json", _config_with_dtype(cfg, plan.out_dtype, plan.config_updates))
+        store.write_atomic("config.json", _config_with_dtype(cfg, plan.out_dtype, plan.config_updates))
     tok = Path(plan.tokenizer_source)
     built = {name for name, _ in getattr(plan, "artifacts", ())}
     # a tokenizer built by the plan (union, added tokens) replaces every tokenizer file of the source: a stale
@@ -318,11 +324,14 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
     skip = set(TOKENIZER_FILES) if built & {"tokenizer.json", "tokenizer_config.json"} else set()
     for name in COPIED_FILES:
         if name not in skip and name not in built and (tok / name).exists():
-            shutil.copyfile(tok / name, out / name)
-    atomic_write(out / "README.md", model_card(plan).encode())
-    files = sorted({*files, *write_reports(plan, out)})
+            if store.local:
+                shutil.copyfile(tok / name, Path(store.root) / name)
+            else:
+                store.write_atomic(name, (tok / name).read_bytes())
+    store.write_atomic("README.md", model_card(plan).encode())
+    files = sorted({*files, *write_reports(plan, store)})
     for name, text in getattr(plan, "artifacts", ()):
-        atomic_write(out / name, text.encode())
+        store.write_atomic(name, text.encode())
     manifest = {
         "format": "shardmerge-manifest/1",
         "engine_version": shardmerge.__version__,
@@ -340,5 +349,5 @@ def write_metadata(plan, out: Path, shard_hashes: dict[str, tuple[str, int]]) ->
             for s in plan.shards
         ],
     }
-    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    shutil.rmtree(state_dir(out), ignore_errors=True)
+    store.write_atomic(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    store.remove(STATE_DIR)

@@ -177,7 +177,7 @@ def _assemble(
         tok_dir,
         recipe.output_dtype_code,
         phash,
-        tuple(str(c.root) for c in planner.ckpts.values()),
+        tuple(str(getattr(c, "location", c.root)) for c in planner.ckpts.values()),  # URL of a remote input
         (*getattr(planner, "notes", ()), *input_notes(planner.ckpts)),
         tuple(getattr(planner, "artifacts", ())) + artifacts,
         updates + tuple(getattr(planner, "config_updates", ())),

@@ -14,7 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardmerge.engine.io.writer import Journal, create_partial, partial_path, write_metadata
+from shardmerge.engine.io.stores import open_store
+from shardmerge.engine.io.writer import write_metadata
 from shardmerge.engine.plan.build import Plan
 from shardmerge.engine.run.unit import UnitResult
 
@@ -27,7 +28,7 @@ class RunState:
     shards: dict[str, tuple[str, int]] = field(default_factory=dict)  # shard file -> (sha256, size)
     reused_shards: int = 0
     reused_units: int = 0
-    lock_fd: int | None = None  # held for the whole run
+    lock_fd: int | None = None  # held for the whole run (the output store's lock handle)
     removed: list[str] = field(default_factory=list)  # what --overwrite deleted of a previous merge
 
 
@@ -162,9 +163,10 @@ class Progress:
 class Driver:
     """Accounting shared by the in-process and Ray paths: every unit of the plan is reported exactly once."""
 
-    def __init__(self, plan: Plan, out: Path, state: RunState, progress: bool):
-        self.plan, self.out, self.state = plan, out, state
-        self.journal = Journal(out)
+    def __init__(self, plan: Plan, out, state: RunState, progress: bool):
+        self.store = open_store(out)  # `out`: a directory, URL or shard store (shardmerge.engine.io.stores)
+        self.plan, self.state = plan, state
+        self.out = Path(self.store.root) if self.store.local else self.store.url  # what workers are given
         self.pending = deque(u.id for u in plan.units if not _unit_done(plan, state, u.id))
         self.left = {s.index: 0 for s in plan.shards}
         for uid in self.pending:
@@ -173,8 +175,8 @@ class Driver:
         self.todo = frozenset(self.pending)
         self.reported: set[int] = set()
         for s in plan.shards:
-            if s.filename not in state.shards and not partial_path(out, s.filename).exists():
-                create_partial(out, s)
+            if s.filename not in state.shards and not self.store.has_partial(s):
+                self.store.create_shard(s)
         done_bytes = sum(u.nbytes for u in plan.units if u.id not in self.todo)
         self.bar = Progress(
             plan.total_bytes, done_bytes, len(plan.units), len(plan.units) - len(self.todo), enabled=progress
@@ -208,7 +210,7 @@ class Driver:
         rec = {"unit": res.unit_id, "digests": res.digests}
         if res.worker:
             rec.update(worker=res.worker, node=node)
-        self.journal.append(rec)
+        self.store.journal_append(rec)
         self.bar.update(res.nbytes)
         ready = []
         for s in unit.shards:
@@ -221,7 +223,7 @@ class Driver:
         if name in self.state.shards:
             raise RuntimeError(f"shard {name} was finalised twice")
         self.state.shards[name] = (sha, size)
-        self.journal.append({"shard": name, "sha256": sha, "size": size})
+        self.store.journal_append({"shard": name, "sha256": sha, "size": size})
 
     def finish(self) -> None:
         self.bar.close()
@@ -234,4 +236,4 @@ class Driver:
         from shardmerge.engine.phases import phase
 
         phase("writing metadata", "index, config, tokenizer, model card, manifest")
-        write_metadata(self.plan, self.out, self.state.shards)
+        write_metadata(self.plan, self.store, self.state.shards)

@@ -10,25 +10,13 @@ directory (an advisory lock in the state dir, released by the kernel when the dr
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 from shardmerge.engine.io.output_dir import check_not_an_input, remove_previous
-from shardmerge.engine.io.writer import (
-    MANIFEST,
-    STATE_DIR,
-    Journal,
-    WriteFailed,
-    atomic_write,
-    finalize_shard,
-    partial_path,
-    sha256_file,
-    state_dir,
-)
+from shardmerge.engine.io.stores import ShardStore, is_url, open_store
+from shardmerge.engine.io.writer import MANIFEST, STATE_DIR, WriteFailed
 from shardmerge.engine.plan.build import Plan
 from shardmerge.engine.run.driver import Driver, RunState
 from shardmerge.engine.run.memory import (  # noqa: F401  (re-exported: the budget check is part of the executor's interface)
@@ -39,94 +27,63 @@ from shardmerge.engine.run.memory import (  # noqa: F401  (re-exported: the budg
     worker_memory_floor,
 )
 from shardmerge.engine.run.options import RunOptions
-from shardmerge.engine.run.unit import run_unit, unit_digest
+from shardmerge.engine.run.unit import run_unit
 from shardmerge.engine.run.worker import fault_from_env
-
-LOCK_FILE = "driver.lock"
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Output directory: fresh / overwrite / resume
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _lock(out: Path) -> int:
-    """Take the output directory's driver lock (flock: released by the kernel if this process dies)."""
-    state_dir(out).mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir(out) / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RuntimeError(
-            f"another shardmerge driver is writing into {out} ({state_dir(out) / LOCK_FILE} is "
-            "locked); wait for it to finish or stop it, then run again with --resume"
-        ) from None
-    return fd
-
-
-def _writable_dir(out: Path) -> None:
-    """Create --out if needed and refuse one this process cannot write (read-only mount, permissions)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"output directory {out} cannot be created ({exc.strerror or exc}); choose a writable --out"
-        ) from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(
-            f"output directory {out} is not writable (read-only filesystem or permissions); choose a writable --out"
-        )
-
-
-def open_output(plan: Plan, out: Path, *, resume: bool, overwrite: bool) -> RunState:
-    """Decide what to do with an existing output dir; on resume, re-verify and return what is reusable."""
-    _writable_dir(out)
-    manifest, journal = out / MANIFEST, Journal(out)
+def open_output(plan: Plan, out, *, resume: bool, overwrite: bool) -> RunState:
+    """Decide what to do with an existing output (directory or object-store prefix, `out` a path, URL or shard
+    store); on resume, re-verify and return what is reusable."""
+    store = open_store(out)
+    store.prepare()
     removed: list[str] = []
     if overwrite:
-        fd = _lock(out) if journal.path.exists() else None  # never delete a live driver's state
+        fd = store.lock() if store.journal_exists() else None  # never delete a live driver's state
         try:
-            removed = remove_previous(out)
+            removed = remove_previous(store)
         finally:
-            if fd is not None:
-                os.close(fd)
-    elif manifest.exists():
-        old = _manifest_plan(manifest)
+            store.unlock(fd)
+    elif store.exists(MANIFEST):
+        old = _manifest_plan(store)
         if old != plan.plan_hash:
             raise ValueError(
-                f"output directory {out} holds a finished merge of a different plan ({old[:12] if old else '?'}…, "
-                f"this plan {plan.plan_hash[:12]}…); choose another --out or pass --overwrite"
+                f"output directory {store.url} holds a finished merge of a different plan "
+                f"({old[:12] if old else '?'}…, this plan {plan.plan_hash[:12]}…); choose another --out or pass "
+                "--overwrite"
             )
         if not resume:
             raise ValueError(
-                f"output directory {out} already holds this finished merge; run `shardmerge verify "
-                f"{out}`, pass --resume to re-check and complete it, or --overwrite to redo it"
+                f"output directory {store.url} already holds this finished merge; run `shardmerge verify "
+                f"{store.url}`, pass --resume to re-check and complete it, or --overwrite to redo it"
             )
-        return _reopen_finished(plan, out, manifest, journal)
-    elif journal.path.exists() and journal.records():
+        return _reopen_finished(plan, store)
+    elif store.journal_exists() and store.journal_records():
         if not resume:
             raise ValueError(
-                f"output directory {out} holds an unfinished merge; pass --resume to continue it or "
+                f"output directory {store.url} holds an unfinished merge; pass --resume to continue it or "
                 "--overwrite to start over"
             )
-        return _locked(out, lambda: _resume_state(plan, out, journal))
-    elif any(p.name != STATE_DIR for p in out.iterdir()):  # a state dir without a journal: killed at the start
-        raise ValueError(f"output directory {out} is not empty; choose an empty directory or pass --overwrite")
-    fd = _lock(out)
-    shutil.rmtree(state_dir(out) / "tmp", ignore_errors=True)  # no journal vouches for any leftover temp shard
-    journal.start(plan.plan_hash)
+        return _locked(store, lambda: _resume_state(plan, store))
+    elif any(name != STATE_DIR for name in store.listdir()):  # a state dir without a journal: killed at the start
+        raise ValueError(f"output directory {store.url} is not empty; choose an empty directory or pass --overwrite")
+    fd = store.lock()
+    store.clear_temp()  # no journal vouches for any leftover temp shard
+    store.journal_start({"plan_hash": plan.plan_hash})
     return RunState(lock_fd=fd, removed=removed)
 
 
-def _manifest_plan(manifest: Path) -> str | None:
+def _manifest_plan(store: ShardStore) -> str | None:
     try:
-        return json.loads(manifest.read_text()).get("plan_hash")
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(store.read_bytes(MANIFEST)).get("plan_hash")
+    except (TypeError, ValueError, AttributeError):
         return None
 
 
-def _reopen_finished(plan: Plan, out: Path, manifest: Path, journal: Journal) -> RunState:
+def _reopen_finished(plan: Plan, store: ShardStore) -> RunState:
     """--resume on a finished merge of this plan (e.g. killed after the manifest, before the state dir was
     removed): the manifest's shards become the journal and the manifest is dropped, so the usual resume re-hashes
     them, redoes any that no longer match and re-writes the metadata (the same bytes)."""
@@ -135,74 +92,62 @@ def _reopen_finished(plan: Plan, out: Path, manifest: Path, journal: Journal) ->
         try:
             records = [
                 {"shard": e["file"], "sha256": e["sha256"], "size": e["size"]}
-                for e in json.loads(manifest.read_text())["shards"]
+                for e in json.loads(store.read_bytes(MANIFEST))["shards"]
             ]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
-                f"{manifest}: damaged manifest ({type(exc).__name__}: {exc}); pass --overwrite to redo the merge"
+                f"{store.url}/{MANIFEST}: damaged manifest ({type(exc).__name__}: {exc}); pass --overwrite to "
+                "redo the merge"
             ) from None
-        journal.start(plan.plan_hash)
+        store.journal_start({"plan_hash": plan.plan_hash})
         for rec in records:
-            journal.append(rec)
-        manifest.unlink()
-        return _resume_state(plan, out, journal)
+            store.journal_append(rec)
+        store.remove(MANIFEST)
+        return _resume_state(plan, store)
 
-    return _locked(out, reopen)
+    return _locked(store, reopen)
 
 
-def _locked(out: Path, build) -> RunState:
+def _locked(store: ShardStore, build) -> RunState:
     """Take the driver lock, then build the run state under it; the lock is released if building fails."""
-    fd = _lock(out)
+    fd = store.lock()
     try:
         state = build()
     except BaseException:
-        os.close(fd)
+        store.unlock(fd)
         raise
     state.lock_fd = fd
     return state
 
 
-def _check_partials(plan: Plan, out: Path) -> None:
-    """A temp shard whose size or header is not the plan's cannot be trusted: remove it (its units re-run)."""
-    for s in plan.shards:
-        p = partial_path(out, s.filename)
-        if not p.exists():
-            continue
-        with open(p, "rb") as f:
-            head = f.read(len(s.header))
-        if p.stat().st_size != s.size or head != s.header:
-            p.unlink()
-
-
-def _resume_state(plan: Plan, out: Path, journal: Journal) -> RunState:
-    recs = journal.records()
+def _resume_state(plan: Plan, store: ShardStore) -> RunState:
+    recs = store.journal_records()
     if not recs or recs[0].get("plan_hash") != plan.plan_hash:
         old = recs[0].get("plan_hash", "?") if recs else "?"
         raise ValueError(
-            f"--resume refused: {out} was started for plan {old[:12]}…, but this recipe/inputs give plan "
+            f"--resume refused: {store.url} was started for plan {old[:12]}…, but this recipe/inputs give plan "
             f"{plan.plan_hash[:12]}… (recipe, shard size or input files changed); use a new --out or --overwrite"
         )
+    store.recover()  # e.g. the multipart upload of a shard the killed run was publishing
     state = RunState()
     by_name = {s.filename: s for s in plan.shards}
     journaled = {r["shard"]: (r["sha256"], r["size"]) for r in recs if "shard" in r}
     for name, (sha, size) in journaled.items():
-        final = out / name
-        if final.exists() and final.stat().st_size == size and sha256_file(final) == sha:
+        if store.exists(name) and store.is_published(name, sha, size):
             state.shards[name] = (sha, size)
-        elif final.exists():
-            final.unlink()
-    for s in plan.shards:  # published but not journaled (crash between rename and journal): re-check its units
-        final = out / s.filename
-        if s.filename not in state.shards and final.exists():
-            partial_path(out, s.filename).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(final, partial_path(out, s.filename))
-    _check_partials(plan, out)
+        elif store.exists(name):
+            store.remove(name)
+    for s in plan.shards:  # published but not journaled (crash between publish and journal): re-check its units
+        if s.filename not in state.shards and store.exists(s.filename):
+            store.unpublish(s)
+    for s in plan.shards:  # a temp shard whose size or header is not the plan's cannot be trusted: its units re-run
+        store.check_partial(s)
     for r in recs:
         if "unit" not in r:
             continue
         unit = plan.units[r["unit"]]
         ok = all(
-            name in state.shards or unit_digest(unit, by_name[name], str(out)) == d for name, d in r["digests"].items()
+            name in state.shards or store.unit_digest(unit, by_name[name]) == d for name, d in r["digests"].items()
         )
         if ok:
             state.units[unit.id] = r["digests"]
@@ -215,12 +160,12 @@ def run_in_process(drv: Driver, opts: RunOptions) -> None:
     caller: this process's torch setting is not changed)."""
     drv.bar.begin()
     for shard in drv.ready_shards():  # resume: all of a shard's units were done before the crash
-        drv.shard_finished(shard.filename, *finalize_shard(drv.out, shard))
+        drv.shard_finished(shard.filename, *drv.store.publish(shard))
     while drv.pending:
         uid = drv.pending.popleft()
-        res = run_unit(drv.plan.units[uid], drv.plan.shards, str(drv.out), opts, skip_shards=drv.skip(uid))
+        res = run_unit(drv.plan.units[uid], drv.plan.shards, drv.store, opts, skip_shards=drv.skip(uid))
         for shard in drv.unit_finished(res):
-            drv.shard_finished(shard.filename, *finalize_shard(drv.out, shard))
+            drv.shard_finished(shard.filename, *drv.store.publish(shard))
 
 
 def run_options(
@@ -269,8 +214,8 @@ def execute(
     and `svd_batch_bytes` sets their budget (svd_batch_budget); in-process and Ray workers use the same budget.
     `out` may not be or overlap an input, nor hold a file the merge reads (`protect`: e.g. the recipe file).
     The unit-level options become one RunOptions (`run_options`), handed whole to whatever runs the units."""
-    out = Path(out).resolve()
-    check_not_an_input(plan, out, protect)
+    store = open_store(out if isinstance(out, ShardStore) else (out if is_url(out) else Path(out).resolve()))
+    check_not_an_input(plan, store, protect)
     t0 = time.perf_counter()
     in_process = workers is not None and workers <= 0
     opts = run_options(
@@ -285,11 +230,11 @@ def execute(
     )
     check_memory_budget(plan, opts.chunk_bytes, memory_per_worker, opts.svd_batch_bytes)
     fault = None if in_process else fault_from_env()  # test hook: from the environment only, checked before any write
-    state = open_output(plan, out, resume=resume, overwrite=overwrite)
+    state = open_output(plan, store, resume=resume, overwrite=overwrite)
     try:
         for name, text in plan.artifacts:  # e.g. PivotMerge's calibration: what --resume must not recompute
-            atomic_write(state_dir(out) / name, text.encode())
-        drv = Driver(plan, out, state, progress)
+            store.write_atomic(f"{STATE_DIR}/{name}", text.encode())
+        drv = Driver(plan, store, state, progress)
         summary = {
             "units": len(plan.units),
             "reused_units": state.reused_units,
@@ -316,8 +261,7 @@ def execute(
             Path(exc.path).unlink(missing_ok=True)
         raise
     finally:
-        if state.lock_fd is not None:
-            os.close(state.lock_fd)
+        store.unlock(state.lock_fd)
     summary["seconds"] = time.perf_counter() - t0
     summary["plan_hash"] = plan.plan_hash
     return summary

@@ -14,13 +14,13 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from shardmerge.engine import methods
 from shardmerge.engine.io.checkpoint import DTYPES, TensorMeta, read_rows
-from shardmerge.engine.io.writer import partial_path, pwrite_all, write_unit_report
+from shardmerge.engine.io.stores import open_store
+from shardmerge.engine.io.writer import write_unit_report
 from shardmerge.engine.methods.base import Chunk, TensorInfo
 from shardmerge.engine.plan.build import COPY, OutputTensor, WorkUnit
 from shardmerge.engine.run.batching import Batch, plan_batches
@@ -102,7 +102,11 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def _load(meta: TensorMeta, c: Chunk, device: str, check_finite: bool) -> torch.Tensor:
-    x = read_rows(meta, c.row_start, c.row_stop).to(device=device, dtype=torch.float32)
+    return _finish(meta, c, read_rows(meta, c.row_start, c.row_stop), device, check_finite)
+
+
+def _finish(meta: TensorMeta, c: Chunk, raw: torch.Tensor, device: str, check_finite: bool) -> torch.Tensor:
+    x = raw.to(device=device, dtype=torch.float32)
     if check_finite and not all_finite(x):
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(
@@ -112,14 +116,47 @@ def _load(meta: TensorMeta, c: Chunk, device: str, check_finite: bool) -> torch.
     return x
 
 
+_FETCH_THREADS = 4  # ranged GETs in flight per worker process (all inputs of a chunk, and the next chunk's)
+_fetch_pool = None
+
+
+def _fetcher():
+    global _fetch_pool
+    if _fetch_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _fetch_pool = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="shardmerge-fetch")
+    return _fetch_pool
+
+
 def _reader(t: OutputTensor, chunk_bytes: int, device: str, check_finite: bool):
+    """The tensor's (chunk, inputs, base) in row order. When an input is on object storage or the hub, every input
+    of a chunk is fetched concurrently and the next chunk's ranged GETs run while the current chunk is merged: at
+    most two chunks of raw input bytes are held (the bounded buffer); local inputs are read as they are needed."""
+    metas = [*t.inputs, *([t.base] if t.base is not None else [])]
+    remote = any("://" in m.file for m in metas)
+
     def read():
         for c in chunks(t, chunk_bytes):
             xs = [_load(m, c, device, check_finite) for m in t.inputs]
             base = _load(t.base, c, device, check_finite) if t.base is not None else None
             yield c, xs, base
 
-    return read
+    def read_ahead():
+        pool = _fetcher()
+        fetch = lambda c: [pool.submit(read_rows, m, c.row_start, c.row_stop) for m in metas]
+        it = iter(chunks(t, chunk_bytes))
+        c = next(it, None)
+        pending = fetch(c) if c is not None else []
+        while c is not None:
+            nxt = next(it, None)
+            ahead = fetch(nxt) if nxt is not None else []
+            xs = [_finish(m, c, f.result(), device, check_finite) for m, f in zip(metas, pending)]
+            base = xs.pop() if t.base is not None else None
+            yield c, xs, base
+            c, pending = nxt, ahead
+
+    return read_ahead if remote else read
 
 
 class _Batched:
@@ -248,8 +285,8 @@ def _inputs_nonfinite(read) -> bool:
     return any(not all_finite(x) for _, xs, base in read() for x in (*xs, base) if x is not None)
 
 
-def _write_and_hash(fd: int, data: memoryview, offset: int, h, label: str, path: str) -> None:
-    pwrite_all(fd, data, offset, label, path)
+def _write_and_hash(writer, data: memoryview, offset: int, h, label: str) -> None:
+    writer.write(data, offset, label)
     h.update(data)
 
 
@@ -289,7 +326,8 @@ def run_unit(
     worker: str = "",
     skip_shards: frozenset = frozenset(),
 ) -> UnitResult:
-    """Merge and write every tensor of `unit` into its shard's partial file; fsync before returning.
+    """Merge and write every tensor of `unit` into its shards' temp state through the output's shard store (`out`:
+    a directory, URL or store, shardmerge.engine.io.stores); durable (fsync'ed, or uploaded) before returning.
     Tensors in `skip_shards` (already finalised and verified, on resume) are not recomputed. Per-tensor reports of
     reporting methods go to the state dir (shardmerge.engine.io.writer.write_unit_report), the results stay as they were.
     With `opts.svd_batch_bytes` set, same-shape whole matrices are merged in batched calls of at most that many
@@ -297,7 +335,8 @@ def run_unit(
     unchanged."""
     t0 = time.perf_counter()
     tune_allocator()
-    fds: dict[int, int] = {}
+    store = open_store(out)
+    writers: dict[int, object] = {}
     hashes: dict[int, hashlib._Hash] = {}
     reports: list[dict] = []
     sink = _Sink()
@@ -306,10 +345,9 @@ def run_unit(
     try:
         for i, t in enumerate(todo):
             h = hashes.setdefault(t.shard, hashlib.sha256())
-            path = partial_path(Path(out), plan_shards[t.shard].filename)
-            fd = fds.get(t.shard)
-            if fd is None:
-                fd = fds[t.shard] = os.open(path, os.O_WRONLY)
+            writer = writers.get(t.shard)
+            if writer is None:
+                writer = writers[t.shard] = store.shard_writer(plan_shards[t.shard], unit.id)
             offset = t.offset
             parts = batched.take(i) if batched is not None and batched.has(i) else _merge_tensor(t, opts, reports)
             label = f"{plan_shards[t.shard].filename} tensor {t.name!r}"
@@ -317,39 +355,23 @@ def run_unit(
                 data = (
                     memoryview(y.contiguous().reshape(-1).view(torch.uint8).numpy()) if y.numel() else memoryview(b"")
                 )
-                sink.put(_write_and_hash, fd, data, offset, h, label, str(path))
+                sink.put(_write_and_hash, writer, data, offset, h, label)
                 offset += len(data)
             if offset != t.offset + t.nbytes:
                 raise RuntimeError(f"tensor {t.name!r}: wrote {offset - t.offset} bytes, planned {t.nbytes}")
         sink.drain()
-        for fd in fds.values():
-            os.fsync(fd)
+        for writer in writers.values():
+            writer.commit()
         if reports:  # next to the shards' temp files: the driver's writer gathers them (survives --resume)
-            write_unit_report(Path(out), unit.id, reports)
+            write_unit_report(store, unit.id, reports)
     finally:
         sink.close()
-        for fd in fds.values():
-            os.close(fd)
+        for writer in writers.values():
+            writer.close()
     digests = {plan_shards[s].filename: h.hexdigest() for s, h in hashes.items()}
     return UnitResult(unit.id, digests, unit.nbytes, time.perf_counter() - t0, worker)
 
 
-def unit_digest(unit: WorkUnit, shard, out: str) -> str | None:
-    """Re-hash a unit's bytes in one shard's partial file (resume check); None if the file is missing or short."""
-    h = hashlib.sha256()
-    path = partial_path(Path(out), shard.filename)
-    if not path.exists():
-        return None
-    for t in unit.tensors:
-        if t.shard != shard.index:
-            continue
-        with open(path, "rb") as f:
-            f.seek(t.offset)
-            left = t.nbytes
-            while left:
-                block = f.read(min(left, 8 << 20))
-                if not block:
-                    return None
-                h.update(block)
-                left -= len(block)
-    return h.hexdigest()
+def unit_digest(unit: WorkUnit, shard, out) -> str | None:
+    """Re-hash a unit's bytes in one shard's temp state (resume check); None if missing or short."""
+    return open_store(out).unit_digest(unit, shard)

@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from shardmerge.engine.io.writer import finalize_shard, partial_path, sha256_file, state_dir
+from shardmerge.engine.io.stores import is_url, open_store
 from shardmerge.engine.run.options import RunOptions
 from shardmerge.engine.run.unit import UnitResult, run_unit, tune_allocator
 
@@ -81,18 +81,10 @@ class FaultInjector:
         self._fire("crash-after", count)
 
 
-def finalize_idempotent(out: Path, shard) -> tuple[str, int]:
-    """finalize_shard, or — when a previous attempt (by a worker that died before replying) already renamed the
-    complete temp file — the published file's (sha256, size)."""
-    if not partial_path(out, shard.filename).exists():
-        final = Path(out) / shard.filename
-        if final.exists() and final.stat().st_size == shard.size:
-            return sha256_file(final), shard.size
-        raise RuntimeError(
-            f"{partial_path(out, shard.filename)}: temp file of shard {shard.filename} is missing "
-            f"and {final} is not complete; the output directory was modified during the merge"
-        )
-    return finalize_shard(out, shard)
+def finalize_idempotent(out, shard) -> tuple[str, int]:
+    """Publish a shard through the output's store; a shard that a previous attempt (by a worker that died before
+    replying) already published is recognised and its (sha256, size) returned."""
+    return open_store(out).publish(shard)
 
 
 class MergeWorker:
@@ -131,11 +123,29 @@ class MergeWorker:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        for path in (str(state_dir(Path(self.out))),) + self.inputs:
-            if not os.path.isdir(path):
+        where = f"merge worker on host {socket.gethostname()} (node {node[:12]})"
+        store = open_store(self.out)
+        problem = store.reachable_problem()
+        if problem:
+            raise RuntimeError(
+                f"{where} cannot reach the output {store.url}: {problem}"
+                + (
+                    ""
+                    if not store.local
+                    else "; a directory --out must be on storage every node mounts at the same path"
+                )
+            )
+        for path in self.inputs:
+            if is_url(path):
+                from shardmerge.engine.io.remote import reachable_problem
+
+                problem = reachable_problem(path)
+                if problem:
+                    raise RuntimeError(f"{where} cannot read the input {path}: {problem}")
+            elif not os.path.isdir(path):
                 raise RuntimeError(
-                    f"merge worker on host {socket.gethostname()} (node {node[:12]}) cannot see {path}: inputs and "
-                    "--out must be on storage every node mounts at the same path (a shared filesystem)"
+                    f"{where} cannot see {path}: a directory input must be on storage every node mounts at the "
+                    "same path (a shared filesystem), or be read from object storage (s3://...)"
                 )
         return {"name": self.name, "node": node, "host": socket.gethostname(), "pid": os.getpid()}
 
@@ -149,7 +159,7 @@ class MergeWorker:
         return res
 
     def finalize(self, shard) -> tuple[str, str, int]:
-        sha, size = finalize_idempotent(Path(self.out), shard)
+        sha, size = finalize_idempotent(self.out, shard)
         return shard.filename, sha, size
 
     def stats(self) -> dict:
