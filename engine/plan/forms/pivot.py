@@ -194,8 +194,9 @@ def check_shared_init(ckpts: dict[str, Checkpoint], experts: list[str], names: l
             raise ValueError(
                 f"{source}: projector tensor {name!r}: experts {experts[i]} and {experts[j]} have weight cosine "
                 f"{float(cos[i, j]):.3f} (< {MIN_INIT_COSINE}); their projectors do not look trained from one "
-                "initialisation, and merging independently initialised projectors in weight space is meaningless "
-                "without re-basin alignment. Fix: `pivot: init` with `init_model:` the shared initialisation, or "
+                "initialisation, or moved so far from it that their weights no longer align. Merging such "
+                "projectors in weight space keeps little of either (independently initialised ones are meaningless "
+                "to average without re-basin alignment). Fix: `pivot: init` with `init_model:` the shared initialisation, or "
                 "set `allow_unaligned: true` to merge anyway"
             )
 
