@@ -104,7 +104,7 @@ class Param:
 
     def check(self, value: Any, where: str, n_models: int | None = None) -> None:
         """Raise ValueError naming `where`, the value and what is expected, unless the value is valid."""
-        if value is None or _same(value, self.default):
+        if value is None or same_value(value, self.default):
             return
         if self.kind == "bool":
             if not isinstance(value, bool):
@@ -141,14 +141,15 @@ def _num(x: float) -> str:
     return str(int(x)) if isinstance(x, (int, float)) and float(x).is_integer() else str(x)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Equal and of the same type (so 1 != 1.0 != True), with NaN equal to NaN: a parameter left at its default."""
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b
 
 
 def _same_dict(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
 
 
 def _legacy_params(per_model: Mapping[str, Any], global_: Mapping[str, Any]) -> tuple[Param, ...]:

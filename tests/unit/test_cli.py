@@ -32,7 +32,7 @@ def _spelling(a) -> tuple:
     return (type(a).__name__, a.dest, a.default, tuple(a.choices or ()), a.type, a.nargs, a.required, a.metavar)
 
 
-def _same(flag: str, a, b) -> bool:
+def same_value(flag: str, a, b) -> bool:
     if flag in PREFIXED and a.help.startswith(PREFIXED[flag]) and b.help.startswith(PREFIXED[flag]):
         return _spelling(a)[:-3] == _spelling(b)[:-3]  # required / metavar of --out may differ (demo: optional)
     return _spelling(a) == _spelling(b) and a.help == b.help
@@ -47,7 +47,7 @@ def test_options_of_one_meaning_are_spelt_the_same_in_every_command():
                 continue
             if flag in seen:
                 other, b = seen[flag]
-                assert _same(flag, a, b), (
+                assert same_value(flag, a, b), (
                     f"{flag}: {name} {_spelling(a)} {a.help!r} vs {other} {_spelling(b)} {b.help!r}"
                 )
             else:
@@ -62,7 +62,7 @@ def test_shared_vocabulary_in_benchmarks_too():
     for name in BENCHES:
         for flag, a in _actions(name).items():
             if flag in SHARED:
-                assert _same(flag, a, reference[flag]), f"{name} {flag}: {_spelling(a)} {a.help!r}"
+                assert same_value(flag, a, reference[flag]), f"{name} {flag}: {_spelling(a)} {a.help!r}"
         assert "--json" not in _actions(name), f"{name}: --json is the summary flag; a file is --json-out PATH"
 
 

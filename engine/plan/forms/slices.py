@@ -28,7 +28,7 @@ from typing import Any
 from shardmerge.engine import methods
 from shardmerge.engine.io.checkpoint import FLOAT_CODES, Checkpoint, TensorMeta, open_checkpoint
 from shardmerge.engine.layout.roles import LAYER_COUNT_KEYS, Layout
-from shardmerge.engine.methods.base import _same
+from shardmerge.engine.methods.base import same_value
 from shardmerge.engine.plan.forms import Form, form_for_method, register
 from shardmerge.engine.plan.grouping import NUMBERED_BLOCK, block_root, group_key, layout_of
 from shardmerge.engine.plan.model import COPY, FLOAT8_CODES, PlanItem
@@ -273,7 +273,7 @@ class _SliceBuilder:
         inputs, base_at = _slice_inputs(self.recipe, self.spec, sl)
         params = resolve_slice_params(self.recipe, self.spec, sl, out_name, [m.name for m in metas], inputs, t)
         if _is_passthrough(self.recipe, self.spec) and all(  # no `scale` etc. given: a verbatim copy
-            all(_same(v, p.default) for v in (params[p.name] if p.per_model else (params[p.name],)))
+            all(same_value(v, p.default) for v in (params[p.name] if p.per_model else (params[p.name],)))
             for p in self.spec.params
         ):
             return PlanItem(**common, dtype=out_dtype, op=COPY, inputs=(first,), base=None, params=())
