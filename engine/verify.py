@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from shardmerge.engine.io.checkpoint import parse_header_from
+from shardmerge.engine.io.shard_files import STATE_DIR
 from shardmerge.engine.io.stores import is_url, open_store
-from shardmerge.engine.io.writer import INDEX, MANIFEST, STATE_DIR
+from shardmerge.engine.io.writer import INDEX, MANIFEST
 
 
 class _Shown(str):

@@ -504,3 +504,18 @@ if __name__ == "__main__":
         file=sys.stderr,
     )
     sys.exit(2)
+
+
+def floor_seconds(dirs: list[Path], out_bytes: int, scratch: Path) -> dict:
+    """Read all inputs (once to warm the page cache, once timed) and write+fsync out_bytes."""
+    files = [f for d in dirs for f in sorted(d.glob("*.safetensors"))]
+    read_all(files)
+    read_s, in_bytes = read_all(files)
+    write_s = write_fsync(scratch, out_bytes)
+    return {
+        "read_s": read_s,
+        "in_bytes": in_bytes,
+        "write_fsync_s": write_s,
+        "out_bytes": out_bytes,
+        "floor_s": read_s + write_s,
+    }

@@ -18,23 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shardmerge.jobs.bench_common import dir_bytes, print_machine, read_all, run_child, shardmerge_cmd, write_fsync
+from shardmerge.jobs.bench_common import (
+    dir_bytes,
+    floor_seconds,
+    print_machine,
+    run_child,
+    shardmerge_cmd,
+)
 from shardmerge.jobs.bench_mergekit import METHODS, make_models, recipes
-
-
-def floor_seconds(dirs: list[Path], out_bytes: int, scratch: Path) -> dict:
-    """Read all inputs (once to warm the page cache, once timed) and write+fsync out_bytes."""
-    files = [f for d in dirs for f in sorted(d.glob("*.safetensors"))]
-    read_all(files)
-    read_s, in_bytes = read_all(files)
-    write_s = write_fsync(scratch, out_bytes)
-    return {
-        "read_s": read_s,
-        "in_bytes": in_bytes,
-        "write_fsync_s": write_s,
-        "out_bytes": out_bytes,
-        "floor_s": read_s + write_s,
-    }
 
 
 def merge_seconds(recipe: Path, out: Path, workers: int | None, chunk_mb: float, threads: int | None = None) -> dict:

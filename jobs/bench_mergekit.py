@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{seconds:.1f} s); wall/fixed/sustained in seconds, memory in GiB",
             flush=True,
         )
-        from shardmerge.jobs.bench_floor import floor_seconds
+        from shardmerge.jobs.bench_common import floor_seconds
 
         floor = floor_seconds(dirs, dir_bytes(dirs[0]), work)
         print(

@@ -129,8 +129,8 @@ def _run_merge(
 
     t0 = time.monotonic()
     phase("planning", f"{recipe_path} (loading the engine and reading the inputs' headers)")
+    from shardmerge.engine.io.shard_files import state_dir
     from shardmerge.engine.io.stores import is_url
-    from shardmerge.engine.io.writer import state_dir
     from shardmerge.engine.plan.build import SVD_BATCH_LAYERS, build_plan, parse_size
     from shardmerge.engine.recipe.schema import load_recipe, with_random_seed
     from shardmerge.engine.run.executor import execute

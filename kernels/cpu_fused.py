@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BLOCK = 4096  # elements per inner block: the decoded inputs and the accumulator stay in L1/L2 cache
 _IN_KINDS = {"BF16": np.uint16, "F32": np.float32}  # stored dtype -> how the kernel sees the raw bytes
 _OUT_KINDS = {"BF16": (torch.bfloat16, np.uint16), "F32": (torch.float32, np.float32)}
 ENV = "SHARDMERGE_CPU_KERNELS"  # "torch": never use the fused kernels

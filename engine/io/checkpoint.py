@@ -228,14 +228,63 @@ def _from_hub_cache(ref: str, repo: str, revision: str | None) -> Path:
         raise ValueError(f"model {ref!r}: could not resolve hub id ({type(exc).__name__}: {exc})") from None
 
 
+def open_remote_checkpoint(ref: str) -> Checkpoint:
+    """A Checkpoint whose tensors live at `ref` (an object-store or hub URL) and whose root is the local cache
+    dir of its small files; `location` is the URL (what workers check they can reach)."""
+    from shardmerge.engine.io.loaders import load_index
+    from shardmerge.engine.io.remote import confine_key, mirror_small_files
+
+    url = str(ref).rstrip("/")
+    root, names, client, prefix = mirror_small_files(url)
+    index_url = f"{url}/{INDEX_NAME}"
+    if INDEX_NAME in names:
+        weight_map = load_index(root / INDEX_NAME)
+        headers = {}
+        for fname in sorted(set(weight_map.values()), key=str):
+            key = confine_key(url, prefix, fname, index_url)
+            rel = key[len(prefix) + 1 :] if prefix else key
+            if rel not in names:
+                first = next(n for n, f in weight_map.items() if f == fname)
+                raise ValueError(
+                    f"{index_url}: names shard {fname!r} (for tensor {first!r}), which does not exist in {url}"
+                )
+            headers[fname] = parse_safetensors_header(f"{url}/{rel}")
+        _check_duplicates(Path(index_url), headers)
+        tensors = {}
+        for name, fname in weight_map.items():
+            if name not in headers[fname]:
+                raise ValueError(
+                    f"{index_url}: tensor {name!r} is mapped to {fname}, but that shard does not contain it"
+                )
+            tensors[name] = headers[fname][name]
+        for fname, metas in headers.items():
+            extra = sorted(set(metas) - set(weight_map))
+            if extra:
+                raise ValueError(
+                    f"{url}/{fname}: holds tensor(s) {extra[:5]} that {INDEX_NAME} does not list; the index and "
+                    "the shards disagree"
+                )
+    else:
+        singles = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+        pick = SINGLE_NAME if SINGLE_NAME in names else (singles[0] if len(singles) == 1 else None)
+        if pick is None:
+            raise ValueError(
+                f"model {url!r}: has no {INDEX_NAME} or {SINGLE_NAME}"
+                + (f" and {len(singles)} safetensors files" if singles else "")
+                + "; is this a Hugging Face model prefix?"
+            )
+        tensors = parse_safetensors_header(f"{url}/{pick}")
+    ckpt = Checkpoint(str(ref), root, tensors)
+    ckpt.location = url
+    return ckpt
+
+
 def open_checkpoint(ref: str) -> Checkpoint:
     """Open a model dir, hub id or object-store/hub URL: sharded or single-file safetensors, or (legacy)
     pytorch_model*.bin (local only)."""
     from shardmerge.engine.io.stores.objects import is_url
 
     if is_url(ref):
-        from shardmerge.engine.io.remote import open_remote_checkpoint
-
         return open_remote_checkpoint(str(ref))
     root = resolve_model_dir(str(ref))
     index = root / INDEX_NAME

@@ -19,8 +19,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from shardmerge.engine.io.shard_files import STATE_DIR, Journal
 from shardmerge.engine.io.stores import ShardStore, is_url, open_store
-from shardmerge.engine.io.writer import COPIED_FILES, INDEX, MANIFEST, STATE_DIR, Journal
+from shardmerge.engine.io.writer import COPIED_FILES, INDEX, MANIFEST
 
 log = logging.getLogger("shardmerge.output")
 # The run summary `shardmerge merge` writes beside the shards after the manifest: part of the merge's output (so

@@ -72,7 +72,7 @@ def cache_dir(url: str) -> Path:
     return Path(base) / "remote" / hashlib.sha256(url.encode()).hexdigest()[:24]
 
 
-def _confined(url: str, prefix: str, rel, index_url: str) -> str:
+def confine_key(url: str, prefix: str, rel, index_url: str) -> str:
     """The key of index entry `rel` inside the model prefix; anything escaping it is refused."""
     if not isinstance(rel, str) or not rel:
         raise ValueError(f"{index_url}: weight_map value {rel!r} is not a file name")
@@ -117,61 +117,6 @@ def mirror_small_files(url: str) -> tuple[Path, dict[str, int], object, str]:
         if stale.name not in names:
             stale.unlink()
     return root, names, client, prefix
-
-
-def open_remote_checkpoint(ref: str):
-    """A Checkpoint whose tensors live at `ref` (an object-store or hub URL) and whose root is the local cache
-    dir of its small files; `location` is the URL (what workers check they can reach)."""
-    from shardmerge.engine.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, _check_duplicates
-    from shardmerge.engine.io.loaders import load_index
-
-    url = str(ref).rstrip("/")
-    root, names, client, prefix = mirror_small_files(url)
-    index_url = f"{url}/{INDEX_NAME}"
-    if INDEX_NAME in names:
-        weight_map = load_index(root / INDEX_NAME)
-        headers = {}
-        from shardmerge.engine.io.checkpoint import parse_safetensors_header
-
-        for fname in sorted(set(weight_map.values()), key=str):
-            key = _confined(url, prefix, fname, index_url)
-            rel = key[len(prefix) + 1 :] if prefix else key
-            if rel not in names:
-                first = next(n for n, f in weight_map.items() if f == fname)
-                raise ValueError(
-                    f"{index_url}: names shard {fname!r} (for tensor {first!r}), which does not exist in {url}"
-                )
-            headers[fname] = parse_safetensors_header(f"{url}/{rel}")
-        _check_duplicates(Path(index_url), headers)
-        tensors = {}
-        for name, fname in weight_map.items():
-            if name not in headers[fname]:
-                raise ValueError(
-                    f"{index_url}: tensor {name!r} is mapped to {fname}, but that shard does not contain it"
-                )
-            tensors[name] = headers[fname][name]
-        for fname, metas in headers.items():
-            extra = sorted(set(metas) - set(weight_map))
-            if extra:
-                raise ValueError(
-                    f"{url}/{fname}: holds tensor(s) {extra[:5]} that {INDEX_NAME} does not list; the index and "
-                    "the shards disagree"
-                )
-    else:
-        from shardmerge.engine.io.checkpoint import parse_safetensors_header
-
-        singles = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
-        pick = SINGLE_NAME if SINGLE_NAME in names else (singles[0] if len(singles) == 1 else None)
-        if pick is None:
-            raise ValueError(
-                f"model {url!r}: has no {INDEX_NAME} or {SINGLE_NAME}"
-                + (f" and {len(singles)} safetensors files" if singles else "")
-                + "; is this a Hugging Face model prefix?"
-            )
-        tensors = parse_safetensors_header(f"{url}/{pick}")
-    ckpt = Checkpoint(str(ref), root, tensors)
-    ckpt.location = url
-    return ckpt
 
 
 def reachable_problem(url: str) -> str | None:

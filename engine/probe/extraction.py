@@ -24,6 +24,7 @@ Rules (lmms-eval's `doc_to_text` and `process_results` / filters of the default 
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,8 +106,6 @@ def _default_extract(text: str, s: Sample) -> str:
 
 
 def _default_correct(pred: str, s: Sample) -> bool:
-    from shardmerge.engine.probe.scoring import normalize_answer
-
     kind = prompting.question_kind(s)
     if kind == "choice":
         return pred == s.answer
@@ -136,3 +135,12 @@ def task_for(benchmark: str) -> Task:
         if key.startswith(name):
             return task
     return DEFAULT
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (the usual VQA exact-match normalisation)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())

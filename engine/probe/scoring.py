@@ -19,14 +19,13 @@ Metrics per (sample, cut):
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from shardmerge.engine.probe import attention, core, extraction, generation, paths, prompting
+from shardmerge.engine.probe.extraction import normalize_answer
 from shardmerge.engine.probe.readers import Sample
 
 PATHS = ("fast", "exact")
@@ -86,15 +85,6 @@ def closed_metrics(logits: torch.Tensor, ref: torch.Tensor, label_ids: Sequence[
         kl=kl(ref[ids], logits[ids]),
         kl_vocab=kl(ref, logits),
     )
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (the usual VQA exact-match normalisation)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def gold_sequence_logprob(text_logits: torch.Tensor, gold_ids: Sequence[int]) -> float:

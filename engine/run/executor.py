@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from shardmerge.engine.io.output_dir import check_not_an_input, remove_previous
+from shardmerge.engine.io.shard_files import STATE_DIR, WriteFailed
 from shardmerge.engine.io.stores import ShardStore, is_url, open_store
-from shardmerge.engine.io.writer import MANIFEST, STATE_DIR, WriteFailed
+from shardmerge.engine.io.writer import MANIFEST
 from shardmerge.engine.plan.build import Plan
 from shardmerge.engine.run.driver import Driver, RunState
 from shardmerge.engine.run.memory import (  # noqa: F401  (re-exported: the budget check is part of the executor's interface)

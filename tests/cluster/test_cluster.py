@@ -69,7 +69,7 @@ def cluster():
 
 def _journal_nodes(out: Path) -> tuple[dict[str, set], int]:
     """node id -> the workers that reported units from it, and the number of units reported so far."""
-    from shardmerge.engine.io.writer import Journal
+    from shardmerge.engine.io.shard_files import Journal
 
     by_node: dict[str, set] = {}
     units = 0

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from shardmerge.engine.io.output_dir import SUMMARY
-from shardmerge.engine.io.writer import MANIFEST, Journal
+from shardmerge.engine.io.shard_files import Journal
+from shardmerge.engine.io.writer import MANIFEST
 from shardmerge.jobs.merge import main as merge_main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -118,7 +118,7 @@ def _wait_for(pred, timeout: float, what: str):
 
 
 def _records(out: Path) -> list[dict]:
-    from shardmerge.engine.io.writer import Journal
+    from shardmerge.engine.io.shard_files import Journal
 
     return Journal(out).records()
 

@@ -17,7 +17,8 @@ import pytest
 
 import shardmerge.engine.run.executor as executor
 from shardmerge.engine.io.output_dir import SUMMARY
-from shardmerge.engine.io.writer import MANIFEST, Journal
+from shardmerge.engine.io.shard_files import Journal
+from shardmerge.engine.io.writer import MANIFEST
 from shardmerge.jobs import merge, plam, probe
 
 TA = (

@@ -241,7 +241,7 @@ def test_lost_units_go_to_the_front_and_a_unit_that_kills_workers_fails_the_merg
 
 def _crashed_run(plan, out: Path, units: int, finalize: bool = True) -> None:
     """Run the first `units` units in-process, publish the shards they complete, then 'die' (drop the lock)."""
-    from shardmerge.engine.io.writer import finalize_shard
+    from shardmerge.engine.io.shard_files import finalize_shard
     from shardmerge.engine.run.driver import Driver
     from shardmerge.engine.run.executor import open_output
     from shardmerge.engine.run.options import RunOptions
@@ -259,7 +259,7 @@ def _crashed_run(plan, out: Path, units: int, finalize: bool = True) -> None:
 
 
 def test_rerun_of_a_unit_and_of_a_finalisation_is_idempotent(family, reference, tmp_path):
-    from shardmerge.engine.io.writer import partial_path
+    from shardmerge.engine.io.shard_files import partial_path
     from shardmerge.engine.run.driver import Driver
     from shardmerge.engine.run.executor import open_output
     from shardmerge.engine.run.options import RunOptions
@@ -291,7 +291,7 @@ def test_rerun_of_a_unit_and_of_a_finalisation_is_idempotent(family, reference, 
 
 
 def test_resume_keeps_verified_shards_and_redoes_only_the_rest(family, reference, tmp_path):
-    from shardmerge.engine.io.writer import Journal, partial_path
+    from shardmerge.engine.io.shard_files import Journal, partial_path
     from shardmerge.engine.run.executor import execute
 
     plan = _plan(family["recipe"])
@@ -314,7 +314,7 @@ def test_resume_keeps_verified_shards_and_redoes_only_the_rest(family, reference
 
 
 def test_resume_redoes_a_corrupted_finished_shard(family, reference, tmp_path):
-    from shardmerge.engine.io.writer import Journal
+    from shardmerge.engine.io.shard_files import Journal
     from shardmerge.engine.run.executor import execute
 
     plan = _plan(family["recipe"])

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shardmerge.engine.io.writer import MANIFEST, WriteFailed, partial_path
+from shardmerge.engine.io.shard_files import WriteFailed, partial_path
+from shardmerge.engine.io.writer import MANIFEST
 from shardmerge.engine.plan.build import build_plan
 from shardmerge.engine.recipe.schema import load_recipe
 from shardmerge.engine.verify import verify_dir
@@ -504,7 +505,7 @@ def test_disk_full_during_a_shard_write_then_resume(clean, tmp_path, monkeypatch
 def test_disk_full_while_writing_the_manifest_then_resume(clean, tmp_path, monkeypatch):
     import builtins
 
-    import shardmerge.engine.io.writer
+    import shardmerge.engine.io.shard_files  # the filesystem store's atomic_write opens the temp file there
 
     out, real_open = tmp_path / "out", builtins.open
 
@@ -516,7 +517,7 @@ def test_disk_full_while_writing_the_manifest_then_resume(clean, tmp_path, monke
         return real_open(path, mode, *args, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(shardmerge.engine.io.writer, "open", full_open, raising=False)
+        m.setattr(shardmerge.engine.io.shard_files, "open", full_open, raising=False)
         with pytest.raises(Exception) as info:
             _merge(clean["recipe"], out)
     assert type(info.value) is WriteFailed and str(out / MANIFEST) in str(info.value)

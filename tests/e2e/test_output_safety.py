@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from shardmerge.engine.io.output_dir import check_not_an_input
-from shardmerge.engine.io.writer import MANIFEST, STATE_DIR
+from shardmerge.engine.io.shard_files import STATE_DIR
+from shardmerge.engine.io.writer import MANIFEST
 from shardmerge.engine.plan.build import build_plan
 from shardmerge.engine.recipe.schema import load_recipe
 from shardmerge.jobs.merge import main as merge_main
@@ -130,7 +131,7 @@ def test_overwrite_removes_only_what_the_previous_merge_owns(fam, caplog):
 
 def test_overwrite_of_an_unfinished_merge(fam, monkeypatch):
     """Killed in the metadata step: the journal lists the metadata files, so --overwrite removes them too."""
-    import shardmerge.engine.io.writer as writer
+    import shardmerge.engine.io.shard_files as writer  # the filesystem store writes through it
 
     out = fam["root"] / "out"
     real = writer.atomic_write

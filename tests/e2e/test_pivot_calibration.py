@@ -21,7 +21,8 @@ import torch
 import yaml
 from PIL import Image
 
-from shardmerge.engine.io.writer import MANIFEST, state_dir
+from shardmerge.engine.io.shard_files import state_dir
+from shardmerge.engine.io.writer import MANIFEST
 from shardmerge.engine.plan.build import build_plan
 from shardmerge.engine.plan.forms.pivot_calibration import ARTIFACT, Calibration
 from shardmerge.engine.recipe.schema import parse_recipe

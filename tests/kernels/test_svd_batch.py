@@ -305,7 +305,7 @@ def test_batched_merge_of_joined_layers_equals_unbatched(family, method, tmp_pat
 def test_batched_unit_skipping_a_finished_shard_writes_the_same_bytes(family, tmp_path):
     """Resume re-runs a unit without the tensors of its already finalised shards: the batches then form from the
     remaining tensors only, and the other shard's bytes (digest) must not change."""
-    from shardmerge.engine.io.writer import create_partial
+    from shardmerge.engine.io.shard_files import create_partial
     from shardmerge.engine.run.unit import run_unit
 
     plan = _plan(family["cart"], 2)

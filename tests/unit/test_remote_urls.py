@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardmerge.engine.io.remote import _confined
+from shardmerge.engine.io.remote import confine_key
 from shardmerge.engine.io.stores import open_store
 from shardmerge.engine.io.stores.objects import StoreError, client_for, is_url, split_url
 
@@ -21,12 +21,12 @@ def test_urls_are_recognised_and_split():
 @pytest.mark.parametrize("bad", ["../other/x.safetensors", "a/../../x.safetensors", "/abs/x.safetensors", "s3://b/x"])
 def test_index_entries_escaping_the_prefix_are_refused(bad):
     with pytest.raises(ValueError, match=r"outside the model location|absolute path"):
-        _confined("s3://b/m", "m", bad, "s3://b/m/model.safetensors.index.json")
+        confine_key("s3://b/m", "m", bad, "s3://b/m/model.safetensors.index.json")
 
 
 def test_index_entries_inside_the_prefix_are_keys_under_it():
-    assert _confined("s3://b/m", "m", "sub/../x.safetensors", "i") == "m/x.safetensors"
-    assert _confined("s3://b/m", "m", "sub/x.safetensors", "i") == "m/sub/x.safetensors"
+    assert confine_key("s3://b/m", "m", "sub/../x.safetensors", "i") == "m/x.safetensors"
+    assert confine_key("s3://b/m", "m", "sub/x.safetensors", "i") == "m/sub/x.safetensors"
 
 
 def test_hub_urls_honour_offline_mode(monkeypatch):

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from shardmerge.engine.io import writer as w
+from shardmerge.engine.io import shard_files as w
 from shardmerge.engine.io.stores.base import ShardStore, ShardWriter
 
 LOCK_FILE = "driver.lock"

@@ -50,7 +50,7 @@ class _StagedWriter(ShardWriter):
         self.pieces: list[list[int]] = []  # [shard offset, length], contiguous writes joined
 
     def write(self, data: memoryview, offset: int, label: str) -> None:
-        from shardmerge.engine.io.writer import WriteFailed
+        from shardmerge.engine.io.shard_files import WriteFailed
 
         try:
             self._f.write(data)
