@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from shardmerge.jobs.demo import human_summary, main
+
+pytestmark = pytest.mark.slow  # over ~10 s a file: outside the fast suite (README)
 
 
 def test_demo_runs_and_reports_every_part(tmp_path, capsys):

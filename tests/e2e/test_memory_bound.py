@@ -9,8 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import save_file
+
+pytestmark = pytest.mark.slow  # over ~10 s a file: outside the fast suite (README)
 
 ROWS, COLS = 8192, 4096  # bf16 on disk (64 MiB); 128 MiB per float32 tensor, three inputs = 384 MiB
 CHILD = textwrap.dedent("""

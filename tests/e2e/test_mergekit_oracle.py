@@ -12,6 +12,8 @@ import torch
 from shardmerge.jobs.merge import run_merge
 from tests.e2e.test_merge_e2e import RECIPES
 
+pytestmark = pytest.mark.slow  # over ~10 s a file: outside the fast suite (README)
+
 ORACLE = ["linear", "task_arithmetic", "ties", "slerp", "breadcrumbs", "breadcrumbs_ties"]
 
 

@@ -172,6 +172,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_bytes_identical_for_one_and_two_workers(ray_local, llm_family, tmp_path):
     """One Ray instance for the methods with whole-tensor passes or keyed draws (della_linear shares della's code,
     ram is per entry)."""

@@ -18,6 +18,8 @@ import pytest
 from shardmerge.jobs.merge import run_merge
 from tests.conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # over ~10 s a file: outside the fast suite (README)
+
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 

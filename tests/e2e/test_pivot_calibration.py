@@ -312,6 +312,7 @@ def test_interrupted_merge_resumes_with_the_saved_calibration(llava, tmp_path, m
     assert (tmp_path / "out" / ARTIFACT).read_text() == (tmp_path / "clean" / ARTIFACT).read_text()
 
 
+@pytest.mark.slow
 def test_calibration_as_a_ray_task_equals_the_driver_one(llava, tmp_path, monkeypatch):
     """where: ray runs the same calibration as a Ray task (CPU here: the embedded instance has no GPU); where: auto
     off a cluster stays in the driver (no Ray started)."""

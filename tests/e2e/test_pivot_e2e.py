@@ -133,6 +133,7 @@ def test_experts_differ_only_in_the_projector(llava):
     assert len(differ) == len([k for k in a if k.startswith(PROJ)])
 
 
+@pytest.mark.slow
 def test_pivot_mean_end_to_end_on_ray_with_report(llava, tmp_path, caplog):
     recipe = write_recipe(tmp_path / "pivot.yaml", pivot_recipe(llava, tmp_path))
     caplog.set_level(logging.INFO, logger="shardmerge.report")

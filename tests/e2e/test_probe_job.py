@@ -114,6 +114,7 @@ def test_rows_match_a_direct_score(model_dir, bench_dir, tmp_path):
             assert g[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
 
 
+@pytest.mark.slow
 def test_one_and_two_ray_actors_write_the_same_parquet(model_dir, bench_dir, tmp_path, monkeypatch):
     """Also with a stale `ray start` cluster file on the machine: the probe starts a fresh local Ray anyway (a
     plain ray.init(num_cpus=...) would try to join the dead cluster and fail)."""

@@ -24,6 +24,8 @@ from shardmerge.engine.run.executor import (
 )
 from shardmerge.engine.tiny_models import build_mllm
 
+pytestmark = pytest.mark.slow  # over ~10 s a file: outside the fast suite (README)
+
 GB = 10**9
 
 
