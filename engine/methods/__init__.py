@@ -8,11 +8,10 @@ HELPER_MODULES that registers nothing. Aliases are declared once, on the spec (`
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 
 from shardmerge.engine.methods.base import Chunk, ChunkReader, MethodSpec, Param, TensorInfo
+from shardmerge.engine.registry import import_plugins, plugin_modules
 
 _REGISTRY: dict[str, MethodSpec] = {}  # canonical name -> spec
 _ALIASES: dict[str, str] = {}  # alias -> canonical name
@@ -37,7 +36,7 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 def method_modules() -> list[str]:
     """The method modules of this package (every module but the helpers), sorted."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in HELPER_MODULES)
+    return plugin_modules(__path__, HELPER_MODULES)
 
 
 def _load_all() -> None:
@@ -45,14 +44,13 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in method_modules():
-        importlib.import_module(f"shardmerge.engine.methods.{mod}")
-    for mod in method_modules():
-        if not _REGISTERED_BY.get(f"shardmerge.engine.methods.{mod}"):
-            raise ImportError(
-                f"engine/methods/{mod}.py registered no merge method; a method module calls "
-                "shardmerge.engine.methods.register(MethodSpec(...)), shared code belongs in HELPER_MODULES"
-            )
+    import_plugins(
+        "shardmerge.engine.methods",
+        method_modules(),
+        _REGISTERED_BY,
+        "engine/methods/{mod}.py registered no merge method; a method module calls "
+        "shardmerge.engine.methods.register(MethodSpec(...)), shared code belongs in HELPER_MODULES",
+    )
 
 
 def canonical(name: str) -> str:

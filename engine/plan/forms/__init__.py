@@ -14,8 +14,6 @@ in output order, and the language-model layer count.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 from shardmerge.engine import methods
 from shardmerge.engine.plan.model import PlanItem
 from shardmerge.engine.recipe.model import Recipe
+from shardmerge.engine.registry import import_plugins, plugin_modules
 
 # Modules of this package that hold shared code, not forms.
 HELPER_MODULES = frozenset({"pivot_calibration"})
@@ -72,7 +71,7 @@ def register(form: Form) -> Form:
 
 def form_modules() -> list[str]:
     """The form modules of this package (every module but the helpers), sorted."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name not in HELPER_MODULES)
+    return plugin_modules([str(Path(__file__).parent)], HELPER_MODULES)
 
 
 def _load_all() -> None:
@@ -80,14 +79,13 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in form_modules():
-        importlib.import_module(f"{__name__}.{mod}")
-    for mod in form_modules():
-        if not _REGISTERED_BY.get(f"{__name__}.{mod}"):
-            raise ImportError(
-                f"engine/plan/forms/{mod}.py registered no recipe form; a form module calls "
-                "shardmerge.engine.plan.forms.register(Form(...)), shared code belongs in HELPER_MODULES"
-            )
+    import_plugins(
+        __name__,
+        form_modules(),
+        _REGISTERED_BY,
+        "engine/plan/forms/{mod}.py registered no recipe form; a form module calls "
+        "shardmerge.engine.plan.forms.register(Form(...)), shared code belongs in HELPER_MODULES",
+    )
 
 
 def forms() -> list[Form]:
